@@ -1,0 +1,45 @@
+"""`lfm-mlx VERB ...` / `python -m lfm_mlx VERB ...`: one module per verb, each with main(argv)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> module whose main(argv) runs it
+VERBS = {
+    "synth": ("lfm_mlx.synthetic", "write a synthetic LFM2 / LFM2-MoE model directory"),
+    "mix": ("lfm_mlx.mixed", "make a mixed checkpoint: experts int8, everything else bf16"),
+    "train": ("lfm_mlx.grouped", "grouped MoE training from a YAML config"),
+    "sweep": ("lfm_mlx.sweep", "group-size memory and time sweep"),
+    "eval": ("lfm_mlx.evaluate", "tool-call evaluation of a model or endpoint"),
+    "repair-set": ("lfm_mlx.repair", "build a repair dataset from an eval report"),
+    "lora": ("lfm_mlx.lora", "LoRA repair pass from a YAML config"),
+    "fuse": ("lfm_mlx.fuse", "dequantize, merge adapters, quantize to 8 bits, check fidelity"),
+    "gguf": ("lfm_mlx.gguf", "export a model directory to GGUF"),
+    "demo": ("lfm_mlx.demo", "the whole pipeline end to end on a synthetic model"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: lfm-mlx VERB [args...]  (lfm-mlx VERB --help for details)", "", "verbs:"]
+    for verb, (_, help_text) in VERBS.items():
+        lines.append(f"  {verb:<11} {help_text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"lfm-mlx: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
