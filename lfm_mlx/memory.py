@@ -1,0 +1,498 @@
+"""Memory budget for grouped MoE training: estimate before allocating, watch while training.
+
+`estimate_peak` predicts the peak of one training step from the model config, per component, so a
+run that cannot fit is refused before any weight loads (`MemoryWatchdog.admit`). During training
+`MemoryWatchdog.check` samples MLX and process memory: at the soft limit it clears MLX's cache and
+warns; at the hard limit (or when the growth rate says the next sample would pass it) it raises
+`MemoryHardStop`, so the trainer can checkpoint and exit before Metal or the OS kills the process
+(`mx.set_memory_limit` is a guideline, not a cap).
+
+Units: GB = 1e9 bytes throughout. A "64 GB" Mac has 64 GiB (68.7 GB), so the defaults keep extra
+headroom for the OS and other processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import psutil
+
+GB = 1e9
+
+# Components that live for the whole step (weights, the dequantized group, its gradients and
+# optimizer state) are summed; the backward pass and the optimizer update happen at different
+# times, so only the larger of the two transient sums adds to the peak.
+PERSISTENT = ("weights", "group_dequant", "gradients", "optimizer_state")
+BACKWARD = ("activations", "logits", "attention", "frozen_dequant")
+UPDATE = ("optimizer_update",)
+
+
+# ---------------------------------------------------------------- estimate
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated peak bytes of one training step, per component; `total` applies the calibration.
+
+    `scales` multiplies single components and `calibration` the whole (both 1.0 until a sweep
+    measures them: `calibrate(measured)` returns the factor that makes `total` match a measurement).
+    """
+
+    weights: int
+    group_dequant: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    logits: int
+    attention: int
+    frozen_dequant: int
+    optimizer_update: int
+    calibration: float = 1.0
+    scales: dict[str, float] = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+
+    def components(self) -> dict[str, int]:
+        """Component name -> bytes after its scale (before the global calibration)."""
+        return {
+            name: int(round(getattr(self, name) * self.scales.get(name, 1.0)))
+            for name in PERSISTENT + BACKWARD + UPDATE
+        }
+
+    @property
+    def raw_total(self) -> int:
+        """Peak bytes before the global calibration factor."""
+        parts = self.components()
+        persistent = sum(parts[name] for name in PERSISTENT)
+        backward = sum(parts[name] for name in BACKWARD)
+        update = sum(parts[name] for name in UPDATE)
+        return persistent + max(backward, update)
+
+    @property
+    def total(self) -> int:
+        """Estimated peak bytes."""
+        return int(round(self.raw_total * self.calibration))
+
+    def calibrate(self, measured_bytes: float) -> float:
+        """The calibration factor that makes this estimate's total equal `measured_bytes`."""
+        if measured_bytes <= 0:
+            raise ValueError(f"measured_bytes={measured_bytes} must be > 0 (a measured peak)")
+        return float(measured_bytes) / self.raw_total
+
+    def as_table(self) -> str:
+        """A printable per-component table in GB."""
+        parts = self.components()
+        backward = sum(parts[name] for name in BACKWARD)
+        update = sum(parts[name] for name in UPDATE)
+        lines = [f"{'component':<18}{'GB':>9}  when"]
+        for name in PERSISTENT:
+            lines.append(f"{name:<18}{parts[name] / GB:>9.3f}  whole step")
+        for name in BACKWARD:
+            lines.append(f"{name:<18}{parts[name] / GB:>9.3f}  forward/backward{'' if backward >= update else ' (not peak)'}")
+        for name in UPDATE:
+            lines.append(f"{name:<18}{parts[name] / GB:>9.3f}  optimizer step{'' if update > backward else ' (not peak)'}")
+        if self.calibration != 1.0:
+            lines.append(f"{'calibration':<18}{self.calibration:>9.3f}x")
+        lines.append(f"{'total (peak)':<18}{self.total / GB:>9.3f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: components in bytes, total, calibration, scales and the inputs."""
+        return {
+            "components": self.components(), "total": self.total, "raw_total": self.raw_total,
+            "calibration": self.calibration, "scales": dict(self.scales), "inputs": dict(self.inputs),
+        }
+
+
+def model_shapes(config: dict) -> dict:
+    """The LFM2-MoE shape numbers `estimate_peak` needs, from an HF (or mlx-lm) config dict."""
+    required = [
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_experts", "num_experts_per_tok", "num_attention_heads", "num_key_value_heads",
+    ]
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise ValueError(
+            f"model config is missing {missing} (model_type={config.get('model_type')!r}); "
+            "estimate_peak needs an LFM2-MoE config.json (Lfm2MoeConfig keys)"
+        )
+    n_layers = int(config["num_hidden_layers"])
+    if "layer_types" in config and config["layer_types"]:
+        attention = [i for i, kind in enumerate(config["layer_types"]) if kind == "full_attention"]
+    elif "full_attn_idxs" in config:
+        attention = list(config["full_attn_idxs"])
+    else:
+        raise ValueError("model config has neither layer_types nor full_attn_idxs; cannot tell attention from conv layers")
+    heads = int(config["num_attention_heads"])
+    return dict(
+        V=int(config["vocab_size"]), D=int(config["hidden_size"]), I=int(config["intermediate_size"]),
+        M=int(config["moe_intermediate_size"]), L=n_layers, E=int(config["num_experts"]),
+        k=int(config["num_experts_per_tok"]), H=heads, KV=int(config["num_key_value_heads"]),
+        hd=int(config["hidden_size"]) // heads, dense=int(config.get("num_dense_layers", 0)),
+        K=int(config.get("conv_L_cache", 3)), conv_bias=bool(config.get("conv_bias", False)),
+        tied=bool(config.get("tie_word_embeddings", True)), attention=attention,
+    )
+
+
+def parameter_counts(config: dict) -> dict[str, int]:
+    """Parameter counts by kind: embeddings, attention, conv, norms, dense_mlp, routers, expert_bias, experts."""
+    s = model_shapes(config)
+    D, hd = s["D"], s["hd"]
+    n_attn = len(s["attention"])
+    n_moe = s["L"] - s["dense"]
+    attention = D * s["H"] * hd + 2 * D * s["KV"] * hd + s["H"] * hd * D + 2 * hd  # q,k,v,o + q/k norms
+    conv = D * 3 * D + D * D + D * s["K"] + (5 * D if s["conv_bias"] else 0)  # in_proj, out_proj, depthwise conv
+    return {
+        "embeddings": s["V"] * D * (1 if s["tied"] else 2),
+        "attention": n_attn * attention,
+        "conv": (s["L"] - n_attn) * conv,
+        "norms": 2 * D * s["L"] + D,
+        "dense_mlp": s["dense"] * 3 * D * s["I"],
+        "routers": n_moe * s["E"] * D,
+        "expert_bias": n_moe * s["E"],
+        "experts": n_moe * s["E"] * 3 * D * s["M"],
+    }
+
+
+def weights_bytes(config: dict, expert_bits: int = 8, group_bits_size: int = 64,
+                  compute_dtype_bytes: int = 2) -> int:
+    """Bytes of the mixed model: affine-quantized experts (+ a scale and a bias per group), rest in
+    the compute dtype, expert_bias float32."""
+    counts = parameter_counts(config)
+    experts = counts["experts"]
+    quantized = experts * expert_bits // 8 + (experts // group_bits_size) * 2 * compute_dtype_bytes
+    rest = sum(n for kind, n in counts.items() if kind not in ("experts", "expert_bias"))
+    return quantized + rest * compute_dtype_bytes + counts["expert_bias"] * 4
+
+
+def estimate_peak(
+    config: dict,
+    group_size: int,
+    seq_len: int,
+    batch_size: int = 1,
+    optimizer: str = "adamw",
+    expert_bits: int = 8,
+    group_bits_size: int = 64,
+    compute_dtype_bytes: int = 2,
+    grad_checkpoint: bool = True,
+    frozen_path: str = "qmm",
+    attention: str = "materialized",
+    optimizer_state_bytes: int = 4,
+    grad_accumulation: int = 1,
+    calibration: float = 1.0,
+    scales: dict[str, float] | None = None,
+) -> MemoryEstimate:
+    """Estimate the peak memory of one grouped-training step.
+
+    `group_size` MoE layers train (experts dequantized to the compute dtype, routers trainable), on
+    batches of `batch_size` x `seq_len` tokens (the longest example). `group_bits_size` is the
+    quantization group (elements per scale/bias pair). The worst case is assumed: the group sits at
+    the first MoE layer, so backward runs through every layer from there to the top.
+    `frozen_path`: "qmm" (frozen experts through int8 gather_qmm) or "dequant" (dequantized just in
+    time). `attention`: "materialized" (scores held as fp32 B*H*S*S, as MLX's sdpa backward does on
+    CPU) or "fused". `optimizer_state_bytes`: 4 for fp32 state, 2 when the optimizer keeps state in
+    a bf16 parameter's dtype.
+    """
+    problems = []
+    if optimizer not in ("adamw", "adafactor"):
+        problems.append(f"optimizer={optimizer!r}: use 'adamw' or 'adafactor'")
+    if frozen_path not in ("qmm", "dequant"):
+        problems.append(f"frozen_path={frozen_path!r}: use 'qmm' or 'dequant'")
+    if attention not in ("materialized", "fused"):
+        problems.append(f"attention={attention!r}: use 'materialized' or 'fused'")
+    for name, value in (("group_size", group_size), ("seq_len", seq_len), ("batch_size", batch_size),
+                        ("grad_accumulation", grad_accumulation), ("group_bits_size", group_bits_size)):
+        if value < 1:
+            problems.append(f"{name}={value} must be >= 1")
+    if problems:
+        raise ValueError("estimate_peak: " + "; ".join(problems))
+
+    s = model_shapes(config)
+    D, M, E, k, V, cb = s["D"], s["M"], s["E"], s["k"], s["V"], compute_dtype_bytes
+    n_moe = s["L"] - s["dense"]
+    g = min(group_size, n_moe)
+    tokens = batch_size * seq_len
+
+    # Trainable: the group's experts (dequantized) and its routers.
+    expert_elems = g * E * 3 * D * M
+    router_elems = g * E * D
+    trainable = expert_elems + router_elems
+    if optimizer == "adamw":
+        state_elems = 2 * trainable  # first and second moments
+    else:
+        # Adafactor keeps a row and a column second-moment vector per matrix: for (E, out, in)
+        # expert stacks that is E * (out + in) per projection (gate, up: M x D; down: D x M).
+        state_elems = g * (3 * E * (M + D) + (E + D))
+
+    # Backward window: from the first MoE layer to the top (the group at its worst position).
+    window = range(s["dense"], s["L"])
+    kvd = s["KV"] * s["hd"]
+    per_token = []  # elements each window layer holds for backward, per token
+    for layer in window:
+        mixer = 6 * D + 4 * kvd if layer in s["attention"] else 8 * D  # projections, norms, rope / conv gates
+        ffn = k * (3 * D + 3 * M) + D  # routed copy of x, gate/up/act, down out, weighted, combined
+        per_token.append(D + 4 * D + mixer + ffn + 3 * E)  # input, norms + residuals, mixer, MoE, router
+    if grad_checkpoint:
+        # Layer inputs kept; one layer recomputed at a time, with its gradients.
+        act_elems = len(window) * D + 2 * max(per_token) + 2 * D
+    else:
+        act_elems = sum(per_token) + 2 * D
+    activations = tokens * act_elems * cb
+
+    # LM head + cross-entropy over the vocabulary: logits (plus an fp32 copy for the loss), then
+    # softmax temporaries and the logits gradient in fp32 (plus its cast back).
+    fp32_copy = 0 if cb == 4 else 1
+    logits = tokens * V * (cb + 4 * fp32_copy) + tokens * V * (8 + cb * fp32_copy)
+
+    n_attn = sum(1 for layer in window if layer in s["attention"])
+    scores = batch_size * s["H"] * seq_len * seq_len * 4
+    saved_scores = 1 if grad_checkpoint else n_attn
+    attention_bytes = scores * (saved_scores + 2) if attention == "materialized" and n_attn else 0
+
+    per_layer_experts = E * 3 * D * M * cb
+    frozen_moe = max(len(window) - g, 0)
+    frozen = 0
+    if frozen_path == "dequant" and frozen_moe:
+        frozen = per_layer_experts * (1 if grad_checkpoint else frozen_moe)
+
+    inputs = dict(
+        group_size=group_size, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
+        expert_bits=expert_bits, group_bits_size=group_bits_size,
+        compute_dtype_bytes=compute_dtype_bytes, grad_checkpoint=grad_checkpoint,
+        frozen_path=frozen_path, attention=attention, optimizer_state_bytes=optimizer_state_bytes,
+        grad_accumulation=grad_accumulation, config=dict(config),
+    )
+    return MemoryEstimate(
+        # The group's int8 copy stays in `weights`: it is the reference for update retention.
+        weights=weights_bytes(config, expert_bits, group_bits_size, cb),
+        group_dequant=expert_elems * cb,
+        gradients=trainable * cb * (2 if grad_accumulation > 1 else 1),
+        optimizer_state=state_elems * optimizer_state_bytes,
+        activations=activations,
+        logits=logits,
+        attention=attention_bytes,
+        frozen_dequant=frozen,
+        # New parameters are written while the old ones are still referenced.
+        optimizer_update=trainable * cb,
+        calibration=calibration,
+        scales=dict(scales or {}),
+        inputs=inputs,
+    )
+
+
+# ---------------------------------------------------------------- budget and exceptions
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Memory limits in GB (1e9 bytes): warn and clear caches at `soft_gb`, stop at `hard_gb`."""
+
+    total_gb: float = 64.0
+    soft_gb: float = 54.0
+    hard_gb: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.soft_gb < self.hard_gb <= self.total_gb:
+            raise ValueError(
+                f"MemoryBudget(total_gb={self.total_gb}, soft_gb={self.soft_gb}, hard_gb={self.hard_gb}) "
+                "needs 0 < soft_gb < hard_gb <= total_gb"
+            )
+
+    @property
+    def soft_bytes(self) -> int:
+        return int(self.soft_gb * GB)
+
+    @property
+    def hard_bytes(self) -> int:
+        return int(self.hard_gb * GB)
+
+
+class MemoryBudgetExceeded(RuntimeError):
+    """The estimated peak exceeds the hard stop: refused before training starts."""
+
+    def __init__(self, estimate: MemoryEstimate, budget: MemoryBudget, suggestions: list[str]):
+        self.estimate, self.budget, self.suggestions = estimate, budget, suggestions
+        fixes = "\n".join(f"  - {line}" for line in suggestions) or "  - none of the usual fixes fits"
+        super().__init__(
+            f"estimated peak memory {estimate.total / GB:.2f} GB exceeds the hard stop "
+            f"{budget.hard_gb:.2f} GB (budget {budget.total_gb:g} GB):\n{estimate.as_table()}\n"
+            f"settings that fit (smaller group size, shorter token cap, adafactor, checkpointing):\n{fixes}"
+        )
+
+
+class MemoryHardStop(RuntimeError):
+    """Memory reached (or is about to reach) the hard stop during training: checkpoint and exit."""
+
+    exit_code = 75  # EX_TEMPFAIL: the run can resume from its checkpoint with a smaller setting
+
+    def __init__(self, sample: "MemorySample", budget: MemoryBudget, reason: str):
+        self.sample, self.budget, self.reason = sample, budget, reason
+        super().__init__(
+            f"memory hard stop at step {sample.step}: {reason} (used {sample.used / GB:.2f} GB, "
+            f"predicted next {sample.predicted_next / GB:.2f} GB, hard stop {budget.hard_gb:.2f} GB; "
+            f"MLX active {sample.active / GB:.2f} GB, peak {sample.peak / GB:.2f} GB, cache "
+            f"{sample.cache / GB:.2f} GB, process RSS {sample.rss / GB:.2f} GB). Resume from the "
+            "checkpoint with a smaller group size, a shorter token cap or adafactor."
+        )
+
+
+class MemorySoftLimitWarning(UserWarning):
+    """Memory crossed the soft limit; MLX's cache was cleared."""
+
+
+def _suggest(estimate: MemoryEstimate, hard_bytes: int) -> list[str]:
+    """Settings that bring `estimate` under `hard_bytes`, re-estimated from its own inputs."""
+    inputs = {key: value for key, value in estimate.inputs.items()}
+    config = inputs.pop("config", None)
+    if not config:
+        return []
+
+    def fits(**change) -> MemoryEstimate | None:
+        candidate = estimate_peak(config, **{**inputs, **change}, calibration=estimate.calibration,
+                                  scales=estimate.scales)
+        return candidate if candidate.total <= hard_bytes else None
+
+    lines = []
+    for size in range(inputs["group_size"] - 1, 0, -1):
+        found = fits(group_size=size)
+        if found:
+            lines.append(f"group size {size} (est. {found.total / GB:.2f} GB)")
+            break
+    seq_len = inputs["seq_len"]
+    if fits(seq_len=1):
+        low, high = 1, seq_len  # largest cap that fits, by bisection
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(seq_len=middle) else (low, middle)
+        lines.append(f"token cap {low} (est. {fits(seq_len=low).total / GB:.2f} GB)")
+    if inputs["optimizer"] == "adamw" and (found := fits(optimizer="adafactor")):
+        lines.append(f"optimizer adafactor (est. {found.total / GB:.2f} GB)")
+    if not inputs["grad_checkpoint"] and (found := fits(grad_checkpoint=True)):
+        lines.append(f"gradient checkpointing on (est. {found.total / GB:.2f} GB)")
+    return lines
+
+
+# ---------------------------------------------------------------- watchdog
+
+
+@dataclass
+class MemoryReading:
+    """One raw reading in bytes: MLX active / peak (since the last reading) / cache, process RSS."""
+
+    active: int
+    peak: int
+    cache: int
+    rss: int
+
+
+def read_memory(reset_peak: bool = True) -> MemoryReading:
+    """Read MLX and process memory; reset MLX's peak so the next reading reports its own interval."""
+    reading = MemoryReading(
+        active=mx.get_active_memory(), peak=mx.get_peak_memory(), cache=mx.get_cache_memory(),
+        rss=psutil.Process().memory_info().rss,
+    )
+    if reset_peak:
+        mx.reset_peak_memory()
+    return reading
+
+
+@dataclass
+class MemorySample:
+    """A watchdog sample: the reading, the figure decisions use, and what the watchdog did."""
+
+    step: int
+    active: int
+    peak: int
+    cache: int
+    rss: int
+    used: int
+    predicted_next: int
+    level: str  # "ok", "soft" or "hard"
+    cleared: bool
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class MemoryWatchdog:
+    """Admission check before training and memory sampling during it.
+
+    `reader` returns a `MemoryReading` (default: `read_memory`, MLX + psutil); `clear_cache`
+    defaults to `mx.clear_cache`. Both are injectable so a test can simulate a leak.
+    """
+
+    def __init__(self, budget: MemoryBudget | None = None, sample_every: int = 1,
+                 reader: Callable[[], MemoryReading] | None = None,
+                 clear_cache: Callable[[], None] | None = None, growth_window: int = 3):
+        if sample_every < 1 or growth_window < 1:
+            raise ValueError(f"sample_every={sample_every} and growth_window={growth_window} must be >= 1")
+        self.budget = budget or MemoryBudget()
+        self.sample_every = sample_every
+        self.reader = reader or read_memory
+        self.clear_cache = clear_cache or mx.clear_cache
+        self.growth_window = growth_window
+        self.max_used = 0
+        self._resting: deque[int] = deque(maxlen=growth_window + 1)
+        self._above_soft = False
+
+    def admit(self, estimate: MemoryEstimate) -> None:
+        """Refuse (MemoryBudgetExceeded, with settings that fit) when the estimate passes the hard
+        stop; warn when it passes the soft limit."""
+        if estimate.total > self.budget.hard_bytes:
+            raise MemoryBudgetExceeded(estimate, self.budget, _suggest(estimate, self.budget.hard_bytes))
+        if estimate.total > self.budget.soft_bytes:
+            warnings.warn(
+                f"estimated peak {estimate.total / GB:.2f} GB is above the soft limit "
+                f"{self.budget.soft_gb:.2f} GB (hard stop {self.budget.hard_gb:.2f} GB)",
+                MemorySoftLimitWarning, stacklevel=2,
+            )
+
+    def check(self, step: int) -> MemorySample | None:
+        """Sample memory every `sample_every` steps (None in between); clear caches and warn at the
+        soft limit; raise MemoryHardStop at the hard limit or when the next sample would pass it."""
+        if step % self.sample_every:
+            return None
+        reading = self.reader()
+        # Decision figure. On Apple unified memory and on the CPU backend MLX buffers are process
+        # memory, so RSS already includes active + cache; on CUDA they live on the device and RSS
+        # misses them. max() is right in both cases without double counting. MLX's peak since the
+        # last reading catches the high point inside the step (activations are freed by now).
+        resting = max(reading.rss, reading.active + reading.cache)
+        used = max(resting, reading.peak)
+        self._resting.append(resting)
+        history = list(self._resting)
+        deltas = [b - a for a, b in zip(history, history[1:])]
+        # Predict only from sustained growth (a leak), not from one long example's jump.
+        growth = 0
+        if len(deltas) == self.growth_window and all(d > 0 for d in deltas):
+            growth = sum(deltas) // len(deltas)
+        predicted = used + growth
+        self.max_used = max(self.max_used, used)
+
+        sample = MemorySample(step=step, active=reading.active, peak=reading.peak, cache=reading.cache,
+                              rss=reading.rss, used=used, predicted_next=predicted, level="ok", cleared=False)
+        if used >= self.budget.soft_bytes or predicted >= self.budget.hard_bytes:
+            self.clear_cache()
+            sample.cleared = True
+            sample.level = "soft"
+        if used >= self.budget.hard_bytes or predicted >= self.budget.hard_bytes:
+            sample.level = "hard"
+            reason = "at the hard limit" if used >= self.budget.hard_bytes else (
+                f"growing {growth / GB:.3f} GB per sample, the next sample would pass the hard limit")
+            raise MemoryHardStop(sample, self.budget, reason)
+        if used >= self.budget.soft_bytes:
+            if not self._above_soft:
+                warnings.warn(
+                    f"step {step}: memory {used / GB:.2f} GB crossed the soft limit "
+                    f"{self.budget.soft_gb:.2f} GB; cleared the MLX cache (hard stop at "
+                    f"{self.budget.hard_gb:.2f} GB)",
+                    MemorySoftLimitWarning, stacklevel=2,
+                )
+            self._above_soft = True
+        else:
+            self._above_soft = False
+        return sample
