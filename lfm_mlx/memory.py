@@ -88,13 +88,12 @@ class MemoryEstimate:
         parts = self.components()
         backward = sum(parts[name] for name in BACKWARD)
         update = sum(parts[name] for name in UPDATE)
-        lines = [f"{'component':<18}{'GB':>9}  when"]
-        for name in PERSISTENT:
-            lines.append(f"{name:<18}{parts[name] / GB:>9.3f}  whole step")
-        for name in BACKWARD:
-            lines.append(f"{name:<18}{parts[name] / GB:>9.3f}  forward/backward{'' if backward >= update else ' (not peak)'}")
-        for name in UPDATE:
-            lines.append(f"{name:<18}{parts[name] / GB:>9.3f}  optimizer step{'' if update > backward else ' (not peak)'}")
+        peak = "forward/backward" if backward >= update else "optimizer step"
+        lines = [f"{'component':<18}{'GB':>9}  held during"]
+        for names, when in ((PERSISTENT, "the whole step"), (BACKWARD, "forward/backward"), (UPDATE, "optimizer step")):
+            for name in names:
+                note = "" if when in ("the whole step", peak) else " (not the peak)"
+                lines.append(f"{name:<18}{parts[name] / GB:>9.3f}  {when}{note}")
         if self.calibration != 1.0:
             lines.append(f"{'calibration':<18}{self.calibration:>9.3f}x")
         lines.append(f"{'total (peak)':<18}{self.total / GB:>9.3f}")
@@ -208,6 +207,9 @@ def estimate_peak(
                         ("grad_accumulation", grad_accumulation), ("group_bits_size", group_bits_size)):
         if value < 1:
             problems.append(f"{name}={value} must be >= 1")
+    unknown = sorted(set(scales or {}) - set(PERSISTENT + BACKWARD + UPDATE))
+    if unknown:
+        problems.append(f"scales for unknown components {unknown}; known: {list(PERSISTENT + BACKWARD + UPDATE)}")
     if problems:
         raise ValueError("estimate_peak: " + "; ".join(problems))
 
@@ -346,34 +348,47 @@ class MemorySoftLimitWarning(UserWarning):
 
 def _suggest(estimate: MemoryEstimate, hard_bytes: int) -> list[str]:
     """Settings that bring `estimate` under `hard_bytes`, re-estimated from its own inputs."""
-    inputs = {key: value for key, value in estimate.inputs.items()}
-    config = inputs.pop("config", None)
+    base = dict(estimate.inputs)
+    config = base.pop("config", None)
     if not config:
         return []
 
-    def fits(**change) -> MemoryEstimate | None:
-        candidate = estimate_peak(config, **{**inputs, **change}, calibration=estimate.calibration,
-                                  scales=estimate.scales)
-        return candidate if candidate.total <= hard_bytes else None
+    def total(**change) -> int:
+        return estimate_peak(config, **{**base, **change}, calibration=estimate.calibration,
+                             scales=estimate.scales).total
 
-    lines = []
-    for size in range(inputs["group_size"] - 1, 0, -1):
-        found = fits(group_size=size)
-        if found:
-            lines.append(f"group size {size} (est. {found.total / GB:.2f} GB)")
-            break
-    seq_len = inputs["seq_len"]
-    if fits(seq_len=1):
-        low, high = 1, seq_len  # largest cap that fits, by bisection
+    def largest(name: str, below: int, **change) -> int | None:
+        """Largest value of `name` in 1..below that fits (the estimate grows with it), or None."""
+        if below < 1 or total(**{name: 1}, **change) > hard_bytes:
+            return None
+        low, high = 1, below + 1
         while high - low > 1:
             middle = (low + high) // 2
-            low, high = (middle, high) if fits(seq_len=middle) else (low, middle)
-        lines.append(f"token cap {low} (est. {fits(seq_len=low).total / GB:.2f} GB)")
-    if inputs["optimizer"] == "adamw" and (found := fits(optimizer="adafactor")):
-        lines.append(f"optimizer adafactor (est. {found.total / GB:.2f} GB)")
-    if not inputs["grad_checkpoint"] and (found := fits(grad_checkpoint=True)):
-        lines.append(f"gradient checkpointing on (est. {found.total / GB:.2f} GB)")
-    return lines
+            low, high = (middle, high) if total(**{name: middle}, **change) <= hard_bytes else (low, middle)
+        return low
+
+    def gb(**change) -> str:
+        return f"(est. {total(**change) / GB:.2f} GB)"
+
+    lines = []
+    if size := largest("group_size", base["group_size"] - 1):
+        lines.append(f"group size {size} {gb(group_size=size)}")
+    if cap := largest("seq_len", base["seq_len"] - 1):
+        lines.append(f"token cap {cap} {gb(seq_len=cap)}")
+    if base["optimizer"] == "adamw" and total(optimizer="adafactor") <= hard_bytes:
+        lines.append(f"optimizer adafactor {gb(optimizer='adafactor')}")
+    if not base["grad_checkpoint"] and total(grad_checkpoint=True) <= hard_bytes:
+        lines.append(f"gradient checkpointing on {gb(grad_checkpoint=True)}")
+    if lines:
+        return lines
+    # No single change is enough: combine the cheap ones, then shrink the group, then the cap.
+    cheap = dict(optimizer="adafactor", grad_checkpoint=True)
+    if size := largest("group_size", base["group_size"], **cheap):
+        return [f"adafactor + checkpointing + group size {size} {gb(group_size=size, **cheap)}"]
+    if cap := largest("seq_len", base["seq_len"] - 1, group_size=1, **cheap):
+        return [f"adafactor + checkpointing + group size 1 + token cap {cap} "
+                f"{gb(seq_len=cap, group_size=1, **cheap)}"]
+    return []
 
 
 # ---------------------------------------------------------------- watchdog
