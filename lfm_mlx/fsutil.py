@@ -35,6 +35,7 @@ def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
     if final.exists() and not replace:
         raise FileExistsError(f"{final} already exists; remove it or choose another output path")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the result is an ordinary shared directory
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -56,6 +57,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the result is an ordinary file
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()

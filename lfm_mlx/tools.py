@@ -142,7 +142,6 @@ class _Scanner:
                 # Python keeps unknown escapes verbatim (e.g. a regex '\d'); so do we.
                 out.append("\\")
                 self.pos += 1
-        # unreachable
 
     def value(self) -> Any:
         char = self.peek()
