@@ -1,0 +1,162 @@
+"""Atomic training checkpoints and resume state for grouped MoE training.
+
+A checkpoint is a directory `RUN_DIR/checkpoints/ckpt-GGGGGGGG-PPPP` (global step, phase) written
+through `fsutil.atomic_dir`: files go to a dot-named temporary sibling, are fsynced, and the
+directory is renamed into place. A reader only lists names without a leading dot and only accepts
+a directory whose `state.json` lists files that exist with the recorded sizes, so a checkpoint
+cut off by a kill is never picked up. No pickle: arrays are safetensors, the rest is JSON.
+
+Contents:
+  state.json              step, phase, data order, RNG rule, config hash, counters, file sizes
+  weights.safetensors     MoE parameters (experts, routers) of every layer trained so far, exact dtypes
+  group_start.safetensors the active group's int8 experts as they were when the group began
+  optimizer.safetensors   the active group's optimizer state (absent at a group boundary)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from lfm_mlx.fsutil import atomic_dir
+
+FORMAT = "lfm_mlx.checkpoint/1"
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^ckpt-(\d{8})-(\d{4})$")
+_ARRAY_FILES = ("weights", "group_start", "optimizer")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its directory, JSON state and the array groups that were saved."""
+
+    path: Path
+    state: dict
+    weights: dict[str, mx.array]
+    group_start: dict[str, mx.array]
+    optimizer: dict[str, mx.array] | None
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of a config dict in canonical JSON (sorted keys): what a checkpoint must match."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def checkpoint_name(global_step: int, phase: int) -> str:
+    """Names sort in training order: a group-boundary checkpoint after step s has phase + 1."""
+    return f"ckpt-{global_step:08d}-{phase:04d}"
+
+
+def _save_arrays(path: Path, arrays: dict[str, mx.array]) -> None:
+    mx.eval(list(arrays.values()))
+    mx.save_safetensors(str(path), arrays, metadata={"format": FORMAT})
+
+
+def save_checkpoint(run_dir: str | Path, state: dict, weights: dict[str, mx.array],
+                    group_start: dict[str, mx.array] | None = None,
+                    optimizer_state: dict | None = None, keep: int = 2) -> Path:
+    """Write a checkpoint atomically and prune all but the newest `keep` (0 keeps all).
+
+    `state` must hold integer `global_step` and `phase`; `optimizer_state` is an optimizer's
+    (nested) state tree, flattened to dotted names.
+    """
+    for key in ("global_step", "phase"):
+        if not isinstance(state.get(key), int):
+            raise ValueError(f"checkpoint state needs an integer {key!r}, got {state.get(key)!r}")
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / checkpoint_name(state["global_step"], state["phase"])
+    arrays = {"weights": weights, "group_start": group_start or {},
+              "optimizer": dict(tree_flatten(optimizer_state)) if optimizer_state else None}
+    with atomic_dir(final) as tmp:
+        files = {}
+        for name, group in arrays.items():
+            if group is None:
+                continue
+            target = tmp / f"{name}.safetensors"
+            _save_arrays(target, group)
+            files[target.name] = target.stat().st_size
+        record = {**state, "format": FORMAT, "files": files}
+        (tmp / "state.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _is_complete(path: Path) -> bool:
+    """True when state.json parses, has our format tag and every listed file has its size."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        return False
+    for name, size in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            return False
+    return True
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (dot-named temporaries are never listed)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir() and _is_complete(path):
+            found.append(((int(match[1]), int(match[2])), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint directory written by `save_checkpoint`."""
+    path = Path(path)
+    if not _is_complete(path):
+        raise ValueError(
+            f"{path} is not a complete lfm_mlx checkpoint (state.json missing, unreadable or listing "
+            f"files that are absent or truncated); delete it and resume from an earlier one"
+        )
+    state = json.loads((path / "state.json").read_text())
+    loaded = {}
+    for name in _ARRAY_FILES:
+        file = path / f"{name}.safetensors"
+        loaded[name] = mx.load(str(file)) if file.name in state["files"] else None
+    return Checkpoint(path=path, state=state, weights=loaded["weights"] or {},
+                      group_start=loaded["group_start"] or {}, optimizer=loaded["optimizer"])
+
+
+def restore_tree(template: dict, flat: dict[str, mx.array], what: str) -> dict:
+    """Fill `template` (a nested tree, e.g. a freshly initialised optimizer state) leaf by leaf
+    from `flat` (dotted names -> arrays); names and shapes must match exactly."""
+    expected = {name for name, _ in tree_flatten(template)}
+    if expected != set(flat):
+        missing, extra = sorted(expected - set(flat)), sorted(set(flat) - expected)
+        raise ValueError(
+            f"{what}: saved entries do not match this run (missing {missing[:5]}, unexpected "
+            f"{extra[:5]}); the checkpoint belongs to a different group or optimizer"
+        )
+
+    def pick(name: str, value: mx.array) -> mx.array:
+        saved = flat[name]
+        if saved.shape != value.shape:
+            raise ValueError(f"{what}: {name} has shape {saved.shape} in the checkpoint, {value.shape} here")
+        return saved
+
+    return tree_map_with_path(pick, template)

@@ -1,0 +1,1030 @@
+"""GroupedMoETrainer: grouped semi-full-gradient training of LFM2-MoE experts and routers.
+
+The model is a mixed checkpoint: experts int8 (affine), everything else bf16. Training walks a
+`GroupSchedule` of consecutive MoE layers. For the active group the experts are dequantized into
+trainable `SwitchLinear` weights (float32 master weights by default), the group's routers are
+made trainable, everything else is frozen; after the group's steps the experts are requantized
+to int8 (same bits and group size) and the next group starts with a fresh optimizer.
+
+How steps map to groups. Training runs `epochs x len(groups)` phases: each epoch walks every
+group once, in schedule order. Every phase runs the same number of optimizer steps
+(`steps_per_group`): "split" (default) divides one pass over the training set among the groups,
+ceil(ceil(ceil(n_train / batch) / accumulation) / n_groups) steps, so each epoch shows every
+example about once and each group sees its share (as in the seed run: 582 examples, 3 epochs,
+about 1,750 steps); "epoch" gives every group a whole pass (n_groups times the compute); an integer fixes it.
+Micro-batches come in order from one endless stream of passes over the training set, pass k
+shuffled by (seed, k) (`data.batch_order`); step s of phase p consumes micro-batches
+(p * steps_per_group + s) * accumulation onwards. The learning rate warms up and decays (cosine,
+to `min_lr_ratio`) within each phase, matching the fresh optimizer state of each group.
+
+Everything a step does is a pure function of (config, data, phase, step), and the MLX RNG is
+reseeded from (seed, step) before every step, which is what makes resume after a kill exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_reduce
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lfm_mlx.checkpoint import (
+    config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
+)
+from lfm_mlx.data import Batch, Example, batch_order, build_dataset, make_batch, masked_loss
+from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from lfm_mlx.memory import (
+    GB, MemoryBudget, MemoryBudgetExceeded, MemoryHardStop, MemoryReading, MemoryWatchdog, estimate_peak,
+)
+from lfm_mlx.models import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
+from lfm_mlx.schedule import GroupSchedule
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+STORAGE_DTYPE = mx.bfloat16  # what save_model_dir writes for scales, biases and routers
+EXIT_CONFIG, EXIT_OVER_BUDGET = 2, 3
+
+
+# ---------------------------------------------------------------- config
+
+
+class ConfigError(ValueError):
+    """A training config with problems; the message lists every one of them."""
+
+
+class MemorySettings(BaseModel):
+    """Memory budget in GB (1e9 bytes): warn and clear caches at soft_gb, checkpoint and stop at hard_gb."""
+
+    model_config = ConfigDict(extra="forbid")
+    total_gb: float = 64.0
+    soft_gb: float = 54.0
+    hard_gb: float = 60.0
+    sample_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "MemorySettings":
+        if not 0 < self.soft_gb < self.hard_gb <= self.total_gb:
+            raise ValueError(f"needs 0 < soft_gb ({self.soft_gb}) < hard_gb ({self.hard_gb}) "
+                             f"<= total_gb ({self.total_gb})")
+        return self
+
+    def budget(self) -> MemoryBudget:
+        return MemoryBudget(total_gb=self.total_gb, soft_gb=self.soft_gb, hard_gb=self.hard_gb)
+
+
+class TrainConfig(BaseModel):
+    """Everything a grouped training run needs; `lfm-mlx train CONFIG.yaml` reads the same type."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="mixed (int8-expert) or bf16/HF model directory, or hub id")
+    data: list[str] = Field(min_length=1, description="JSONL files of chat rows")
+    run_dir: str = Field(description="checkpoints, metrics.jsonl, resolved config, final model")
+    # data
+    max_tokens: int = Field(10240, ge=2, description="per-example token cap")
+    splits: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    skip_invalid: bool = False
+    sort_by_length: bool = False
+    # schedule
+    group_size: int = Field(4, ge=1)
+    group_stride: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1)
+    steps_per_group: int | Literal["split", "epoch"] = "split"
+    batch_size: int = Field(1, ge=1)
+    grad_accumulation: int = Field(1, ge=1)
+    # optimizer
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    learning_rate: float = Field(1e-5, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0, description="per phase; capped at half the phase's steps")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    # numerics
+    train_routers: bool = True
+    master_dtype: Literal["float32", "compute"] = "float32"
+    grad_checkpoint: bool = True
+    frozen_path: Literal["auto", "qmm", "dequant"] = "auto"
+    stop_gradient: bool = True
+    stochastic_rounding: bool = False
+    # control
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=0, description="steps; 0: only at group boundaries")
+    keep_checkpoints: int = Field(2, ge=0)
+    max_consecutive_skips: int = Field(5, ge=1)
+    eval_each_group: bool = True
+    progress: bool = True
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+
+    @field_validator("model", "run_dir", mode="before")
+    @classmethod
+    def _path_to_str(cls, value):
+        return str(value) if isinstance(value, Path) else value
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _paths_to_list(cls, value):
+        if isinstance(value, (str, Path)):
+            value = [value]
+        return [str(v) if isinstance(v, Path) else v for v in value] if isinstance(value, (list, tuple)) else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainConfig":
+        problems = []
+        if isinstance(self.steps_per_group, int) and self.steps_per_group < 1:
+            problems.append(f"steps_per_group={self.steps_per_group} must be >= 1, 'split' or 'epoch'")
+        if self.group_stride > self.group_size:
+            problems.append(f"group_stride={self.group_stride} > group_size={self.group_size} leaves layers untrained")
+        if any(f < 0 for f in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
+            problems.append(f"splits={list(self.splits)} must be three fractions >= 0 summing to 1")
+        if not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas={list(self.betas)} must lie in [0, 1)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
+        """Validate a dict; every problem is reported in one ConfigError naming `source` and the key."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            lines = []
+            for problem in err.errors():
+                key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+                given = f" (got {problem['input']!r})" if problem["type"] != "missing" else ""
+                if problem["type"] == "extra_forbidden":
+                    near = difflib.get_close_matches(str(problem["loc"][-1]), list(cls.model_fields), n=1)
+                    given = f" (did you mean {near[0]!r}?)" if near else " (not a TrainConfig key)"
+                lines.append(f"  {key}: {problem['msg']}{given}")
+            raise ConfigError(f"{source}: {len(lines)} problem(s) in the training config:\n" + "\n".join(lines)
+                              + f"\nfix these keys (fields: {', '.join(cls.model_fields)})") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+        """Read a YAML file (relative paths are relative to the file), apply `overrides` (CLI > YAML)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"training config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+        base = path.parent
+        if isinstance(data.get("data"), (str, Path)):
+            data["data"] = [data["data"]]
+        if isinstance(data.get("data"), list):
+            data["data"] = [str(base / p) if isinstance(p, str) and not Path(p).is_absolute() else p
+                            for p in data["data"]]
+        if isinstance(data.get("run_dir"), str) and not Path(data["run_dir"]).is_absolute():
+            data["run_dir"] = str(base / data["run_dir"])
+        model = data.get("model")
+        if isinstance(model, str) and not Path(model).is_absolute() and (base / model).exists():
+            data["model"] = str(base / model)  # else a hub id or a path relative to the working directory
+        for key, value in (overrides or {}).items():  # command-line values: relative to the working directory
+            _set_dotted(data, key, value)
+        return cls.from_dict(data, source=str(path))
+
+    def check_paths(self) -> None:
+        """Raise one ConfigError naming every data file that is missing (and a missing local model)."""
+        problems = [f"  data: {path} does not exist" for path in self.data if not Path(path).is_file()]
+        model = Path(self.model).expanduser()
+        if not model.exists() and (self.model.startswith((".", "/", "~")) or self.model.count("/") != 1):
+            problems.append(f"  model: {self.model} does not exist (a local directory or an owner/name hub id)")
+        if problems:
+            raise ConfigError("training config paths:\n" + "\n".join(problems))
+
+    def training_hash_dict(self) -> dict:
+        """The fields that change what training computes (a resumed run must match them)."""
+        ignore = {"run_dir", "progress", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips",
+                  "eval_each_group", "memory"}
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in ignore}
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a mapping")
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------- expert modules
+
+
+class TrainableSwitchLinear(SwitchLinear):
+    """Dequantized experts being trained: master weights (float32 by default) cast to the
+    activation dtype at each call, so bf16 compute does not round small updates away."""
+
+    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str):
+        super().__init__(1, 1, 1, bias=False)
+        self.weight = weight
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+
+    def __call__(self, x, indices, sorted_indices=False):
+        return mx.gather_mm(x, self["weight"].astype(x.dtype).swapaxes(-1, -2), rhs_indices=indices,
+                            sorted_indices=sorted_indices)
+
+
+class DequantSwitchLinear(QuantizedSwitchLinear):
+    """Frozen int8 experts dequantized just in time and run through gather_mm (same parameters as
+    QuantizedSwitchLinear): much faster than gather_qmm's backward on CUDA, more transient memory."""
+
+    def __call__(self, x, indices, sorted_indices=False):
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                          bits=self.bits, mode=self.mode)
+        return mx.gather_mm(x, w.astype(x.dtype).swapaxes(-1, -2), rhs_indices=indices,
+                            sorted_indices=sorted_indices)
+
+
+FROZEN_CLASSES = {"qmm": QuantizedSwitchLinear, "dequant": DequantSwitchLinear}
+
+
+def make_quantized(cls: type, weight: mx.array, scales: mx.array, biases: mx.array | None,
+                   group_size: int, bits: int, mode: str = "affine") -> QuantizedSwitchLinear:
+    """A frozen quantized expert stack of class `cls` holding the given arrays."""
+    module = cls(group_size, 1, 1, bias=False, group_size=group_size, bits=bits, mode=mode)  # tiny init
+    module.weight, module.scales, module.biases = weight, scales, biases
+    module.freeze()
+    return module
+
+
+def _ff(model: nn.Module, layer: int) -> nn.Module:
+    return model.model.layers[layer].feed_forward
+
+
+def moe_layers(model: nn.Module) -> list[int]:
+    """Indices of the layers whose feed-forward is a routed MoE block."""
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.feed_forward, "switch_mlp")]
+
+
+def moe_params(model: nn.Module, layers: list[int]) -> dict[str, mx.array]:
+    """Every parameter (experts, router, expert_bias) of the given layers' MoE blocks, by full name."""
+    out = {}
+    for i in layers:
+        for name, value in tree_flatten(_ff(model, i).parameters()):
+            out[f"model.layers.{i}.feed_forward.{name}"] = value
+    return out
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split(".")[2])
+
+
+def set_frozen_path(model: nn.Module, path: str, skip: list[int] = ()) -> None:
+    """Switch every frozen expert stack (outside `skip`) to the `qmm` or `dequant` path."""
+    cls = FROZEN_CLASSES[path]
+    for i in moe_layers(model):
+        if i in skip:
+            continue
+        switch = _ff(model, i).switch_mlp
+        for proj in PROJECTIONS:
+            m = getattr(switch, proj)
+            if isinstance(m, QuantizedSwitchLinear) and type(m) is not cls:
+                setattr(switch, proj, make_quantized(cls, m.weight, m.scales, m.get("biases"), m.group_size,
+                                                     m.bits, m.mode))
+
+
+def activate_group(model: nn.Module, layers: list[int], master: mx.Dtype, train_routers: bool = True) -> None:
+    """Dequantize the group's experts into trainable weights; freeze all else but them (and routers)."""
+    for i in layers:
+        switch = _ff(model, i).switch_mlp
+        for proj in PROJECTIONS:
+            q = getattr(switch, proj)
+            if not isinstance(q, QuantizedSwitchLinear):
+                raise TypeError(f"model.layers.{i}.feed_forward.switch_mlp.{proj} is {type(q).__name__}, "
+                                "expected quantized experts (a mixed checkpoint)")
+            w = mx.dequantize(q.weight, q.scales, q.get("biases"), group_size=q.group_size, bits=q.bits, mode=q.mode)
+            setattr(switch, proj, TrainableSwitchLinear(w.astype(master), q.group_size, q.bits, q.mode))
+    model.freeze()
+    for i in layers:
+        ff = _ff(model, i)
+        for proj in PROJECTIONS:
+            getattr(ff.switch_mlp, proj).unfreeze()
+        if train_routers:
+            ff.gate.weight = ff.gate.weight.astype(master)  # same master precision as the experts
+            ff.gate.unfreeze()  # expert_bias stays frozen: it is selection-only, not trained by gradient
+
+
+# ---------------------------------------------------------------- requantization and retention
+
+
+def pack_codes(codes: mx.array, bits: int) -> mx.array:
+    """Pack unsigned codes along the last axis into uint32 words, as mx.quantize lays them out."""
+    per = 32 // bits
+    grouped = codes.astype(mx.uint32).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    shifts = mx.arange(per, dtype=mx.uint32) * bits
+    return (grouped << shifts).sum(axis=-1).astype(mx.uint32)  # disjoint bit fields: sum == or
+
+
+def quantize_affine(w: mx.array, group_size: int, bits: int, storage: mx.Dtype = STORAGE_DTYPE,
+                    key: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:
+    """Affine quantization in mx.quantize's layout, with scales and biases rounded to the storage
+    dtype first and codes chosen against those, so the in-memory model equals the saved one.
+    With `key` codes round stochastically (unbiased: E[dequantized] = w inside the range)."""
+    if bits not in (2, 4, 8):
+        if key is not None:
+            raise ValueError(f"stochastic rounding supports 2, 4 and 8-bit experts, not {bits}-bit")
+        wq, scales, biases = mx.quantize(w, group_size, bits)
+        return wq, scales.astype(storage), biases.astype(storage)
+    _, scales, biases = mx.quantize(w, group_size, bits)  # mlx's choice of range per group
+    scales, biases = scales.astype(storage), biases.astype(storage)
+    s = scales.astype(mx.float32)[..., None]
+    b = biases.astype(mx.float32)[..., None]
+    groups = w.astype(mx.float32).reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
+    x = (groups - b) / mx.where(s == 0, 1.0, s)
+    offset = 0.5 if key is None else mx.random.uniform(shape=x.shape, key=key)
+    codes = mx.clip(mx.floor(x + offset), 0, 2**bits - 1).reshape(w.shape)
+    return pack_codes(codes, bits), scales, biases
+
+
+def unpack_codes(packed: mx.array, bits: int) -> mx.array:
+    """The inverse of `pack_codes`."""
+    per = 32 // bits
+    shifts = mx.arange(per, dtype=mx.uint32) * bits
+    codes = (packed[..., None] >> shifts) & (2**bits - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def update_stats(start: mx.array, trained: mx.array, kept: mx.array,
+                 codes: tuple[mx.array, mx.array] | None = None) -> dict[str, float]:
+    """Sums that define update retention for one tensor (all in float32):
+    d = trained - start (the update), k = kept - start (what survived storage).
+    `codes` = (start codes, new codes) counts the int8 codes that changed."""
+    d = trained.astype(mx.float32) - start.astype(mx.float32)
+    k = kept.astype(mx.float32) - start.astype(mx.float32)
+    sums = [(d * d).sum(), (k * k).sum(), (d * k).sum(), ((k - d) ** 2).sum(), (k != 0).sum()]
+    sums.append((codes[0] != codes[1]).sum() if codes is not None else mx.array(-1))
+    mx.eval(sums)
+    dd, kk, dk, err, changed, codes_changed = (s.item() for s in sums)
+    return {"dd": dd, "kk": kk, "dk": dk, "err": err, "changed": changed, "codes_changed": codes_changed,
+            "n": start.size}
+
+
+def summarize_stats(parts: list[dict[str, float]]) -> dict[str, float | None]:
+    """Retention figures from summed `update_stats`:
+
+    retention   = <k, d> / |d|^2  share of the update, projected on its direction, that was kept
+    cosine      = <k, d> / (|k| |d|)
+    norm_ratio  = |k| / |d|       above 1 when rounding noise outweighs the update
+    rel_error   = |k - d| / |d|
+    changed     = share of weights whose stored (dequantized) value changed; requantization
+                  re-derives each group's scale and bias, so this is near 1 once a group moved
+    codes_changed = share of int8 codes that changed (None for tensors stored as floats)
+    update_rms  = sqrt(|d|^2 / n)
+    """
+    dd, kk, dk, err = (sum(p[key] for p in parts) for key in ("dd", "kk", "dk", "err"))
+    n, changed = sum(p["n"] for p in parts), sum(p["changed"] for p in parts)
+    coded = [p["codes_changed"] for p in parts if p["codes_changed"] >= 0]
+    out = {"retention": None, "cosine": None, "norm_ratio": None, "rel_error": None,
+           "changed": changed / n if n else 0.0,
+           "codes_changed": sum(coded) / n if coded and len(coded) == len(parts) else None, "update_rms": 0.0}
+    if dd > 0:
+        out.update(retention=dk / dd, cosine=dk / math.sqrt(dd * kk) if kk else 0.0, norm_ratio=math.sqrt(kk / dd),
+                   rel_error=math.sqrt(err / dd), update_rms=math.sqrt(dd / n))
+    return out
+
+
+def requantize_group(model: nn.Module, layers: list[int], start: dict[str, mx.array], frozen: str,
+                     stochastic_key: Callable[[str], mx.array] | None = None) -> dict:
+    """Requantize the group's trained experts (and round its routers to bf16), in place.
+
+    `start` holds the group's parameters at the start of the group (`moe_params`). Returns the
+    update retention of experts and routers, per layer and for the group.
+    """
+    cls = FROZEN_CLASSES[frozen]
+    expert_parts, router_parts, per_layer = [], [], {}
+    for i in layers:
+        prefix = f"model.layers.{i}.feed_forward"
+        ff = _ff(model, i)
+        layer_parts = []
+        for proj in PROJECTIONS:
+            name = f"{prefix}.switch_mlp.{proj}"
+            m = getattr(ff.switch_mlp, proj)
+            key = stochastic_key(name) if stochastic_key else None
+            wq, scales, biases = quantize_affine(m.weight, m.group_size, m.bits, STORAGE_DTYPE, key)
+            scales, biases = scales.astype(start[f"{name}.scales"].dtype), biases.astype(start[f"{name}.scales"].dtype)
+            w0 = mx.dequantize(start[f"{name}.weight"], start[f"{name}.scales"], start.get(f"{name}.biases"),
+                               group_size=m.group_size, bits=m.bits, mode=m.mode)
+            kept = mx.dequantize(wq, scales, biases, group_size=m.group_size, bits=m.bits, mode=m.mode)
+            codes = None
+            if m.bits in (2, 4, 8):
+                codes = (unpack_codes(start[f"{name}.weight"], m.bits), unpack_codes(wq, m.bits))
+            layer_parts.append(update_stats(w0, m.weight, kept, codes))
+            setattr(ff.switch_mlp, proj, make_quantized(cls, wq, scales, biases, m.group_size, m.bits, m.mode))
+            mx.eval(getattr(ff.switch_mlp, proj).parameters())
+        expert_parts += layer_parts
+        router0 = start[f"{prefix}.gate.weight"]
+        stored = ff.gate.weight.astype(STORAGE_DTYPE).astype(router0.dtype)
+        router_parts.append(update_stats(router0, ff.gate.weight, stored))
+        ff.gate.weight = stored
+        per_layer[str(i)] = summarize_stats(layer_parts)
+    mx.eval(model.parameters())
+    return {"experts": summarize_stats(expert_parts), "routers": summarize_stats(router_parts),
+            "per_layer": per_layer}
+
+
+# ---------------------------------------------------------------- forward and loss
+
+
+def _checkpointed(layer: nn.Module, h: mx.array, mask) -> mx.array:
+    """Run `layer` under mx.checkpoint: its activations are recomputed in the backward pass."""
+    def run(params, x):
+        layer.update(params)
+        return layer(x, mask)
+
+    return mx.checkpoint(run)(layer.trainable_parameters(), h)
+
+
+def forward_logits(model: nn.Module, inputs: mx.array, first_active: int | None = None,
+                   grad_checkpoint: bool = False, stop_gradient: bool = True) -> mx.array:
+    """The mlx-lm LFM2-MoE forward (no cache), with gradient hooks from `first_active` up:
+    stop_gradient on the hidden state entering it (nothing below trains) and mx.checkpoint
+    around every layer from it to the top (those are the layers the backward pass runs through)."""
+    inner = model.model
+    h = inner.embed_tokens(inputs)
+    attn_mask = create_attention_mask(h, None)
+    conv_mask = create_ssm_mask(h, None)
+    for i, layer in enumerate(inner.layers):
+        mask = attn_mask if layer.is_attention_layer else conv_mask
+        if first_active is not None and i >= first_active:
+            if i == first_active and stop_gradient:
+                h = mx.stop_gradient(h)
+            if grad_checkpoint:
+                h = _checkpointed(layer, h, mask)
+                continue
+        h = layer(h, mask)
+    return inner.embed_tokens.as_linear(inner.embedding_norm(h))
+
+
+def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int = 1, pad_id: int = 0) -> float | None:
+    """Mean masked cross-entropy per trained token over `examples` (None when there are none)."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = make_batch(examples[start:start + batch_size], pad_id)
+        loss, n = masked_loss(model(batch.inputs), batch.targets, batch.loss_mask)
+        mx.eval(loss, n)
+        total, count = total + loss.item(), count + n.item()
+    return total / count if count else None
+
+
+def make_loss_and_grad(model: nn.Module, first_active: int, grad_checkpoint: bool = True,
+                       stop_gradient: bool = True) -> Callable:
+    """value_and_grad of the summed masked loss over the model's trainable parameters:
+    f(model, inputs, targets, mask) -> ((loss sum, trained tokens), grads)."""
+    def loss_fn(m, inputs, targets, mask):
+        return masked_loss(forward_logits(m, inputs, first_active, grad_checkpoint, stop_gradient), targets, mask)
+
+    return nn.value_and_grad(model, loss_fn)
+
+
+def accumulate_gradients(model: nn.Module, loss_and_grad: Callable, batches: list[Batch]) -> tuple[float, int, dict]:
+    """Gradients of several micro-batches, token-weighted: (loss sum, trained tokens, mean-loss grads).
+    Each micro-batch is evaluated before the next, so memory holds one batch's activations."""
+    grads, loss_sum, trained = None, 0.0, 0
+    for batch in batches:
+        (loss, n), g = loss_and_grad(model, batch.inputs, batch.targets, batch.loss_mask)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        mx.eval(grads, loss, n)
+        loss_sum, trained = loss_sum + loss.item(), trained + n.item()
+    return loss_sum, trained, tree_map(lambda g: g / max(trained, 1), grads)
+
+
+def global_norm(grads: dict) -> float:
+    """The L2 norm of all gradients (float32); inf or nan when any gradient is."""
+    return math.sqrt(tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads, mx.array(0.0)).item())
+
+
+def apply_update(model: nn.Module, optimizer: optim.Optimizer, grads: dict, grad_clip: float | None) -> None:
+    """Clip (optionally) and apply one optimizer step, evaluating parameters and optimizer state."""
+    if grad_clip is not None:
+        grads, _ = optim.clip_grad_norm(grads, grad_clip)
+    optimizer.update(model, grads)
+    mx.eval(model.trainable_parameters(), optimizer.state)
+
+
+# ---------------------------------------------------------------- frozen-path measurement
+
+
+def _time(fn: Callable, *args, repeats: int = 3) -> float:
+    mx.eval(fn(*args))  # warm-up (and kernel compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_frozen_paths(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype,
+                         seed: int = 0) -> dict[str, float]:
+    """Seconds for forward + input-gradient of one frozen MoE block on (1, seq_len) tokens, with
+    experts through int8 gather_qmm ("qmm") and dequantized just in time ("dequant")."""
+    block = _ff(model, layer)
+    x = mx.random.normal((1, seq_len, model.model.args.hidden_size), key=mx.random.key(seed)).astype(dtype)
+    times = {}
+    for path in ("qmm", "dequant"):
+        set_frozen_path(model, path)
+        grad = mx.grad(lambda v: block(v).astype(mx.float32).sum())
+        times[path] = _time(grad, x)
+    return times
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class NonFiniteStop(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+    exit_code = 65  # EX_DATAERR: look at the logged example ids
+
+    def __init__(self, step: int, skips: int, row_ids: list[str]):
+        self.step, self.skips, self.row_ids = step, skips, row_ids
+        super().__init__(f"stopped at step {step}: {skips} consecutive steps had a non-finite loss or gradient "
+                         f"(last examples: {', '.join(row_ids)}); see metrics.jsonl 'skipped' records, fix the "
+                         "data or lower the learning rate, then resume")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left behind."""
+
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    skipped_steps: int
+    initial_valid_loss: float | None
+    final_valid_loss: float | None
+    frozen_path: str
+    groups: list[dict]
+
+
+def steps_per_group(n_train: int, config: TrainConfig, n_groups: int) -> int:
+    """Optimizer steps of every phase (see the module docstring)."""
+    if isinstance(config.steps_per_group, int):
+        return config.steps_per_group
+    per_epoch = math.ceil(math.ceil(n_train / config.batch_size) / config.grad_accumulation)
+    if config.steps_per_group == "epoch":
+        return per_epoch
+    return max(1, math.ceil(per_epoch / n_groups))
+
+
+def lr_schedule(config: TrainConfig, steps: int) -> Callable:
+    """Linear warmup then cosine decay to min_lr_ratio x learning_rate, over one phase."""
+    peak = config.learning_rate
+    warmup = min(config.warmup_steps, steps // 2)
+    cosine = optim.cosine_decay(peak, max(steps - warmup, 1), end=peak * config.min_lr_ratio)
+    if warmup == 0:
+        return cosine
+    ramp = optim.linear_schedule(peak / (warmup + 1), peak, warmup)
+    return optim.join_schedules([ramp, cosine], [warmup])
+
+
+def make_optimizer(config: TrainConfig, steps: int) -> optim.Optimizer:
+    schedule = lr_schedule(config, steps)
+    if config.optimizer == "adamw":
+        return optim.AdamW(learning_rate=schedule, betas=list(config.betas), eps=config.eps,
+                           weight_decay=config.weight_decay)
+    return optim.Adafactor(learning_rate=schedule, relative_step=False, scale_parameter=False,
+                           weight_decay=config.weight_decay)
+
+
+class BatchStream:
+    """Micro-batch m of the endless stream of shuffled passes over the training set."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, sort_by_length: bool, pad_id: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.sort_by_length, self.pad_id = sort_by_length, pad_id
+        self.lengths = [e.n_tokens for e in examples]
+        self._pass, self._order = -1, []
+
+    def indices(self, m: int) -> list[int]:
+        n = math.ceil(len(self.examples) / self.batch_size)
+        p, j = divmod(m, n)
+        if p != self._pass:
+            self._pass = p
+            self._order = batch_order(self.lengths, self.batch_size, self.seed, p, self.sort_by_length)
+        return self._order[j]
+
+    def batch(self, m: int) -> Batch:
+        return make_batch([self.examples[i] for i in self.indices(m)], self.pad_id)
+
+    def row_ids(self, m: int) -> list[str]:
+        return [self.examples[i].row_id for i in self.indices(m)]
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/step/{step}".encode()).digest()[:4], "little")
+
+
+def _model_fingerprint(model_dir: Path) -> dict:
+    return {"config_sha256": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
+            "weights": {p.name: p.stat().st_size for p in weight_files(model_dir)}}
+
+
+class GroupedMoETrainer:
+    """Train a mixed LFM2-MoE checkpoint group by group (see the module docstring).
+
+    Hooks (Python API only): `memory_reader` replaces the watchdog's MLX/psutil reader;
+    `grad_hook(step, grads) -> grads` sees the accumulated gradients of every step before the
+    finiteness check (e.g. to inject a fault in a test).
+    """
+
+    def __init__(self, config: TrainConfig, memory_reader: Callable[[], MemoryReading] | None = None,
+                 grad_hook: Callable[[int, dict], dict] | None = None):
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.memory_reader = memory_reader
+        self.grad_hook = grad_hook
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.n_records = 0
+        self.optimizer: optim.Optimizer | None = None  # the active group's, fresh per group
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.n_records += 1
+
+    def _truncate_metrics(self, keep: int) -> None:
+        """Keep the first `keep` records: later ones come from steps redone after the resume."""
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        kept = lines[:keep]
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        self.n_records = len(kept)
+
+    def _checkpoint(self, state: dict, layers_done: set[int], active: list[int], start: dict | None,
+                    optimizer: optim.Optimizer | None) -> Path:
+        state = {**state, "metrics_records": self.n_records}
+        touched = sorted(layers_done | set(active))
+        return save_checkpoint(self.run_dir, state, moe_params(self.model, touched),
+                               group_start=start if active else None,
+                               optimizer_state=optimizer.state if optimizer is not None and active else None,
+                               keep=self.config.keep_checkpoints)
+
+    # ------------------------------------------------------------ setup
+
+    def _prepare(self, restart: bool):
+        cfg = self.config
+        cfg.check_paths()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model_dir = resolve_model_path(cfg.model)
+        model_config = read_config(self.model_dir)
+        if model_config["model_type"] != "lfm2_moe":
+            raise ConfigError(f"{self.model_dir}: model_type {model_config['model_type']!r} has no experts; "
+                              "grouped training needs an LFM2-MoE model (lfm2_moe)")
+        self.schedule = GroupSchedule.for_model(model_config, cfg.group_size, cfg.group_stride)
+        from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.model_dir, eos_token_ids=model_config.get("eos_token_id"))
+        self.dataset = build_dataset(cfg.data, self.tokenizer, cfg.max_tokens, tuple(cfg.splits), cfg.seed,
+                                     cfg.skip_invalid)
+        self.dataset.write_manifest(self.run_dir / "data_manifest.json")
+        self.pad_id = int(model_config.get("pad_token_id") or 0)
+        self.spg = steps_per_group(len(self.dataset.train), cfg, len(self.schedule))
+        self.n_phases = cfg.epochs * len(self.schedule)
+        data_fingerprint = {"sources": self.dataset.manifest["sources"],
+                            "split_row_ids": self.dataset.manifest["split_row_ids"]}
+        self.hash = config_hash({"config": cfg.training_hash_dict(), "model": _model_fingerprint(self.model_dir),
+                                 "data": data_fingerprint})
+        if restart:
+            for old in list_checkpoints(self.run_dir):
+                shutil.rmtree(old)
+            self.metrics_path.unlink(missing_ok=True)
+            (self.run_dir / "summary.json").unlink(missing_ok=True)
+        return model_config
+
+    def _admit(self, model_config: dict, frozen: str) -> dict:
+        cfg = self.config
+        quant = model_config.get("quantization") or {}
+        cb = 2 if compute_dtype(model_config) == mx.bfloat16 else 4
+        master_wide = cfg.master_dtype == "float32" and cb == 2
+        estimate = estimate_peak(
+            model_config, group_size=cfg.group_size, seq_len=max(e.n_tokens for e in self.dataset.train) - 1,
+            batch_size=cfg.batch_size, optimizer=cfg.optimizer, expert_bits=int(quant.get("bits", 8)),
+            group_bits_size=int(quant.get("group_size", 64)), compute_dtype_bytes=cb,
+            grad_checkpoint=cfg.grad_checkpoint, frozen_path=frozen, grad_accumulation=cfg.grad_accumulation,
+            optimizer_state_bytes=4 if cfg.master_dtype == "float32" else cb,
+            scales={"group_dequant": 2.0, "gradients": 2.0, "optimizer_update": 2.0} if master_wide else None,
+        )
+        self.watchdog.admit(estimate)
+        return estimate.to_dict()
+
+    def _load_model(self, model_config: dict) -> dict:
+        from lfm_mlx.mixed import quantize_experts
+        from lfm_mlx.models import load
+
+        model, _, config = load(self.model_dir, with_tokenizer=False, return_config=True)
+        if not isinstance(_ff(model, moe_layers(model)[0]).switch_mlp.gate_proj, QuantizedSwitchLinear):
+            config = quantize_experts(model, config)  # a bf16 / HF model: make the int8-expert mix in memory
+            mx.eval(model.parameters())
+        self.model = model
+        self.dtype = compute_dtype(config)
+        self.master = mx.float32 if self.config.master_dtype == "float32" else self.dtype
+        return config
+
+    def _choose_frozen_path(self, model_config: dict, resumed: dict | None) -> dict:
+        """The recorded choice on resume (bit-exact replay); else forced, or measured."""
+        cfg = self.config
+        if resumed is not None:
+            return {"choice": resumed["frozen_path"], "reason": "recorded when the run started"}
+        if cfg.frozen_path != "auto":
+            return {"choice": cfg.frozen_path, "reason": "set in the config"}
+        seq = min(256, max(e.n_tokens for e in self.dataset.train))
+        layer = self.schedule.groups[0][0]
+        times = measure_frozen_paths(self.model, layer, seq, self.dtype, cfg.seed)
+        choice = min(times, key=times.get)
+        record = {"choice": choice, "reason": "faster forward+backward of one MoE block",
+                  "seconds": times, "seq_len": seq, "layer": layer, "device": str(mx.default_device())}
+        if choice == "dequant":
+            try:
+                record["estimate_dequant"] = self._admit(model_config, "dequant")
+            except MemoryBudgetExceeded as err:
+                record.update(choice="qmm", reason=f"dequant is faster but over budget: {str(err).splitlines()[0]}")
+        return record
+
+    # ------------------------------------------------------------ training
+
+    def _micro_ids(self, phase: int) -> list[list[str]]:
+        """Row ids of every micro-batch of a phase: the data order a checkpoint records."""
+        return [self.stream.row_ids(m) for step in range(self.spg) for m in self._batches(phase, step)]
+
+    def _batches(self, phase: int, step: int) -> list[int]:
+        """Stream indices of the micro-batches of step `step` of phase `phase`."""
+        acc = self.config.grad_accumulation
+        first = (phase * self.spg + step) * acc
+        return list(range(first, first + acc))
+
+    def train(self, restart: bool = False) -> TrainResult:
+        """Run (or resume) training; returns where the trained model is."""
+        cfg = self.config
+        model_config = self._prepare(restart)
+        summary_path = self.run_dir / "summary.json"
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            if summary.get("config_hash") == self.hash and summary.get("complete"):
+                return TrainResult(**{**summary["result"], "run_dir": self.run_dir,
+                                      "model_dir": Path(summary["result"]["model_dir"])})
+        self.watchdog = MemoryWatchdog(cfg.memory.budget(), cfg.memory.sample_every, reader=self.memory_reader)
+        admission_path = "dequant" if cfg.frozen_path == "dequant" else "qmm"
+        estimate = self._admit(model_config, admission_path)
+
+        resume = None
+        latest = latest_checkpoint(self.run_dir)
+        if latest is not None:
+            resume = load_checkpoint(latest)
+            if resume.state.get("config_hash") != self.hash:
+                raise ConfigError(
+                    f"{self.run_dir} holds checkpoint {latest.name} of a different run (config, model or data "
+                    f"changed: its resolved config is in {self.run_dir / 'train_config.json'}); use a new "
+                    "run_dir, or --restart to discard the old checkpoints")
+        model_config = self._load_model(model_config)
+        frozen = self._choose_frozen_path(model_config, resume.state if resume else None)
+        self.frozen = frozen["choice"]
+        self.stream = BatchStream(self.dataset.train, cfg.batch_size, cfg.seed, cfg.sort_by_length, self.pad_id)
+        groups = self.schedule.groups
+        resolved = {
+            "config": cfg.model_dump(mode="json"), "config_hash": self.hash, "model_dir": str(self.model_dir),
+            "schedule": self.schedule.to_dict(), "groups": groups, "steps_per_group": self.spg,
+            "phases": self.n_phases, "total_steps": self.n_phases * self.spg,
+            "warmup_steps_effective": min(cfg.warmup_steps, self.spg // 2),
+            "compute_dtype": str(self.dtype), "master_dtype": str(self.master), "frozen_path": frozen,
+            "memory_estimate": estimate, "train_examples": len(self.dataset.train),
+            "valid_examples": len(self.dataset.valid),
+        }
+        atomic_write_json(self.run_dir / "train_config.json", resolved)
+        atomic_write_json(self.run_dir / "frozen_path.json", frozen)
+
+        # ---- state: fresh or restored
+        state = {"phase": 0, "step_in_phase": 0, "global_step": 0, "skipped_steps": 0, "consecutive_skips": 0,
+                 "tokens_seen": 0, "history": [], "initial_valid_loss": None, "layers_done": []}
+        set_frozen_path(self.model, self.frozen)
+        if resume is None:
+            self._truncate_metrics(0)
+            valid = evaluate_loss(self.model, self.dataset.valid, cfg.batch_size, self.pad_id) if (
+                cfg.eval_each_group and self.dataset.valid) else None
+            state["initial_valid_loss"] = valid
+            self._log({"kind": "start", "step": 0, "valid_loss": valid, "frozen_path": frozen,
+                       "estimate_gb": estimate["total"] / GB, "steps_per_group": self.spg,
+                       "total_steps": self.n_phases * self.spg})
+        else:
+            state.update({k: resume.state[k] for k in state})
+            self._truncate_metrics(resume.state["metrics_records"])
+            active = groups[state["phase"] % len(groups)] if state["step_in_phase"] else []
+            done = {k: v for k, v in resume.weights.items() if _layer_of(k) not in active}
+            self.model.load_weights(list(done.items()) + list(resume.group_start.items()), strict=False)
+            set_frozen_path(self.model, self.frozen)
+            self._log({"kind": "resume", "step": state["global_step"], "checkpoint": resume.path.name})
+
+        progress = _progress(self.n_phases * self.spg, state["global_step"], cfg.progress)
+        try:
+            for phase in range(state["phase"], self.n_phases):
+                self._run_phase(phase, state, resume, progress)
+                resume = None
+        finally:
+            progress.close()
+        return self._finish(state, model_config, frozen)
+
+    def _run_phase(self, phase: int, state: dict, resume, progress) -> None:
+        cfg = self.config
+        groups = self.schedule.groups
+        epoch, index = divmod(phase, len(groups))
+        layers = groups[index]
+        start = moe_params(self.model, layers)
+        activate_group(self.model, layers, self.master, cfg.train_routers)
+        optimizer = self.optimizer = make_optimizer(cfg, self.spg)
+        first = 0
+        if resume is not None and state["step_in_phase"]:
+            trained = {k: v for k, v in resume.weights.items() if _layer_of(k) in layers}
+            self.model.load_weights(list(trained.items()), strict=False)
+            optimizer.init(self.model.trainable_parameters())
+            optimizer.state = restore_tree(optimizer.state, resume.optimizer or {}, f"{resume.path}/optimizer")
+            first = state["step_in_phase"]
+        mx.eval(self.model.parameters())
+        order = self._micro_ids(phase)
+        if resume is not None and state["step_in_phase"] and resume.state.get("data_order") != order:
+            raise ConfigError(f"{resume.path}: the data order of phase {phase} differs from the checkpoint's; "
+                              "the training data or its split changed; use a new run_dir")
+        loss_and_grad = make_loss_and_grad(self.model, layers[0], cfg.grad_checkpoint, cfg.stop_gradient)
+        phase_start = time.perf_counter()
+
+        def snapshot(step_in_phase: int) -> dict:
+            return {**state, "phase": phase, "step_in_phase": step_in_phase, "config_hash": self.hash,
+                    "frozen_path": self.frozen, "data_order": order, "epoch": epoch, "group": index,
+                    "rng": {"rule": "mx.random.seed(sha256(f'{seed}/step/{step}')[:4]) before every step",
+                            "seed": cfg.seed}}
+
+        for step in range(first, self.spg):
+            global_step = phase * self.spg + step
+            mx.random.seed(_step_seed(cfg.seed, global_step))
+            tick = time.perf_counter()
+            micro = self._batches(phase, step)
+            loss_sum, trained, grads = accumulate_gradients(self.model, loss_and_grad,
+                                                            [self.stream.batch(m) for m in micro])
+            if self.grad_hook is not None:
+                grads = self.grad_hook(global_step, grads)
+            ids = [row for m in micro for row in self.stream.row_ids(m)]
+            tokens = sum(self.dataset.train[i].n_tokens - 1 for m in micro for i in self.stream.indices(m))
+            norm = global_norm(grads)
+            loss = loss_sum / max(trained, 1)
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            state["global_step"] = global_step + 1
+            if not finite:
+                state["skipped_steps"] += 1
+                state["consecutive_skips"] += 1
+                self._log({"kind": "skipped", "step": global_step + 1, "phase": phase, "row_ids": ids,
+                           "loss": loss if math.isfinite(loss) else str(loss), "grad_norm": str(norm)})
+                if state["consecutive_skips"] >= cfg.max_consecutive_skips:
+                    self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
+                    raise NonFiniteStop(global_step + 1, state["consecutive_skips"], ids)
+                progress.update(1)
+                continue
+            state["consecutive_skips"] = 0
+            apply_update(self.model, optimizer, grads, cfg.grad_clip)
+            seconds = time.perf_counter() - tick
+            state["tokens_seen"] += tokens
+            stop = None
+            try:
+                sample = self.watchdog.check(global_step + 1)
+            except MemoryHardStop as err:
+                sample, stop = err.sample, err
+            self._log({"kind": "step", "step": global_step + 1, "epoch": epoch, "phase": phase, "group": index,
+                       "layers": layers, "loss": loss, "lr": optimizer.learning_rate.item(),
+                       "grad_norm": norm, "tokens": tokens, "trained_tokens": trained,
+                       "tokens_per_s": tokens / seconds, "step_s": seconds,
+                       "peak_memory_gb": (sample.peak if sample else mx.get_peak_memory()) / GB,
+                       "active_memory_gb": (sample.active if sample else mx.get_active_memory()) / GB})
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", group=f"{index}/{len(self.schedule)}", epoch=epoch)
+            if stop is not None:  # the step is done and logged: save it, then stop before memory runs out
+                self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
+                raise stop
+            last = step == self.spg - 1
+            if cfg.checkpoint_every and (global_step + 1) % cfg.checkpoint_every == 0 and not last:
+                self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
+
+        key_fn = None
+        if cfg.stochastic_rounding:
+            def key_fn(name: str) -> mx.array:
+                digest = hashlib.sha256(f"{cfg.seed}/{phase}/{name}".encode()).digest()
+                return mx.random.key(int.from_bytes(digest[:4], "little"))
+        retention = requantize_group(self.model, layers, start, self.frozen, key_fn)
+        valid = evaluate_loss(self.model, self.dataset.valid, cfg.batch_size, self.pad_id) if (
+            cfg.eval_each_group and self.dataset.valid) else None
+        record = {"kind": "group_end", "step": state["global_step"], "epoch": epoch, "phase": phase,
+                  "group": index, "layers": layers, "retention": retention, "valid_loss": valid,
+                  "seconds": time.perf_counter() - phase_start}
+        self._log(record)
+        state["history"].append({k: record[k] for k in ("phase", "group", "layers", "valid_loss", "retention")})
+        state["layers_done"] = sorted(set(state["layers_done"]) | set(layers))
+        state.update(phase=phase + 1, step_in_phase=0)
+        self._checkpoint({**snapshot(0), "phase": phase + 1, "data_order": []}, set(state["layers_done"]), [],
+                         None, None)
+
+    def _finish(self, state: dict, model_config: dict, frozen: dict) -> TrainResult:
+        out = self.run_dir / "model"
+        with atomic_dir(out) as tmp:
+            save_model_dir(self.model, model_config, self.model_dir, tmp)
+        final = state["history"][-1]["valid_loss"] if state["history"] else None
+        result = TrainResult(run_dir=self.run_dir, model_dir=out, steps=state["global_step"],
+                             skipped_steps=state["skipped_steps"], initial_valid_loss=state["initial_valid_loss"],
+                             final_valid_loss=final, frozen_path=self.frozen, groups=state["history"])
+        record = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+        self._log({"kind": "end", "step": state["global_step"], "valid_loss": final,
+                   "skipped_steps": state["skipped_steps"], "model_dir": str(out)})
+        atomic_write_json(self.run_dir / "summary.json",
+                          {"complete": True, "config_hash": self.hash, "result": record,
+                           "tokens_seen": state["tokens_seen"], "frozen_path": frozen})
+        return result
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. --set learning_rate=2e-5 "
+                              "or --set memory.hard_gb=50")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lfm-mlx train", description="Grouped MoE training of an LFM2-MoE mixed checkpoint from a YAML config.",
+        epilog="Resumes from the newest checkpoint in run_dir when there is one. Exit codes: 0 done, "
+               f"{EXIT_CONFIG} bad config or data, {EXIT_OVER_BUDGET} refused by the memory admission check, "
+               f"{NonFiniteStop.exit_code} too many non-finite steps, {MemoryHardStop.exit_code} memory hard stop "
+               "(checkpoint saved; resume with a smaller setting).")
+    parser.add_argument("config", help="YAML file with TrainConfig keys (model, data, run_dir, ...)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable; nested keys with dots: memory.hard_gb=50)")
+    parser.add_argument("--restart", action="store_true", help="discard run_dir's checkpoints and start over")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    args = parser.parse_args(argv)
+    try:
+        overrides = _parse_overrides(args.overrides)
+        if args.no_progress:
+            overrides["progress"] = False
+        config = TrainConfig.from_yaml(args.config, overrides)
+    except ConfigError as err:
+        print(f"lfm-mlx train: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.print_config:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        return 0
+    from lfm_mlx.data import RowValidationError
+
+    try:
+        result = GroupedMoETrainer(config).train(restart=args.restart)
+    except (ConfigError, RowValidationError, FileNotFoundError) as err:
+        print(f"lfm-mlx train: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except MemoryBudgetExceeded as err:
+        print(f"lfm-mlx train: refused: {err}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    except (MemoryHardStop, NonFiniteStop) as err:
+        print(f"lfm-mlx train: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"trained model: {result.model_dir}  (steps {result.steps}, skipped {result.skipped_steps}, "
+          f"valid loss {result.initial_valid_loss} -> {result.final_valid_loss})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

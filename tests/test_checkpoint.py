@@ -1,0 +1,102 @@
+"""Atomic checkpoints: exact round trip, pruning, and never picking up a half-written one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import pytest
+
+from lfm_mlx.checkpoint import (
+    checkpoint_name, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree,
+    save_checkpoint,
+)
+
+
+def _state(step: int, phase: int = 0) -> dict:
+    return {"global_step": step, "phase": phase, "step_in_phase": step, "data_order": [["a", "b"]]}
+
+
+def _optimizer_state() -> dict:
+    opt = optim.AdamW(learning_rate=1e-3)
+    params = {"model": {"layers": [{}, {"w": mx.ones((2, 3), dtype=mx.bfloat16)}]}}
+    grads = {"model": {"layers": [{}, {"w": mx.full((2, 3), 0.5, dtype=mx.bfloat16)}]}}
+    opt.init(params)
+    opt.apply_gradients(grads, params)
+    return opt.state
+
+
+def test_round_trip_is_exact_for_every_dtype(tmp_path):
+    weights = {"a.weight": mx.random.normal((4, 8)).astype(mx.bfloat16),
+               "a.codes": mx.array([[1, 2**32 - 1]], dtype=mx.uint32),
+               "a.bias": mx.random.normal((3,))}
+    start = {"g.weight": mx.arange(6, dtype=mx.uint32)}
+    opt_state = _optimizer_state()
+    path = save_checkpoint(tmp_path, _state(3), weights, start, opt_state)
+    assert path.name == checkpoint_name(3, 0) == "ckpt-00000003-0000"
+    loaded = load_checkpoint(path)
+    assert loaded.state["data_order"] == [["a", "b"]] and loaded.state["global_step"] == 3
+    for name, value in weights.items():
+        assert loaded.weights[name].dtype == value.dtype and mx.array_equal(loaded.weights[name], value).item()
+    assert mx.array_equal(loaded.group_start["g.weight"], start["g.weight"]).item()
+    assert loaded.optimizer["step"].dtype == mx.uint64 and loaded.optimizer["step"].item() == 1
+
+    # The optimizer state goes back into a fresh optimizer's tree, leaf by leaf.
+    fresh = optim.AdamW(learning_rate=1e-3)
+    fresh.init({"model": {"layers": [{}, {"w": mx.ones((2, 3), dtype=mx.bfloat16)}]}})
+    restored = restore_tree(fresh.state, loaded.optimizer, "test")
+    assert mx.array_equal(restored["model"]["layers"][1]["w"]["m"], opt_state["model"]["layers"][1]["w"]["m"]).item()
+    with pytest.raises(ValueError, match="do not match"):
+        restore_tree(fresh.state, {"step": loaded.optimizer["step"]}, "test")
+
+
+def test_a_boundary_checkpoint_has_no_optimizer_and_sorts_after_the_step_before_it(tmp_path):
+    save_checkpoint(tmp_path, _state(4, 0), {"w": mx.zeros((2,))}, {"s": mx.zeros((1,))}, _optimizer_state(), keep=0)
+    save_checkpoint(tmp_path, _state(4, 1), {"w": mx.ones((2,))}, None, None, keep=0)
+    latest = load_checkpoint(latest_checkpoint(tmp_path))
+    assert latest.path.name == "ckpt-00000004-0001"
+    assert latest.optimizer is None and latest.group_start == {}
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000004-0000", "ckpt-00000004-0001"]
+
+
+def test_pruning_keeps_the_newest(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, _state(step), {"w": mx.full((2,), step)}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000004-0000", "ckpt-00000005-0000"]
+
+
+def test_half_written_checkpoints_are_never_picked_up(tmp_path):
+    good = save_checkpoint(tmp_path, _state(1), {"w": mx.ones((64,))}, keep=0)
+    root = tmp_path / "checkpoints"
+    # A kill during the write leaves a dot-named temporary directory: ignored.
+    shutil.copytree(good, root / ".ckpt-00000009-0000.tmp-abc")
+    # A directory under a final name with a truncated array file: ignored.
+    truncated = root / "ckpt-00000007-0000"
+    shutil.copytree(good, truncated)
+    data = (truncated / "weights.safetensors").read_bytes()
+    (truncated / "weights.safetensors").write_bytes(data[: len(data) // 2])
+    # One with no state.json, and one whose state.json is cut off: ignored.
+    shutil.copytree(good, root / "ckpt-00000008-0000")
+    (root / "ckpt-00000008-0000" / "state.json").unlink()
+    shutil.copytree(good, root / "ckpt-00000006-0000")
+    (root / "ckpt-00000006-0000" / "state.json").write_text(json.dumps(_state(6))[:20])
+    assert latest_checkpoint(tmp_path) == good
+    with pytest.raises(ValueError, match="not a complete"):
+        load_checkpoint(truncated)
+
+
+def test_save_failure_leaves_no_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="global_step"):
+        save_checkpoint(tmp_path, {"phase": 0}, {"w": mx.ones((2,))})
+    with pytest.raises(Exception):
+        save_checkpoint(tmp_path, _state(2), {"w": "not an array"})
+    assert latest_checkpoint(tmp_path) is None
+    assert not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_config_hash_is_order_independent_and_sensitive():
+    a = config_hash({"lr": 1e-5, "groups": [[2, 3]], "seed": 0})
+    assert a == config_hash({"seed": 0, "groups": [[2, 3]], "lr": 1e-5})
+    assert a != config_hash({"seed": 0, "groups": [[2, 3]], "lr": 2e-5})
