@@ -1,0 +1,208 @@
+"""Briefly pre-train a tiny LFM2-MoE base on the `pretrain` tool surface of lfm_mlx.task.
+
+A stand-in for a real base model's general ability: after a minute or two of full-parameter
+training (float32, on whatever MLX backend is default) the tiny model writes well-formed pythonic
+tool calls, answers small talk in plain text and finalizes from tool results, on tools and
+domains (music, recipes, timers, ...) that the demo's task does not use. The result is an
+HF-layout-compatible directory (bf16 weights, the synthetic tokenizer and chat template) that
+`lfm_mlx.models.load` and `mlx_lm.load` open.
+
+Runs are cached: `cached_base(cache_dir, config)` reuses `cache_dir/<settings hash>` when it is
+there. One committed command reproduces a base:
+
+    python -m lfm_mlx.pretrain --out runs/base --steps 300 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from tqdm import tqdm
+
+from lfm_mlx.data import encode_row, iterate_batches, masked_loss
+from lfm_mlx.fsutil import atomic_dir
+from lfm_mlx.models import load, read_config, save_model_dir
+from lfm_mlx.synthetic import PRESETS, write_synthetic_model
+from lfm_mlx.task import generate_rows
+
+# Bump when the training recipe changes in a way the settings do not show, so caches are not reused.
+RECIPE_VERSION = 1
+REPORT_NAME = "pretrain.json"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Every setting that decides the pre-trained weights (and so the cache key)."""
+
+    preset: str = "tiny-moe"
+    steps: int = 300
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    rows: int = 4000
+    tools_per_row: int = 2
+    seed: int = 0
+    template: str = "lfm2.5"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.preset not in PRESETS:
+            out.append(f"preset={self.preset!r}: choose one of {sorted(PRESETS)}")
+        elif PRESETS[self.preset]["model_type"] != "lfm2_moe":
+            out.append(f"preset={self.preset!r} is not an LFM2-MoE preset")
+        for key in ("steps", "batch_size", "rows", "tools_per_row"):
+            if getattr(self, key) < 1:
+                out.append(f"{key}={getattr(self, key)} must be >= 1")
+        if not 0 < self.learning_rate < 1:
+            out.append(f"learning_rate={self.learning_rate} must be in (0, 1)")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            out.append(f"warmup_steps={self.warmup_steps} must be >= 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
+        return out
+
+    def key(self) -> str:
+        """A short hash of the settings and the recipe version: the cache directory name."""
+        text = json.dumps({"recipe": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _schedule(config: PretrainConfig):
+    """Linear warmup, then cosine decay to min_lr_ratio x peak."""
+    peak = config.learning_rate
+    decay = optim.cosine_decay(peak, max(config.steps - config.warmup_steps, 1), end=peak * config.min_lr_ratio)
+    if config.warmup_steps == 0:
+        return decay
+    ramp = optim.linear_schedule(peak / (config.warmup_steps + 1), peak, config.warmup_steps)
+    return optim.join_schedules([ramp, decay], [config.warmup_steps])
+
+
+def train_on_rows(model: nn.Module, tokenizer, rows: list[dict], config: PretrainConfig,
+                  progress: bool = True) -> list[dict]:
+    """Full-parameter training on chat rows (loss on assistant turns only); returns per-step logs."""
+    examples = [encode_row(row, tokenizer) for row in rows]
+    optimizer = optim.AdamW(learning_rate=_schedule(config), weight_decay=config.weight_decay)
+
+    def loss_fn(model, inputs, targets, mask):
+        total, count = masked_loss(model(inputs), targets, mask)
+        return total / mx.maximum(count, 1)
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    model.train()
+    logs, epoch, started = [], 0, time.perf_counter()
+    batches = iterate_batches(examples, config.batch_size, config.seed, epoch, sort_by_length=True)
+    bar = tqdm(range(config.steps), desc="pretrain", unit="step", disable=None if progress else True)
+    for step in bar:
+        batch = next(batches, None)
+        if batch is None:  # a new epoch, reshuffled
+            epoch += 1
+            batches = iterate_batches(examples, config.batch_size, config.seed, epoch, sort_by_length=True)
+            batch = next(batches)
+        loss, grads = loss_and_grad(model, batch.inputs, batch.targets, batch.loss_mask)
+        grads, grad_norm = optim.clip_grad_norm(grads, config.grad_clip)
+        optimizer.update(model, grads)
+        mx.eval(loss, model.parameters(), optimizer.state)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"pretrain loss became {value} at step {step}; lower --lr (now {config.learning_rate})")
+        logs.append({"step": step, "loss": round(value, 4), "grad_norm": round(grad_norm.item(), 4),
+                     "lr": float(optimizer.learning_rate), "tokens": batch.inputs.size,
+                     "seconds": round(time.perf_counter() - started, 2)})
+        bar.set_postfix(loss=f"{value:.3f}")
+    model.eval()
+    return logs
+
+
+def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), progress: bool = True) -> dict:
+    """Synthesize a random base, train it on the pretrain surface, write the directory (atomically).
+
+    Returns the report also written to `out_dir/pretrain.json` (settings, key, loss curve, timing).
+    """
+    problems = config.problems()
+    if problems:
+        raise ValueError("invalid pretrain settings: " + "; ".join(problems))
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    mx.random.seed(config.seed)
+    with tempfile.TemporaryDirectory(prefix="lfm-mlx-pretrain-") as scratch:
+        init = write_synthetic_model(Path(scratch) / "init", config.preset, seed=config.seed, template=config.template)
+        model, tokenizer = load(init, dtype=mx.float32)  # gather_mm (MoE experts) is float32-only on CPU
+        rows = generate_rows(config.rows, config.seed, "pretrain", config.tools_per_row)
+        logs = train_on_rows(model, tokenizer, rows, config, progress)
+        report = {
+            "format": "lfm_mlx.pretrain", "key": config.key(), "recipe_version": RECIPE_VERSION,
+            "settings": asdict(config),
+            "command": (f"python -m lfm_mlx.pretrain --out DIR --preset {config.preset} --steps {config.steps} "
+                        f"--seed {config.seed} --batch-size {config.batch_size} --lr {config.learning_rate} "
+                        f"--rows {config.rows}"),
+            "train_tokens": sum(log["tokens"] for log in logs),
+            "loss_first": logs[0]["loss"], "loss_last": _tail_mean(logs),
+            "seconds": round(time.perf_counter() - started, 2), "log": logs,
+        }
+        with atomic_dir(out_dir) as tmp:
+            save_model_dir(model, read_config(init), init, tmp)
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _tail_mean(logs: list[dict], n: int = 10) -> float:
+    tail = [log["loss"] for log in logs[-n:]]
+    return round(sum(tail) / len(tail), 4)
+
+
+def cached_base(cache_dir: str | Path, config: PretrainConfig = PretrainConfig(), progress: bool = True) -> Path:
+    """The pre-trained base for `config` under `cache_dir/<config.key()>`: reused when it is complete, else trained."""
+    path = Path(cache_dir) / f"base-{config.key()}"
+    report = path / REPORT_NAME
+    if report.is_file():
+        try:
+            if json.loads(report.read_text()).get("key") == config.key():
+                return path
+        except json.JSONDecodeError:
+            pass  # a damaged report: train again (the write below replaces the directory)
+    pretrain(path, config, progress)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = PretrainConfig()
+    parser = argparse.ArgumentParser(prog="python -m lfm_mlx.pretrain", description=__doc__.split("\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="write the base here (replaced if it exists)")
+    where.add_argument("--cache-dir", help="reuse CACHE_DIR/base-<settings hash> if present, else train it there")
+    parser.add_argument("--preset", default=defaults.preset, choices=sorted(k for k, v in PRESETS.items() if v["model_type"] == "lfm2_moe"))
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate")
+    parser.add_argument("--rows", type=int, default=defaults.rows, help="pretrain-surface rows to generate")
+    args = parser.parse_args(argv)
+    config = PretrainConfig(preset=args.preset, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                            learning_rate=args.lr, rows=args.rows)
+    problems = config.problems()
+    if problems:
+        parser.error("; ".join(problems))
+    if args.cache_dir:
+        path = cached_base(args.cache_dir, config)
+    else:
+        pretrain(args.out, config)
+        path = Path(args.out)
+    report = json.loads((path / REPORT_NAME).read_text())
+    print(f"base: {path} (key {report['key']}; loss {report['loss_first']} -> {report['loss_last']}; "
+          f"{report['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
