@@ -44,9 +44,10 @@ from lfm_mlx.synthetic import hf_config, write_tokenizer
 GB = 1e9
 PRESETS = {
     "tiny-moe": dict(n_train=40, n_heldout=12, lora=dict(rank=8, learning_rate=2e-3, epochs=3), decode_tokens=128,
-                     eval_max_tokens=32),
-    "lfm2.5-8b-a1b": dict(n_train=16, n_heldout=8, lora=dict(rank=8, learning_rate=1e-4, epochs=1, max_steps=12),
-                          decode_tokens=128, eval_max_tokens=24),
+                     decode_repeats=3, eval_max_tokens=32),
+    # Sized for ~5 minutes on one GPU; most of it is writing and reading ~40 GB of model directories.
+    "lfm2.5-8b-a1b": dict(n_train=12, n_heldout=6, lora=dict(rank=8, learning_rate=1e-4, epochs=1, max_steps=8),
+                          decode_tokens=64, decode_repeats=2, eval_max_tokens=24),
 }
 WORDS = ["notes", "todo", "main", "data", "log", "plan", "mail", "home", "work", "docs", "test", "song", "film",
          "code", "task", "list", "book", "news", "shop", "trip"]
@@ -159,7 +160,7 @@ def measure(name: str, model_dir: Path, adapter_path: Path | None, suite, sequen
     backend = MLXBackend(model_dir, adapter_path)
     mx.eval(backend.model.parameters())
     load_s = time.perf_counter() - start
-    tps = decode_speed(backend.model, backend.tokenizer, suite, settings["decode_tokens"])
+    tps = decode_speed(backend.model, backend.tokenizer, suite, settings["decode_tokens"], settings["decode_repeats"])
     report = run_suites([suite], backend, max_tokens=settings["eval_max_tokens"], progress=False)
     agreement = F.compare(reference, backend.model, sequences) if reference is not None else None
     row = {
@@ -179,10 +180,15 @@ def measure(name: str, model_dir: Path, adapter_path: Path | None, suite, sequen
 # ---------------------------------------------------------------- the run
 
 
+def log(started: float, message: str) -> None:
+    print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def run(preset: str, work: Path) -> dict:
     settings = PRESETS[preset]
     started = time.perf_counter()
     base = work / "base"
+    log(started, f"building the {preset} mixed base")
     build_s = build_base(preset, base)
     rows_dir, suite_path = write_inputs(work, settings["n_train"], settings["n_heldout"])
     suite = load_suite(suite_path)
@@ -190,11 +196,13 @@ def run(preset: str, work: Path) -> dict:
     adapters = work / "adapters"
     config = LoraConfig(model=str(base), data=str(rows_dir), out_dir=str(adapters), eval_every=1000, save_every=1000,
                         patience=0, progress=False, **settings["lora"])
+    log(started, "training the LoRA")
     lora_summary = train_lora(config)
 
     fused, fidelity = {}, {}
     for bits in ("bf16", 8, 4):
         out = work / f"fused-{bits}"
+        log(started, f"fusing at {bits}")
         start = time.perf_counter()
         report = F.fuse(base, adapters, out, bits=bits, rows=rows_dir, force=True, progress=False)
         fused[bits] = out
@@ -212,6 +220,7 @@ def run(preset: str, work: Path) -> dict:
                 ("fused 8-bit", fused[8], None), ("fused 4-bit", fused[4], None)]
     rows = []
     for name, model_dir, adapter_path in variants:
+        log(started, f"measuring {name}")
         row = measure(name, model_dir, adapter_path, suite, sequences, reference, settings)
         row["fidelity"] = fidelity.get(name)
         rows.append(row)

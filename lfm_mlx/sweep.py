@@ -19,13 +19,15 @@ that figure ("measured"). "Predicted" is the estimate plus the runtime's fixed c
 libraries, kernels), read once before any weight exists. On a tiny model that baseline is most of
 the memory, so the step's own error (estimate vs MLX peak) is reported as well.
 
-Calibration (`--calibrate first`, the default): the first size that runs fits two terms that do
-not depend on the group size: one factor on the activation-side components (activations, logits,
-attention, frozen dequant: what depends on how MLX schedules and frees the graph on this backend;
-the parameter-side components are exact byte counts and stay unscaled), and the runtime's overhead
-during a step (memory outside MLX's accounting: allocator arenas, scratch). Later sizes reuse
-both unchanged, so their errors are a true test. `--calibrate none` reports the raw model; `--calibrate FACTOR` applies a given global
-factor (e.g. one an earlier sweep on this machine fitted).
+Calibration (`--calibrate fit`, the default). Three terms of the estimate are not byte counts:
+how much of the activation-side components (activations, logits, attention, frozen dequant) MLX
+holds at once on this backend, the optimizer update's transient (clipped gradients, new
+parameters and moments: a multiple of the group's trainable bytes), and the runtime's overhead
+during a step (memory outside MLX's accounting: allocator arenas, scratch). Each size's prediction
+uses only the sizes measured before it (a factor and an overhead averaged, the update as a line
+in trainable bytes); the first size that runs calibrates itself and is not counted as a test, so
+every later size is a true test of the model. `--calibrate none` reports the raw model;
+`--calibrate FACTOR` applies a given global factor (e.g. from an earlier sweep on this machine).
 """
 
 from __future__ import annotations
@@ -704,7 +706,8 @@ def _errors(predicted: MemoryEstimate, raw: MemoryEstimate, measured: dict, base
     return {
         "error": error, "within_tolerance": abs(error) <= TOLERANCE,
         "raw_error": rel(predicted_used(raw.total, baseline), measured["used"]),
-        "step_error": rel(predicted.total, measured["mlx_peak"]), "raw_step_error": rel(raw.total, measured["mlx_peak"]),
+        "step_error": rel(predicted.total, measured["mlx_peak"]),
+        "raw_step_error": rel(raw.total, measured["mlx_peak"]),
         "phase_errors": {
             "backward": rel(persistent + sum(parts[n] for n in BACKWARD), measured["backward_peak"]),
             "update": rel(persistent + sum(parts[n] for n in UPDATE), measured["update_peak"]),
@@ -821,7 +824,7 @@ def plot_sweep(json_path: str | Path, out_png: str | Path | None = None) -> Path
     ran = [r for r in sizes if r["measured"]]
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     mem.plot([r["size"] for r in sizes], [r["estimate"]["predicted_used"] / GB for r in sizes], "o--",
-             label="predicted (estimate + baseline)")
+             label="predicted (estimate + runtime)")
     mem.plot([r["size"] for r in ran], [r["measured"]["used"] / GB for r in ran], "s-",
              label="measured (watchdog figure)")
     mem.plot([r["size"] for r in sizes], [r["estimate"]["total"] / GB for r in sizes], "x--", color="gray",
@@ -855,6 +858,7 @@ def plot_sweep(json_path: str | Path, out_png: str | Path | None = None) -> Path
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the plot is an ordinary file
         os.replace(tmp, out_png)
     finally:
         plt.close(fig)

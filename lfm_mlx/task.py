@@ -146,6 +146,7 @@ SLOT_MAKERS: dict[str, Callable[[random.Random, bool], dict]] = {
                            "target": r.choice(["JPY", "CHF", "CAD", "AUD"]), "converted": round(r.uniform(5, 9000), 2)},
     "room": lambda r, h: {"room": r.choice(["kitchen", "bedroom", "office", "hallway", "garage"]) + (f" {_word(r, h)}" if r.random() < 0.5 else "")},
     "word": lambda r, h: {"word": _word(r, h), "meaning": f"a kind of {_word(r, h)}"},
+    "person": lambda r, h: {"person": _pick(r, _NAMES, _HELD_NAMES, h).title()},
     "package": lambda r, h: {"tracking": f"1Z{r.randint(10000, 99999)}{_word(r, h)[:2].upper()}", "where": _pick(r, _CITIES, _HELD_CITIES, h)},
     "news": lambda r, h: {"topic": _pick(r, _TOPICS, _HELD_TOPICS, h).split()[-1], "count": r.randint(2, 9), "headline": _title(r, h)},
     "todo": lambda r, h: {"todo": f"{r.choice(['buy', 'fix', 'call', 'clean'])} the {_word(r, h)}", "priority": r.choice(["low", "medium", "high"])},
@@ -313,17 +314,17 @@ PRETRAIN_TOOLS = {t["function"]["name"]: t for t in [
 ]}
 
 PRETRAIN_INTENTS = (
-    Intent("music", "media", ("song",), ("play {song} by {artist}", "put on {song} from {artist}", "i want to hear {song} by {artist}"),
+    Intent("music", "media", ("song",), ("play {song} by {artist}", "put on {song} from {artist}", "play me {song} by {artist}"),
            ("queue up {song} by {artist}",), "play_music", {"song": "{song}", "artist": "{artist}"},
            '{{"playing": "{song}", "length_min": {minutes}}}', "Now playing {song} ({minutes} min).", ("{minutes}",)),
-    Intent("translate", "language", ("translate",), ("translate '{text}' into {language}", "how do you say '{text}' in {language}"),
+    Intent("translate", "language", ("translate",), ("translate '{text}' into {language}", "say '{text}' in {language}"),
            ("render '{text}' in {language}",), "translate_text", {"text": "{text}", "language": "{language}"},
            '{{"translation": "{translation}"}}', "In {language}: {translation}", ("{translation}",)),
-    Intent("stock", "money", ("stock",), ("stock price of {symbol}", "how is {symbol} trading", "quote {symbol}"),
-           ("ticker {symbol} price now",), "stock_price", {"symbol": "{symbol}"},
+    Intent("stock", "money", ("stock",), ("check the stock price of {symbol}", "get a quote for {symbol}", "quote {symbol}"),
+           ("look up what {symbol} trades at",), "stock_price", {"symbol": "{symbol}"},
            '{{"symbol": "{symbol}", "price": {price}}}', "{symbol} trades at {price}.", ("{price}",)),
-    Intent("recipe", "food", ("recipe",), ("find a {dish} recipe under {max_minutes} minutes", "recipe for {dish}, max {max_minutes} minutes"),
-           ("{dish} in {max_minutes} minutes or less",), "find_recipe", {"dish": "{dish}", "max_minutes": "{max_minutes}"},
+    Intent("recipe", "food", ("recipe",), ("find a {dish} recipe under {max_minutes} minutes", "get a recipe for {dish}, max {max_minutes} minutes"),
+           ("dig up a {dish} recipe, {max_minutes} minutes tops",), "find_recipe", {"dish": "{dish}", "max_minutes": "{max_minutes}"},
            '{{"title": "{dish}", "steps": {steps}}}', "Found a {dish} with {steps} steps.", ("{steps}",)),
     Intent("timer", "home", ("timer",), ("set a {minutes} minute timer for {label}", "timer {minutes} min for {label}"),
            ("remind me in {minutes} minutes about {label}",), "set_timer", {"minutes": "{minutes}", "label": "{label}"},
@@ -331,30 +332,32 @@ PRETRAIN_INTENTS = (
     Intent("table", "food", ("table",), ("book a table for {people} at {restaurant}", "reserve {restaurant} for {people} people"),
            ("get us seats at {restaurant}, party of {people}",), "book_table", {"restaurant": "{restaurant}", "people": "{people}"},
            '{{"confirmed": true, "time": "{time}"}}', "Booked {restaurant} for {people} at {time}.", ("{time}",)),
-    Intent("money", "money", ("money",), ("convert {amount} {source} to {target}", "how much is {amount} {source} in {target}"),
-           ("change {amount} {source} into {target}",), "convert_currency",
+    Intent("money", "money", ("money",), ("convert {amount} {source} to {target}", "change {amount} {source} to {target}"),
+           ("turn {amount} {source} into {target}",), "convert_currency",
            {"amount": "{amount}", "source": "{source}", "target": "{target}"},
            '{{"result": {converted}}}', "{amount} {source} is {converted} {target}.", ("{converted}",)),
     Intent("light_on", "home", ("room",), ("turn on the {room} light", "switch the {room} light on"), ("lights on in the {room}",),
            "set_light", {"room": "{room}", "on": True}, '{{"room": "{room}", "on": true}}', "The {room} light is on.", ("on",)),
     Intent("light_off", "home", ("room",), ("turn off the {room} light", "switch the {room} light off"), ("kill the {room} light",),
            "set_light", {"room": "{room}", "on": False}, '{{"room": "{room}", "on": false}}', "The {room} light is off.", ("off",)),
-    Intent("define", "language", ("word",), ("define {word}", "what does the word {word} mean"), ("meaning of {word}?",),
+    Intent("define", "language", ("word",), ("define {word}", "look up the word {word}"), ("give me the meaning of {word}",),
            "define_word", {"word": "{word}"}, '{{"definition": "{meaning}"}}', "{word}: {meaning}.", ("{meaning}",)),
-    Intent("package", "home", ("package",), ("where is my package {tracking}", "track {tracking}"), ("status of parcel {tracking}",),
+    Intent("package", "home", ("package",), ("track package {tracking}", "find my package {tracking}"), ("check on parcel {tracking}",),
            "track_package", {"tracking_id": "{tracking}"}, '{{"location": "{where}"}}', "Your parcel is in {where}.", ("{where}",)),
-    Intent("news", "media", ("news",), ("top {count} headlines about {topic}", "get {count} news stories on {topic}"),
-           ("{count} latest {topic} stories",), "get_news", {"topic": "{topic}", "count": "{count}"},
+    Intent("news", "media", ("news",), ("get the top {count} headlines about {topic}", "show {count} news stories on {topic}"),
+           ("fetch the {count} latest {topic} stories",), "get_news", {"topic": "{topic}", "count": "{count}"},
            '{{"headlines": ["{headline}"]}}', "Top story: {headline}.", ("{headline}",)),
-    Intent("todo", "home", ("todo",), ("add '{todo}' to my todo list, {priority} priority", "new todo: {todo} ({priority})"),
+    Intent("todo", "home", ("todo",), ("add '{todo}' to my todo list, {priority} priority", "make a todo: {todo} ({priority})"),
            ("remember to {todo}, {priority} priority",), "add_todo", {"task": "{todo}", "priority": "{priority}"},
            '{{"added": true}}', "Added '{todo}' ({priority}).", ("{todo}",)),
-    Intent("hello", "chat", (), ("hello", "hi there", "good evening"), ("yo",),
+    Intent("hello", "chat", ("person",), ("hello", "hi there", "good evening", "hello, I'm {person}"),
+           ("yo", "hey, {person} here"),
            answer="Hello! Want some music, a translation or a recipe?", contains=("music",), wrap=False),
     Intent("bye", "chat", (), ("thanks, bye", "that's it for now"), ("later!",),
            answer="Glad to help. Bye!", contains=("bye",), wrap=False),
-    Intent("joke", "chat", (), ("tell me a joke", "say something funny"), ("make me laugh",),
-           answer="I tried to catch fog once. I mist.", contains=("mist",), wrap=False),
+    Intent("joke", "chat", ("word",), ("tell me a joke about {word}", "say something funny about {word}"),
+           ("make me laugh about {word}",),
+           answer="Why did the {word} blush? It saw the salad dressing.", contains=("{word}",), wrap=False),
 )
 
 TASK = Surface("task", TASK_TOOLS, TASK_INTENTS, ("browser", "terminal", "file", "apps", "no_tool", "finalization"))
@@ -492,8 +495,12 @@ def build_suite(surface: str | Surface = "task", split: str = "test", per_catego
     rng = random.Random(f"{surface.name}-suite-{split}-{seed}")
     cases, seen = [], set()
     for category in surface.categories:
-        made = 0
+        made, attempts = 0, 0
         while made < per_category:
+            attempts += 1
+            if attempts > 50 * per_category:
+                raise ValueError(f"category {category!r} of surface {surface.name!r} has fewer than {per_category} "
+                                 f"distinct {split} prompts; lower per_category or add phrasings")
             intent, final = _choose(surface, rng, category)
             slots = _slots(intent, rng, held)
             prompt, phrasing, wrapper = _prompt(intent, rng, slots, held)

@@ -36,7 +36,7 @@ def generous(tmp_path_factory):
 
 def test_sweep_measures_every_size_within_tolerance(generous):
     proc, out, report = generous
-    assert "size  status  predicted GB  measured GB  error" in proc.stdout
+    assert "size  status  fit from  predicted GB  measured GB  error" in proc.stdout
     assert "last safe size: 6" in proc.stdout
     ran = [r for r in report["sizes"] if r["status"] == "ok"]
     assert [r["size"] for r in ran] == [1, 2, 4, 6]

@@ -1,0 +1,137 @@
+"""lfm_mlx.task: seeded rows that validate and render, suites in the lfm_mlx.suites schema, held-out disjointness."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from lfm_mlx import task
+from lfm_mlx.data import encode_row, validate_rows
+from lfm_mlx.suites import load_suite
+from lfm_mlx.tools import ToolCall, parse_tool_calls, render_pythonic
+
+
+@pytest.mark.parametrize("surface", ["task", "pretrain"])
+def test_rows_are_deterministic_and_seeded(surface):
+    first = task.generate_rows(40, seed=3, surface=surface)
+    assert first == task.generate_rows(40, seed=3, surface=surface)
+    assert first != task.generate_rows(40, seed=4, surface=surface)
+    assert task.build_suite(surface, "test", 3, seed=1) == task.build_suite(surface, "test", 3, seed=1)
+
+
+@pytest.mark.parametrize("surface", ["task", "pretrain"])
+def test_rows_validate_and_cover_every_category(surface):
+    rows = task.generate_rows(300, seed=0, surface=surface)
+    checked = validate_rows(rows)
+    assert len(checked.rows) == 300 and not checked.dropped
+    tools = task.get_surface(surface).tools
+    kinds = {"call": 0, "final": 0, "plain": 0}
+    for row in rows:
+        listed = {t["function"]["name"] for t in row["tools"]}
+        assert len(listed) == 2 and listed <= set(tools)
+        roles = [m["role"] for m in row["messages"]]
+        if "tool" in roles:
+            kinds["final"] += 1
+            assert roles == ["user", "assistant", "tool", "assistant"]
+        elif row["messages"][-1].get("tool_calls"):
+            kinds["call"] += 1
+            assert row["messages"][-1]["tool_calls"][0]["function"]["name"] in listed
+        else:
+            kinds["plain"] += 1
+    assert all(count > 20 for count in kinds.values()), kinds
+
+
+def test_rows_render_with_assistant_masks(tiny_moe_dir):
+    tokenizer = load_tokenizer(tiny_moe_dir)
+    for row in task.generate_rows(30, seed=0) + task.generate_rows(30, seed=0, surface="pretrain"):
+        example = encode_row(row, tokenizer)
+        assert example.n_trainable > 0
+        assert example.n_tokens < 512  # short rows keep the CPU demo inside its time budget
+
+
+def test_gold_calls_round_trip_through_the_parser():
+    for row in task.generate_rows(200, seed=5):
+        for message in row["messages"]:
+            for call in message.get("tool_calls", []):
+                fn = call["function"]
+                rendered = render_pythonic([ToolCall(fn["name"], fn["arguments"])])
+                parsed = parse_tool_calls(rendered)
+                assert not parsed.malformed
+                assert [(c.name, c.arguments) for c in parsed.calls] == [(fn["name"], fn["arguments"])]
+
+
+@pytest.mark.parametrize("surface", ["task", "pretrain"])
+@pytest.mark.parametrize("split", ["test", "dev"])
+def test_suites_load_with_the_suite_schema(tmp_path, surface, split):
+    suite = task.build_suite(surface, split, per_category=4, seed=2)
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps(suite))
+    loaded = load_suite(path)  # pydantic schema + semantic checks (gold answers satisfy their matchers)
+    categories = task.get_surface(surface).categories
+    assert len(loaded.cases) == 4 * len(categories)
+    assert {c.category for c in loaded.cases} == set(categories)
+    assert all(c.held_out == (split == "test") for c in loaded.cases)
+    kinds = {c.expect.kind for c in loaded.cases}
+    assert kinds == {"tool_call", "no_tool_call", "final_answer"}
+    assert len({c.messages[0]["content"] for c in loaded.cases}) == len(loaded.cases)  # no prompt asked twice
+
+
+def test_held_out_suite_never_occurs_in_training():
+    rows = task.generate_rows(3000, seed=0)
+    suite = task.build_suite("task", "test", per_category=20, seed=0)
+    task.check_disjoint(rows, suite)
+    trained = {m["content"] for row in rows for m in row["messages"] if m["role"] == "user"}
+    held = [c["messages"][0]["content"] for c in suite["cases"]]
+    assert not trained & set(held)
+    # The check itself catches a leaked prompt.
+    leaked = rows + [{"messages": [{"role": "user", "content": held[0]}], "tools": []}]
+    with pytest.raises(ValueError, match="occurs in the training rows"):
+        task.check_disjoint(leaked, suite)
+
+
+def test_held_out_pools_are_disjoint_from_training_pools():
+    assert not set(task._WORDS) & set(task._HELD_WORDS)
+    assert not set(task._NAMES) & set(task._HELD_NAMES)
+    assert not set(task._CITIES) & set(task._HELD_CITIES)
+    assert not set(task._TOPICS) & set(task._HELD_TOPICS)
+    assert not set(task._LABELS) & set(task._HELD_LABELS)
+    assert not set(task.WRAPPERS) & set(task.HELD_WRAPPERS)
+    for surface in task.SURFACES.values():
+        for intent in surface.intents:
+            assert intent.held_phrasings and not set(intent.phrasings) & set(intent.held_phrasings), intent.name
+    # A held-out prompt always uses a held-out phrasing or wrapper: never a training pair.
+    rng = random.Random(0)
+    for intent in task.TASK_INTENTS:
+        for _ in range(20):
+            slots = task._slots(intent, rng, held=True)
+            _, phrasing, wrapper = task._prompt(intent, rng, slots, held=True)
+            assert phrasing in intent.held_phrasings or wrapper in task.HELD_WRAPPERS
+
+
+def test_surfaces_share_no_tool_names():
+    assert not set(task.TASK_TOOLS) & set(task.PRETRAIN_TOOLS)
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ValueError, match="unknown surface"):
+        task.generate_rows(1, surface="nope")
+    with pytest.raises(ValueError, match="unknown categories"):
+        task.generate_rows(1, weights={"browsing": 1.0})
+    with pytest.raises(ValueError, match="tools_per_row"):
+        task.generate_rows(1, tools_per_row=99)
+    with pytest.raises(ValueError, match="split"):
+        task.build_suite(split="train")
+    with pytest.raises(ValueError, match="distinct test prompts"):
+        task.build_suite("pretrain", "test", per_category=500)
+
+
+def test_main_writes_rows_and_suites(tmp_path, capsys):
+    assert task.main([str(tmp_path / "out"), "--rows", "50", "--per-category", "3"]) == 0
+    out = tmp_path / "out"
+    assert len((out / "train.jsonl").read_text().splitlines()) == 50
+    assert load_suite(out / "suite.json").name == "demo_task"
+    assert load_suite(out / "suite_dev.json").name == "demo_task_dev"
+    assert "suite:" in capsys.readouterr().out
