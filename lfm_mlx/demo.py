@@ -1,46 +1,236 @@
-"""`lfm-mlx demo`: the pipeline on an embedded default (a synthetic tiny LFM2-MoE model).
+"""`lfm-mlx demo`: the whole pipeline end to end on a synthetic tiny LFM2-MoE, on CPU in minutes.
 
-Stage 1 (foundation): synthesize `tiny-moe`, mix it (experts int8, rest bf16), print the size
-report, and generate greedily through plain `mlx_lm` from the mixed directory.
+base (briefly pre-trained on another tool surface, cached) -> mix (experts int8) -> eval ->
+grouped MoE training on the task -> eval -> repair set from the failures -> LoRA repair -> eval ->
+fuse to 8 bits (and a 4-bit fuse that the fidelity check must reject) -> eval -> GGUF export ->
+eval through llama.cpp. Every stage writes its reports into the run directory; the summary table
+and the plots are made from those JSON files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lfm_mlx.mixed import format_size_report, mix
-from lfm_mlx.synthetic import write_synthetic_model
+from lfm_mlx.fsutil import atomic_write_json, atomic_write_text
+
+STAGES = ("base", "trained", "repaired", "fused 8-bit", "gguf (llama.cpp)")
 
 
-def foundation_stage(run_dir: Path, preset: str = "tiny-moe", seed: int = 0, max_tokens: int = 24) -> dict:
-    """Synthesize, mix, report sizes, and generate through mlx_lm from the mixed directory."""
-    import mlx_lm
+@dataclass
+class DemoConfig:
+    """Every knob of the demo; `quick()` is the shortened form the test suite runs."""
 
-    started = time.perf_counter()
-    base = write_synthetic_model(run_dir / "base", preset, seed=seed)
-    mixed = run_dir / "mixed"
-    report = mix(base, mixed)
-    print(format_size_report(report))
-    model, tokenizer = mlx_lm.load(str(mixed))
-    messages = [{"role": "user", "content": "List the files in /tmp please."}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    text = mlx_lm.generate(model, tokenizer, prompt, max_tokens=max_tokens)
-    print(f"greedy generation from {mixed} (random weights, so the text is noise):\n{text!r}")
-    summary = {"size_report": report, "generation": text, "seconds": time.perf_counter() - started}
-    (run_dir / "foundation.json").write_text(json.dumps(summary, indent=2))
+    run_dir: str = "runs/demo"
+    cache_dir: str = ".cache/lfm_mlx"
+    seed: int = 0
+    pretrain_steps: int = 300
+    task_rows: int = 600
+    cases_per_category: int = 8
+    group_size: int = 4
+    group_stride: int = 3
+    epochs: int = 2
+    train_lr: float = 3e-3
+    lora_steps: int = 120
+    lora_lr: float = 2e-3
+    max_tokens: int = 48  # generation budget per eval case
+    gguf_outtype: str = "f32"
+
+    @classmethod
+    def quick(cls, run_dir: str, cache_dir: str) -> "DemoConfig":
+        return cls(run_dir=run_dir, cache_dir=cache_dir, pretrain_steps=150, task_rows=240,
+                   cases_per_category=3, epochs=1, lora_steps=40)
+
+
+@dataclass
+class StageLog:
+    """Wall time and peak memory per stage, as the summary reports them."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def record(self, name: str, started: float, **extra) -> None:
+        import mlx.core as mx
+
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        self.rows.append({"stage": name, "seconds": round(time.perf_counter() - started, 2),
+                          "process_peak_gb": peak_rss / 1e9, "mlx_peak_gb": mx.get_peak_memory() / 1e9, **extra})
+        print(f"[demo] {name}: {self.rows[-1]['seconds']:.1f} s", flush=True)
+
+
+def _eval(backend, suite: Path, out_dir: Path, max_tokens: int) -> dict:
+    from lfm_mlx.evaluate import evaluate
+
+    return evaluate(backend, [suite], out_dir, max_tokens=max_tokens, progress=False)
+
+
+def _eval_mlx(model_dir: Path, suite: Path, out_dir: Path, max_tokens: int, adapter: Path | None = None) -> dict:
+    from lfm_mlx.evaluate import MLXBackend
+
+    return _eval(MLXBackend(model_dir, adapter), suite, out_dir, max_tokens)
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """Run every stage; return (and write) the summary."""
+    from lfm_mlx.fuse import FidelityError, fuse
+    from lfm_mlx.gguf import export_gguf
+    from lfm_mlx.evaluate import LlamaCppBackend
+    from lfm_mlx.grouped import GroupedMoETrainer, TrainConfig
+    from lfm_mlx.lora import LoraConfig, train_lora
+    from lfm_mlx.mixed import mix
+    from lfm_mlx.pretrain import PretrainConfig, cached_base
+    from lfm_mlx.repair import build_repair_set
+    from lfm_mlx.task import write_task
+
+    run = Path(config.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run / "demo_config.json", asdict(config))
+    log = StageLog()
+    evals: dict[str, dict] = {}
+
+    t = time.perf_counter()
+    base = cached_base(config.cache_dir, PretrainConfig(steps=config.pretrain_steps, seed=config.seed))
+    log.record("pretrain base (cached)", t, model=str(base))
+
+    t = time.perf_counter()
+    task = write_task(run / "task", rows=config.task_rows, seed=config.seed, per_category=config.cases_per_category)
+    mixed = run / "mixed"
+    mix(base, mixed)
+    log.record("task data + mix", t)
+
+    t = time.perf_counter()
+    evals["base"] = _eval_mlx(mixed, task["suite"], run / "eval" / "base", config.max_tokens)
+    log.record("eval base", t)
+
+    t = time.perf_counter()
+    train_config = TrainConfig(
+        model=str(mixed), data=[str(task["train"])], run_dir=str(run / "grouped"), max_tokens=1024,
+        splits=(0.95, 0.05, 0.0), group_size=config.group_size, group_stride=config.group_stride,
+        epochs=config.epochs, steps_per_group="epoch", batch_size=4, learning_rate=config.train_lr,
+        warmup_steps=5, checkpoint_every=0, seed=config.seed, progress=False,
+        memory={"total_gb": 24, "soft_gb": 16, "hard_gb": 20},
+    )
+    result = GroupedMoETrainer(train_config).train(restart=True)
+    trained = Path(result.model_dir)
+    log.record("grouped MoE training", t, steps=result.steps)
+
+    t = time.perf_counter()
+    evals["trained"] = _eval_mlx(trained, task["suite"], run / "eval" / "trained", config.max_tokens)
+    dev_report = _eval_mlx(trained, task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens)
+    log.record("eval trained (held-out + dev)", t)
+
+    t = time.perf_counter()
+    repair_dir = run / "repair_datasets"
+    build_repair_set(run / "eval" / "trained_dev" / "report.json", "demo", repair_dir,
+                     suites=[task["suite_dev"]], seed=config.seed, force=True,
+                     note="failures of the grouped-trained model on the dev suite, plus passing and no-tool cases")
+    repair_rows = sorted((repair_dir / "demo").glob("*.jsonl"))
+    lora_dir = run / "lora"
+    lora_config = LoraConfig(
+        model=str(trained), data=[str(p) for p in repair_rows if p.stem == "train"] + [str(task["train"])],
+        out_dir=str(lora_dir), rank=8, learning_rate=config.lora_lr, max_steps=config.lora_steps,
+        batch_size=4, epochs=50, eval_every=max(config.lora_steps // 4, 1), patience=0,
+        save_every=config.lora_steps, splits=[0.95, 0.05, 0.0], max_tokens=1024, seed=config.seed,
+        resume=False, progress=False,
+    )
+    train_lora(lora_config)
+    log.record("repair set + LoRA repair", t)
+
+    t = time.perf_counter()
+    evals["repaired"] = _eval_mlx(trained, task["suite"], run / "eval" / "repaired", config.max_tokens, lora_dir)
+    log.record("eval repaired (adapter)", t)
+
+    t = time.perf_counter()
+    fused = run / "fused-8bit"
+    fidelity8 = fuse(trained, lora_dir, fused, bits=8, suite=task["suite"], progress=False)
+    try:
+        fuse(trained, lora_dir, run / "fused-4bit", bits=4, suite=task["suite"], progress=False)
+        fidelity4 = {"refused": False}
+    except FidelityError as err:
+        fidelity4 = {"refused": True, "reason": str(err).splitlines()[0]}
+    log.record("fuse 8-bit (+ 4-bit check)", t, fused_4bit_refused=fidelity4["refused"])
+
+    t = time.perf_counter()
+    evals["fused 8-bit"] = _eval_mlx(fused, task["suite"], run / "eval" / "fused8", config.max_tokens)
+    log.record("eval fused 8-bit", t)
+
+    t = time.perf_counter()
+    gguf_path = run / f"model-{config.gguf_outtype}.gguf"
+    export_gguf(fused, gguf_path, outtype=config.gguf_outtype)
+    evals["gguf (llama.cpp)"] = _eval(LlamaCppBackend(gguf_path, fused), task["suite"], run / "eval" / "gguf",
+                                      config.max_tokens)
+    log.record("GGUF export + eval in llama.cpp", t)
+
+    summary = {
+        "config": asdict(config),
+        "stages": log.rows,
+        "pass_rates": {name: report["metrics"]["pass_rate"] for name, report in evals.items()},
+        "metrics": {name: report["metrics"] for name, report in evals.items()},
+        "fidelity_8bit": {k: v for k, v in fidelity8.items() if k in ("passed", "top1", "kl", "checks")},
+        "fidelity_4bit": fidelity4,
+        "paths": {"base": str(base), "mixed": str(mixed), "trained": str(trained), "adapters": str(lora_dir),
+                  "fused": str(fused), "gguf": str(gguf_path)},
+    }
+    atomic_write_json(run / "summary.json", summary)
+    atomic_write_text(run / "summary.md", summary_text(summary))
+    make_plots(run)
+    print(summary_text(summary))
     return summary
+
+
+def summary_text(summary: dict) -> str:
+    """The summary table: pass rate per stage and category, leaks, false positives, time, memory."""
+    from lfm_mlx.report import text_table
+
+    rows, categories = [], sorted({c for m in summary["metrics"].values() for c in m["per_category"]})
+    for name, metrics in summary["metrics"].items():
+        row = {"stage": name, "pass": metrics["pass_rate"], "leaks": metrics["text_tool_leaks"],
+               "false pos.": metrics["no_tool_false_positive_rate"], "structured": metrics["structured_tool_call_rate"]}
+        row.update({c: metrics["per_category"].get(c, {}).get("pass_rate") for c in categories})
+        rows.append(row)
+    percent = {k: ".0%" for k in ["pass", "false pos.", "structured", *categories]}
+    timing = text_table(summary["stages"], ["stage", "seconds", "process_peak_gb", "mlx_peak_gb"],
+                        {"seconds": ".1f", "process_peak_gb": ".2f", "mlx_peak_gb": ".3f"})
+    total = sum(s["seconds"] for s in summary["stages"])
+    rejected = "rejected" if summary["fidelity_4bit"].get("refused") else "NOT rejected"
+    return ("held-out suite, pass rate per stage\n"
+            + text_table(rows, ["stage", "pass", *categories, "structured", "false pos.", "leaks"], percent)
+            + f"\n\n4-bit fuse: {rejected} by the fidelity check\n\nstages (total {total:.0f} s)\n" + timing + "\n")
+
+
+def make_plots(run_dir: str | Path) -> list[Path]:
+    """Pass rate per stage, loss curves and memory over time, from the run directory's JSON files."""
+    from lfm_mlx.report import plot_bars, plot_series, read_jsonl
+
+    run = Path(run_dir)
+    summary = json.loads((run / "summary.json").read_text())
+    out = [plot_bars(list(summary["pass_rates"]), [v or 0.0 for v in summary["pass_rates"].values()],
+                     run / "pass_rate.png", "Held-out pass rate per stage", "pass rate")]
+    grouped = [r for r in read_jsonl(run / "grouped" / "metrics.jsonl") if r.get("kind") == "step"]
+    lora = [r for r in read_jsonl(run / "lora" / "metrics.jsonl") if "train_loss" in r]
+    offset = len(grouped)
+    out.append(plot_series(
+        [("grouped MoE training", [r["step"] for r in grouped], [r["loss"] for r in grouped]),
+         ("LoRA repair", [offset + r["step"] for r in lora], [r["train_loss"] for r in lora])],
+        run / "loss.png", "Training loss", "step (grouped, then LoRA)", "masked cross-entropy"))
+    out.append(plot_series(
+        [("grouped step peak (GB)", [r["step"] for r in grouped], [r["peak_memory_gb"] for r in grouped])],
+        run / "memory.png", "Memory during grouped training", "step", "GB"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lfm-mlx demo", description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", default="runs/demo", help="where every report and checkpoint goes")
-    parser.add_argument("--preset", default="tiny-moe")
+    parser.add_argument("--cache-dir", default=".cache/lfm_mlx", help="pre-trained base cache")
+    parser.add_argument("--quick", action="store_true", help="the shortened form the tests run")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    foundation_stage(run_dir, args.preset, args.seed)
+    config = DemoConfig.quick(args.run_dir, args.cache_dir) if args.quick else DemoConfig(args.run_dir, args.cache_dir)
+    config.seed = args.seed
+    run_demo(config)
     return 0

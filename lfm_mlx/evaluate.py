@@ -145,6 +145,41 @@ class EndpointBackend:
         return Response(message.get("content") or "", structured, payload["choices"][0].get("finish_reason"))
 
 
+class LlamaCppBackend:
+    """A GGUF file run in-process by llama.cpp (llama-cpp-python), greedy by default.
+
+    The prompt is rendered with the model directory's chat template (the GGUF embeds the same
+    template; lfm_mlx.gguf's tests check both render the same text) and tokenized by llama.cpp;
+    the raw generation, special tokens included, is parsed like the in-process MLX backend's.
+    """
+
+    def __init__(self, gguf_path: str | Path, tokenizer_dir: str | Path, n_ctx: int = 2048, seed: int = 0) -> None:
+        from llama_cpp import Llama
+        from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+        self.gguf_path, self.tokenizer_dir = str(gguf_path), str(tokenizer_dir)
+        self.llm = Llama(model_path=self.gguf_path, n_ctx=n_ctx, seed=seed, verbose=False)
+        self.tokenizer = load_tokenizer(Path(tokenizer_dir))
+
+    def describe(self) -> dict:
+        return {"kind": "llama.cpp", "model": self.gguf_path, "tokenizer": self.tokenizer_dir}
+
+    def respond(self, messages: list[dict], tools: list[dict], max_tokens: int, temperature: float) -> Response:
+        prompt = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+        tokens = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        self.llm.reset()
+        out, finish = [], "length"
+        for token in self.llm.generate(tokens, temp=temperature, top_k=1 if temperature == 0 else 40, reset=True):
+            if token == self.llm.token_eos() or token in self.tokenizer.eos_token_ids:
+                finish = "stop"
+                break
+            out.append(token)
+            if len(out) >= max_tokens:
+                break
+        text = self.llm.detokenize(out, special=True).decode("utf-8", "replace")
+        return Response(text=text, structured=None, finish_reason=finish)
+
+
 def to_openai_messages(messages: list[dict]) -> list[dict]:
     """Suite messages -> the OpenAI wire form: arguments as JSON strings, call ids linking tool results."""
     out, pending, counter = [], [], 0
