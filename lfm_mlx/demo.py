@@ -120,7 +120,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     t = time.perf_counter()
     evals["trained"] = _eval_mlx(trained, task["suite"], run / "eval" / "trained", config.max_tokens)
-    dev_report = _eval_mlx(trained, task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens)
+    _eval_mlx(trained, task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens)
     log.record("eval trained (held-out + dev)", t)
 
     t = time.perf_counter()

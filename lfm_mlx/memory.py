@@ -7,6 +7,12 @@ warns; at the hard limit (or when the growth rate says the next sample would pas
 `MemoryHardStop`, so the trainer can checkpoint and exit before Metal or the OS kills the process
 (`mx.set_memory_limit` is a guideline, not a cap).
 
+What a sample reports (`StepMemoryReader`, the default reader): the peak since the previous sample
+of the memory the budget is about. On unified memory (CPU backend, Apple silicon) MLX buffers are
+process memory and a step returns its large buffers to the OS before the watchdog looks, so RSS
+read after the step misses the step's high point: the reader takes the OS peak RSS, reset at each
+sample (Linux), or elsewhere the non-MLX part of RSS plus MLX's own peak. On CUDA it is MLX's peak.
+
 Units: GB = 1e9 bytes throughout. A "64 GB" Mac has 64 GiB (68.7 GB), so the defaults keep extra
 headroom for the OS and other processes.
 """
@@ -14,9 +20,11 @@ headroom for the OS and other processes.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
@@ -41,6 +49,9 @@ class MemoryEstimate:
 
     `scales` multiplies single components and `calibration` the whole (both 1.0 until a sweep
     measures them: `calibrate(measured)` returns the factor that makes `total` match a measurement).
+    `baseline` is the runtime's fixed memory before any weight exists (interpreter, libraries:
+    `runtime_baseline()`), added to `total` as measured, outside the calibration (default 0: the
+    step's own bytes only).
     """
 
     weights: int
@@ -55,6 +66,7 @@ class MemoryEstimate:
     calibration: float = 1.0
     scales: dict[str, float] = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)
+    baseline: int = 0
 
     def components(self) -> dict[str, int]:
         """Component name -> bytes after its scale (before the global calibration)."""
@@ -65,7 +77,7 @@ class MemoryEstimate:
 
     @property
     def raw_total(self) -> int:
-        """Peak bytes before the global calibration factor."""
+        """Peak bytes of the step before the global calibration factor (without the baseline)."""
         parts = self.components()
         persistent = sum(parts[name] for name in PERSISTENT)
         backward = sum(parts[name] for name in BACKWARD)
@@ -74,14 +86,15 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        """Estimated peak bytes."""
-        return int(round(self.raw_total * self.calibration))
+        """Estimated peak bytes: the calibrated step plus the runtime baseline."""
+        return int(round(self.raw_total * self.calibration)) + self.baseline
 
     def calibrate(self, measured_bytes: float) -> float:
         """The calibration factor that makes this estimate's total equal `measured_bytes`."""
-        if measured_bytes <= 0:
-            raise ValueError(f"measured_bytes={measured_bytes} must be > 0 (a measured peak)")
-        return float(measured_bytes) / self.raw_total
+        if measured_bytes <= self.baseline:
+            raise ValueError(f"measured_bytes={measured_bytes} must be > the baseline {self.baseline} "
+                             "(a measured peak, in bytes, of the same process)")
+        return float(measured_bytes - self.baseline) / self.raw_total
 
     def as_table(self) -> str:
         """A printable per-component table in GB."""
@@ -94,6 +107,8 @@ class MemoryEstimate:
             for name in names:
                 note = "" if when in ("the whole step", peak) else " (not the peak)"
                 lines.append(f"{name:<18}{parts[name] / GB:>9.3f}  {when}{note}")
+        if self.baseline:
+            lines.append(f"{'runtime baseline':<18}{self.baseline / GB:>9.3f}  before any weight")
         if self.calibration != 1.0:
             lines.append(f"{'calibration':<18}{self.calibration:>9.3f}x")
         lines.append(f"{'total (peak)':<18}{self.total / GB:>9.3f}")
@@ -104,6 +119,7 @@ class MemoryEstimate:
         return {
             "components": self.components(), "total": self.total, "raw_total": self.raw_total,
             "calibration": self.calibration, "scales": dict(self.scales), "inputs": dict(self.inputs),
+            "baseline": self.baseline,
         }
 
 
@@ -184,6 +200,7 @@ def estimate_peak(
     grad_accumulation: int = 1,
     calibration: float = 1.0,
     scales: dict[str, float] | None = None,
+    baseline: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one grouped-training step.
 
@@ -194,7 +211,7 @@ def estimate_peak(
     `frozen_path`: "qmm" (frozen experts through int8 gather_qmm) or "dequant" (dequantized just in
     time). `attention`: "materialized" (scores held as fp32 B*H*S*S, as MLX's sdpa backward does on
     CPU) or "fused". `optimizer_state_bytes`: 4 for fp32 state, 2 when the optimizer keeps state in
-    a bf16 parameter's dtype.
+    a bf16 parameter's dtype. `baseline`: the runtime's bytes before any weight (`runtime_baseline()`).
     """
     problems = []
     if optimizer not in ("adamw", "adafactor"):
@@ -207,6 +224,8 @@ def estimate_peak(
                         ("grad_accumulation", grad_accumulation), ("group_bits_size", group_bits_size)):
         if value < 1:
             problems.append(f"{name}={value} must be >= 1")
+    if baseline < 0:
+        problems.append(f"baseline={baseline} must be >= 0 (bytes)")
     unknown = sorted(set(scales or {}) - set(PERSISTENT + BACKWARD + UPDATE))
     if unknown:
         problems.append(f"scales for unknown components {unknown}; known: {list(PERSISTENT + BACKWARD + UPDATE)}")
@@ -266,7 +285,7 @@ def estimate_peak(
         expert_bits=expert_bits, group_bits_size=group_bits_size,
         compute_dtype_bytes=compute_dtype_bytes, grad_checkpoint=grad_checkpoint,
         frozen_path=frozen_path, attention=attention, optimizer_state_bytes=optimizer_state_bytes,
-        grad_accumulation=grad_accumulation, config=dict(config),
+        grad_accumulation=grad_accumulation, baseline=baseline, config=dict(config),
     )
     return MemoryEstimate(
         # The group's int8 copy stays in `weights`: it is the reference for update retention.
@@ -283,6 +302,7 @@ def estimate_peak(
         calibration=calibration,
         scales=dict(scales or {}),
         inputs=inputs,
+        baseline=baseline,
     )
 
 
@@ -350,12 +370,13 @@ def _suggest(estimate: MemoryEstimate, hard_bytes: int) -> list[str]:
     """Settings that bring `estimate` under `hard_bytes`, re-estimated from its own inputs."""
     base = dict(estimate.inputs)
     config = base.pop("config", None)
+    base.pop("baseline", None)
     if not config:
         return []
 
     def total(**change) -> int:
         return estimate_peak(config, **{**base, **change}, calibration=estimate.calibration,
-                             scales=estimate.scales).total
+                             scales=estimate.scales, baseline=estimate.baseline).total
 
     def largest(name: str, below: int, **change) -> int | None:
         """Largest value of `name` in 1..below that fits (the estimate grows with it), or None."""
@@ -405,7 +426,8 @@ class MemoryReading:
 
 
 def read_memory(reset_peak: bool = True) -> MemoryReading:
-    """Read MLX and process memory; reset MLX's peak so the next reading reports its own interval."""
+    """Read MLX and process memory, `peak` being MLX's own peak (not the process's: see
+    `StepMemoryReader`); reset MLX's peak so the next reading reports its own interval."""
     reading = MemoryReading(
         active=mx.get_active_memory(), peak=mx.get_peak_memory(), cache=mx.get_cache_memory(),
         rss=psutil.Process().memory_info().rss,
@@ -413,6 +435,80 @@ def read_memory(reset_peak: bool = True) -> MemoryReading:
     if reset_peak:
         mx.reset_peak_memory()
     return reading
+
+
+def unified_memory() -> bool:
+    """Whether MLX buffers are process memory here (CPU backend, Apple silicon), not CUDA device memory."""
+    return mx.default_device() == mx.cpu or not mx.cuda.is_available()
+
+
+def peak_rss() -> int | None:
+    """The process's peak RSS in bytes since the last `reset_peak_rss` (Linux VmHWM), or None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset Linux's peak-RSS mark to the current RSS (clear_refs 5); False where that is impossible.
+    The mark is per process: one reader per process should reset it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def runtime_baseline() -> int:
+    """The runtime's fixed memory in bytes (process RSS after freeing MLX's cache), to read before
+    any weight exists and pass to `estimate_peak(baseline=...)` on unified memory."""
+    gc.collect()
+    mx.clear_cache()
+    return read_memory(reset_peak=False).rss
+
+
+class StepMemoryReader:
+    """The default watchdog reader: a `MemoryReading` whose `peak` is the peak since the previous
+    reading of the memory the budget is about. On unified memory that is the process's peak (the
+    OS peak RSS where it can be reset per reading, i.e. Linux, else the non-MLX part of RSS plus
+    MLX's peak); on CUDA MLX's peak. `reset()` starts an interval; `end_phase(name)` records MLX's
+    peak of a phase (backward, update) in `last`, with the figures of the latest reading."""
+
+    def __init__(self, unified: bool | None = None):
+        self.unified = unified_memory() if unified is None else unified
+        self.os_peak = self.unified and reset_peak_rss() and peak_rss() is not None
+        self.phases: dict[str, int] = {}
+        self.last: dict = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Start an interval: MLX's peak and the OS peak RSS count from now on."""
+        mx.reset_peak_memory()
+        if self.os_peak:
+            reset_peak_rss()
+        self.phases = {"active_before": mx.get_active_memory()}
+
+    def end_phase(self, name: str) -> None:
+        """Record MLX's peak of the phase that just ended and start the next phase's."""
+        self.phases[name] = mx.get_peak_memory()
+        mx.reset_peak_memory()
+
+    def __call__(self) -> MemoryReading:
+        r = read_memory(reset_peak=False)
+        mlx_peak = max([r.peak] + [v for k, v in self.phases.items() if k != "active_before"])
+        peak, process_peak, composed = mlx_peak, None, None
+        if self.unified:
+            # RSS holds MLX's buffers here: swap its current MLX part for MLX's peak.
+            composed = max(r.rss - r.active - r.cache, 0) + mlx_peak
+            peak = process_peak = peak_rss() if self.os_peak else composed
+        self.last = {"mlx_peak": mlx_peak, "process_peak": process_peak, "composed_peak": composed,
+                     **{k if k == "active_before" else f"{k}_peak": v for k, v in self.phases.items()}}
+        self.reset()
+        return MemoryReading(active=r.active, peak=peak, cache=r.cache, rss=r.rss)
 
 
 @dataclass
@@ -436,8 +532,9 @@ class MemorySample:
 class MemoryWatchdog:
     """Admission check before training and memory sampling during it.
 
-    `reader` returns a `MemoryReading` (default: `read_memory`, MLX + psutil); `clear_cache`
-    defaults to `mx.clear_cache`. Both are injectable so a test can simulate a leak.
+    `reader` returns a `MemoryReading` (default: a `StepMemoryReader`, whose interval starts when
+    the watchdog is made: call `start()` just before the first step so loading is not counted in
+    it); `clear_cache` defaults to `mx.clear_cache`. Both are injectable so a test can simulate a leak.
     """
 
     def __init__(self, budget: MemoryBudget | None = None, sample_every: int = 1,
@@ -447,12 +544,18 @@ class MemoryWatchdog:
             raise ValueError(f"sample_every={sample_every} and growth_window={growth_window} must be >= 1")
         self.budget = budget or MemoryBudget()
         self.sample_every = sample_every
-        self.reader = reader or read_memory
+        self.reader = reader or StepMemoryReader()
         self.clear_cache = clear_cache or mx.clear_cache
         self.growth_window = growth_window
         self.max_used = 0
         self._resting: deque[int] = deque(maxlen=growth_window + 1)
         self._above_soft = False
+
+    def start(self) -> None:
+        """Start the first sample's interval now (resets the reader's peaks when it has `reset`)."""
+        reset = getattr(self.reader, "reset", None)
+        if callable(reset):
+            reset()
 
     def admit(self, estimate: MemoryEstimate) -> None:
         """Refuse (MemoryBudgetExceeded, with settings that fit) when the estimate passes the hard
@@ -474,8 +577,8 @@ class MemoryWatchdog:
         reading = self.reader()
         # Decision figure. On Apple unified memory and on the CPU backend MLX buffers are process
         # memory, so RSS already includes active + cache; on CUDA they live on the device and RSS
-        # misses them. max() is right in both cases without double counting. MLX's peak since the
-        # last reading catches the high point inside the step (activations are freed by now).
+        # misses them. max() is right in both cases without double counting. The reading's peak
+        # since the last one catches the high point inside the step (activations are freed by now).
         resting = max(reading.rss, reading.active + reading.cache)
         used = max(resting, reading.peak)
         self._resting.append(resting)

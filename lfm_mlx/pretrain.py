@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from lfm_mlx.data import encode_row, iterate_batches, masked_loss
@@ -76,6 +77,29 @@ class PretrainConfig:
         """A short hash of the settings and the recipe version: the cache directory name."""
         text = json.dumps({"recipe": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def init_for_training(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Re-initialize weights GPT-2 style: normal(0, std), residual output projections scaled by
+    1/sqrt(2 x layers), norms 1, expert bias 0; the short-conv kernels keep their values.
+
+    The synthetic init (unit-variance blocks, large embeddings) is made for parity tests; from it
+    the tiny model takes far longer to start using its prompt."""
+    n_layers = len(model.model.layers)
+    flat = tree_flatten(model.parameters())
+    keys = mx.random.split(mx.random.key(seed), len(flat))
+    fresh = []
+    for (path, value), key in zip(flat, keys):
+        if path.endswith("norm.weight"):
+            value = mx.ones_like(value)
+        elif path.endswith("expert_bias"):
+            value = mx.zeros_like(value)
+        elif not path.endswith("conv.conv.weight"):
+            residual = path.endswith(("out_proj.weight", "down_proj.weight", "w2.weight"))
+            scale = std / math.sqrt(2 * n_layers) if residual else std
+            value = (mx.random.normal(value.shape, key=key) * scale).astype(value.dtype)
+        fresh.append((path, value))
+    model.update(tree_unflatten(fresh))
 
 
 def _schedule(config: PretrainConfig):

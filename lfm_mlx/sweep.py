@@ -60,7 +60,7 @@ from lfm_mlx.grouped import (
 )
 from lfm_mlx.memory import (
     BACKWARD, GB, PERSISTENT, UPDATE, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop,
-    MemoryReading, MemorySoftLimitWarning, MemoryWatchdog, estimate_peak, read_memory,
+    MemorySoftLimitWarning, MemoryWatchdog, StepMemoryReader, estimate_peak, read_memory,
 )
 from lfm_mlx.report import text_table
 from lfm_mlx.schedule import GroupSchedule
@@ -191,64 +191,6 @@ def measure_baseline() -> dict:
     mx.clear_cache()
     reading = read_memory(reset_peak=False)
     return {"rss": reading.rss, "mlx": reading.active + reading.cache, "unified": backend_name() != "cuda"}
-
-
-def _peak_rss() -> int | None:
-    """The process's peak RSS since the last `_reset_peak_rss` (Linux VmHWM), or None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset Linux's peak-RSS mark to the current RSS (clear_refs 5); False where that is impossible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-class StepMemoryReader:
-    """The sweep's watchdog reader: MLX and process memory, with the step's peak of the memory the
-    budget is about. On unified memory (CPU, Apple) that is the process's peak, not MLX's alone:
-    the OS peak RSS where it can be reset per step (Linux), else the non-MLX part of RSS plus MLX's
-    peak. (`memory.read_memory` reports MLX's peak alone, and RSS only after the step, when MLX has
-    returned its large buffers to the OS: on the CPU backend it misses the step's real peak.)"""
-
-    def __init__(self, unified: bool):
-        self.unified = unified
-        self.os_peak = unified and _reset_peak_rss() and _peak_rss() is not None
-        self.phases: dict[str, int] = {}
-        self.last: dict = {}
-
-    def reset(self) -> None:
-        """Start a step: MLX peak and OS peak RSS from now on."""
-        mx.reset_peak_memory()
-        if self.os_peak:
-            _reset_peak_rss()
-        self.phases = {"active_before": mx.get_active_memory()}
-
-    def end_phase(self, name: str) -> None:
-        """MLX's peak of the phase that just ended (backward, update): the estimate models each."""
-        self.phases[name] = mx.get_peak_memory()
-        mx.reset_peak_memory()
-
-    def __call__(self) -> MemoryReading:
-        r = read_memory(reset_peak=False)
-        mlx_peak = max([r.peak] + [v for k, v in self.phases.items() if k != "active_before"])
-        peak, process_peak, composed = mlx_peak, None, None
-        if self.unified:
-            composed = max(r.rss - r.active - r.cache, 0) + mlx_peak
-            peak = process_peak = _peak_rss() if self.os_peak else composed
-        self.last = {"mlx_peak": mlx_peak, "process_peak": process_peak, "composed_peak": composed,
-                     **{f"{k}_peak" if k != "active_before" else k: v for k, v in self.phases.items()}}
-        self.reset()
-        return MemoryReading(active=r.active, peak=peak, cache=r.cache, rss=r.rss)
 
 
 def predicted_used(step_bytes: int, baseline: dict, overhead: int = 0) -> int:
