@@ -51,7 +51,6 @@ from lfm_mlx.data import Batch, Example, batch_order, build_dataset, make_batch,
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from lfm_mlx.memory import (
     GB, MemoryBudget, MemoryBudgetExceeded, MemoryHardStop, MemoryReading, MemoryWatchdog, estimate_peak,
-    runtime_baseline,
 )
 from lfm_mlx.models import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
 from lfm_mlx.schedule import GroupSchedule
@@ -730,7 +729,6 @@ class GroupedMoETrainer:
             grad_checkpoint=cfg.grad_checkpoint, frozen_path=frozen, grad_accumulation=cfg.grad_accumulation,
             optimizer_state_bytes=4 if cfg.master_dtype == "float32" else cb,
             scales={"group_dequant": 2.0, "gradients": 2.0, "optimizer_update": 2.0} if master_wide else None,
-            baseline=runtime_baseline() if self.memory_reader is None else 0,  # no weights are loaded yet
         )
         self.watchdog.admit(estimate)
         return estimate.to_dict()
