@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -47,7 +48,7 @@ class PretrainConfig:
 
     preset: str = "tiny-moe"
     steps: int = 300
-    batch_size: int = 8
+    batch_size: int = 2  # many small steps learn faster per token than few large ones here
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
@@ -57,6 +58,8 @@ class PretrainConfig:
     tools_per_row: int = 2
     seed: int = 0
     template: str = "lfm2.5"
+    loss_on: str = "all"  # "all" tokens (a base model's objective) or "assistant" turns only
+    init_std: float = 0.02
 
     def problems(self) -> list[str]:
         out = []
@@ -69,6 +72,8 @@ class PretrainConfig:
                 out.append(f"{key}={getattr(self, key)} must be >= 1")
         if not 0 < self.learning_rate < 1:
             out.append(f"learning_rate={self.learning_rate} must be in (0, 1)")
+        if self.loss_on not in ("all", "assistant"):
+            out.append(f"loss_on={self.loss_on!r}: use 'all' or 'assistant'")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             out.append(f"warmup_steps={self.warmup_steps} must be >= 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
         return out
@@ -112,10 +117,12 @@ def _schedule(config: PretrainConfig):
     return optim.join_schedules([ramp, decay], [config.warmup_steps])
 
 
-def train_on_rows(model: nn.Module, tokenizer, rows: list[dict], config: PretrainConfig,
-                  progress: bool = True) -> list[dict]:
-    """Full-parameter training on chat rows (loss on assistant turns only); returns per-step logs."""
+def train_on_rows(model: nn.Module, tokenizer, rows: list[dict], config: PretrainConfig, progress: bool = True,
+                  on_step: Callable[[int, nn.Module], None] | None = None) -> list[dict]:
+    """Full-parameter training on chat rows; returns per-step logs. `on_step(step, model)` runs
+    after every optimizer step (e.g. a periodic eval)."""
     examples = [encode_row(row, tokenizer) for row in rows]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     optimizer = optim.AdamW(learning_rate=_schedule(config), weight_decay=config.weight_decay)
 
     def loss_fn(model, inputs, targets, mask):
@@ -125,15 +132,17 @@ def train_on_rows(model: nn.Module, tokenizer, rows: list[dict], config: Pretrai
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     model.train()
     logs, epoch, started = [], 0, time.perf_counter()
-    batches = iterate_batches(examples, config.batch_size, config.seed, epoch, sort_by_length=True)
+    batches = iterate_batches(examples, config.batch_size, config.seed, epoch, sort_by_length=True, pad_id=pad_id)
     bar = tqdm(range(config.steps), desc="pretrain", unit="step", disable=None if progress else True)
     for step in bar:
         batch = next(batches, None)
         if batch is None:  # a new epoch, reshuffled
             epoch += 1
-            batches = iterate_batches(examples, config.batch_size, config.seed, epoch, sort_by_length=True)
+            batches = iterate_batches(examples, config.batch_size, config.seed, epoch, sort_by_length=True, pad_id=pad_id)
             batch = next(batches)
-        loss, grads = loss_and_grad(model, batch.inputs, batch.targets, batch.loss_mask)
+        # The pad token never occurs inside a rendered chat, so it marks exactly the padding.
+        mask = batch.targets != pad_id if config.loss_on == "all" else batch.loss_mask
+        loss, grads = loss_and_grad(model, batch.inputs, batch.targets, mask)
         grads, grad_norm = optim.clip_grad_norm(grads, config.grad_clip)
         optimizer.update(model, grads)
         mx.eval(loss, model.parameters(), optimizer.state)
@@ -144,11 +153,14 @@ def train_on_rows(model: nn.Module, tokenizer, rows: list[dict], config: Pretrai
                      "lr": float(optimizer.learning_rate), "tokens": batch.inputs.size,
                      "seconds": round(time.perf_counter() - started, 2)})
         bar.set_postfix(loss=f"{value:.3f}")
+        if on_step is not None:
+            on_step(step, model)
     model.eval()
     return logs
 
 
-def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), progress: bool = True) -> dict:
+def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), progress: bool = True,
+             on_step: Callable[[int, nn.Module], None] | None = None) -> dict:
     """Synthesize a random base, train it on the pretrain surface, write the directory (atomically).
 
     Returns the report also written to `out_dir/pretrain.json` (settings, key, loss curve, timing).
@@ -162,8 +174,9 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
     with tempfile.TemporaryDirectory(prefix="lfm-mlx-pretrain-") as scratch:
         init = write_synthetic_model(Path(scratch) / "init", config.preset, seed=config.seed, template=config.template)
         model, tokenizer = load(init, dtype=mx.float32)  # gather_mm (MoE experts) is float32-only on CPU
+        init_for_training(model, config.seed, config.init_std)
         rows = generate_rows(config.rows, config.seed, "pretrain", config.tools_per_row)
-        logs = train_on_rows(model, tokenizer, rows, config, progress)
+        logs = train_on_rows(model, tokenizer, rows, config, progress, on_step)
         report = {
             "format": "lfm_mlx.pretrain", "key": config.key(), "recipe_version": RECIPE_VERSION,
             "settings": asdict(config),
