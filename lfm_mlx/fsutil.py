@@ -51,22 +51,33 @@ def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write text to `path` through a temporary file, fsync and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+@contextlib.contextmanager
+def atomic_file(final: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success fsync it and rename it to `final`.
+
+    On any exception the temporary file is removed and `final` keeps its previous content.
+    `suffix` keeps an extension some writers insist on (mx.save_safetensors).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the result is an ordinary file
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the result is an ordinary file
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text to `path` through a temporary file, fsync and rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_json(path: str | Path, data) -> None:

@@ -10,11 +10,8 @@ with per-tensor type overrides and an importance matrix computed with MLX from o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -28,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from lfm_mlx.fsutil import atomic_file
 from lfm_mlx.models import check_safetensors, check_tokenizer, read_config, weight_files
 
 Q = gguf.GGMLQuantizationType
@@ -461,24 +459,6 @@ def _tensor_type(item: _Planned, matrix_type: Q) -> Q:
     return matrix_type
 
 
-@contextlib.contextmanager
-def _atomic_file(final: Path):
-    """Yield a temporary sibling path; on success fsync and rename it to `final`, else remove it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the result is an ordinary file
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16",
                 on_tensor: Callable[[int, int, str], None] | None = None) -> dict:
     """Export an LFM2 / LFM2-MoE directory (HF, or mlx-lm mixed / trained / fused) to one GGUF file.
@@ -519,7 +499,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "bf1
             nbytes = int(np.prod(item.shape)) * np.dtype(dtype).itemsize
             writer.add_tensor_info(item.name, item.shape, np.dtype(dtype), nbytes, qtype)
 
-    with _atomic_file(out_path) as tmp:
+    with atomic_file(out_path) as tmp:
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
@@ -621,7 +601,7 @@ def quantize_gguf(src_gguf: str | Path, dst_gguf: str | Path, qtype: str = "Q4_K
         params.imatrix = entries
         keep.append(entries)
 
-    with _atomic_file(dst_gguf) as tmp:
+    with atomic_file(dst_gguf) as tmp:
         code = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), llama_cpp.byref(params))
         if code != 0:
             raise RuntimeError(

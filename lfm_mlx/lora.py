@@ -29,9 +29,7 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from lfm_mlx.fsutil import atomic_dir, atomic_file, atomic_write_json, atomic_write_text
 
 # Config `modules` groups -> module paths inside a decoder layer (mlx-lm names).
 MODULE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -323,17 +321,8 @@ def lora_parameters(model: nn.Module) -> dict[str, mx.array]:
 
 def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
     """mx.save_safetensors through a temporary sibling file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, suffix=".safetensors") as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
 
 
 # ---------------------------------------------------------------- data
