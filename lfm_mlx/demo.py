@@ -10,6 +10,7 @@ and the plots are made from those JSON files.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import sys
@@ -86,6 +87,8 @@ def run_demo(config: DemoConfig) -> dict:
     from lfm_mlx.repair import build_repair_set
     from lfm_mlx.task import write_task
 
+    if importlib.util.find_spec("llama_cpp") is None:  # the last stage runs the GGUF in llama.cpp
+        raise SystemExit("lfm-mlx demo: llama-cpp-python is missing; install it with pip install -e '.[cpu,gguf]'")
     run = Path(config.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "demo_config.json", asdict(config))
