@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib
 
+from lfm_mlx import cpu_blas
+
+# Before anything imports mlx.core: the Linux CPU wheel's reference BLAS is ~13x slower (cpu_blas.py).
+cpu_blas.preload()
+
 __version__ = "0.1.0"
 
 # Public name -> module. Imported on first use, so `import lfm_mlx` stays fast and light.

@@ -183,6 +183,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
             "command": (f"python -m lfm_mlx.pretrain --out DIR --preset {config.preset} --steps {config.steps} "
                         f"--seed {config.seed} --batch-size {config.batch_size} --lr {config.learning_rate} "
                         f"--rows {config.rows}"),
+            "device": str(mx.default_device()), "mlx_version": mx.__version__,
             "train_tokens": sum(log["tokens"] for log in logs),
             "loss_first": logs[0]["loss"], "loss_last": _tail_mean(logs),
             "seconds": round(time.perf_counter() - started, 2), "log": logs,
