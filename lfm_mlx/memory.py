@@ -201,6 +201,10 @@ def estimate_peak(
     calibration: float = 1.0,
     scales: dict[str, float] | None = None,
     baseline: int = 0,
+    master: str | None = None,
+    fused_update: bool = False,
+    lean_gradients: bool = False,
+    loss_chunk: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one grouped-training step.
 
@@ -212,12 +216,23 @@ def estimate_peak(
     time). `attention`: "materialized" (scores held as fp32 B*H*S*S, as MLX's sdpa backward does on
     CPU) or "fused". `optimizer_state_bytes`: 4 for fp32 state, 2 when the optimizer keeps state in
     a bf16 parameter's dtype. `baseline`: the runtime's bytes before any weight (`runtime_baseline()`).
+
+    The grouped trainer's settings, when given (None keeps the older description through
+    `compute_dtype_bytes`, `optimizer_state_bytes` and `scales`):
+    `master` "float32" / "compute" (a master copy of the group's experts and routers in that dtype);
+    `fused_update` the grouped trainer's FusedAdamW (float32 moments, one tensor updated at a time);
+    `lean_gradients` the experts' gradients in the compute dtype, whatever the master's;
+    `loss_chunk` tokens per cross-entropy chunk (0: all logits at once).
     """
     problems = []
     if optimizer not in ("adamw", "adafactor"):
         problems.append(f"optimizer={optimizer!r}: use 'adamw' or 'adafactor'")
     if frozen_path not in ("qmm", "dequant"):
         problems.append(f"frozen_path={frozen_path!r}: use 'qmm' or 'dequant'")
+    if master not in (None, "float32", "compute"):
+        problems.append(f"master={master!r}: use 'float32' or 'compute'")
+    if loss_chunk < 0:
+        problems.append(f"loss_chunk={loss_chunk} must be >= 0 (tokens; 0 for no chunking)")
     if attention not in ("materialized", "fused"):
         problems.append(f"attention={attention!r}: use 'materialized' or 'fused'")
     for name, value in (("group_size", group_size), ("seq_len", seq_len), ("batch_size", batch_size),
@@ -265,9 +280,13 @@ def estimate_peak(
     activations = tokens * act_elems * cb
 
     # LM head + cross-entropy over the vocabulary: logits (plus an fp32 copy for the loss), then
-    # softmax temporaries and the logits gradient in fp32 (plus its cast back).
+    # softmax temporaries and the logits gradient in fp32 (plus its cast back); chunked, one
+    # chunk's worth at a time (and the hidden states' gradient).
     fp32_copy = 0 if cb == 4 else 1
-    logits = tokens * V * (cb + 4 * fp32_copy) + tokens * V * (8 + cb * fp32_copy)
+    head_tokens = min(tokens, loss_chunk) if loss_chunk else tokens
+    logits = head_tokens * V * (cb + 4 * fp32_copy) + head_tokens * V * (8 + cb * fp32_copy)
+    if loss_chunk:
+        logits += tokens * D * 4
 
     n_attn = sum(1 for layer in window if layer in s["attention"])
     scores = batch_size * s["H"] * seq_len * seq_len * 4
@@ -278,27 +297,53 @@ def estimate_peak(
     frozen_moe = max(len(window) - g, 0)
     frozen = 0
     if frozen_path == "dequant" and frozen_moe:
-        frozen = per_layer_experts * (1 if grad_checkpoint else frozen_moe)
+        # Every frozen layer's dequantized stacks, checkpointed or not: measured on CUDA (H200, 8B
+        # shapes, group 4) a backward peak 14.9 / 14.3 GB above weights, state and gradients at 2,048 /
+        # 10,240 tokens: the group's int8 copy (1.5 GB) and the 18 frozen layers' stacks (0.70 GB each).
+        frozen = per_layer_experts * frozen_moe
+
+    # The group's trained copies, gradients, optimizer state and update transient.
+    group_dequant = expert_elems * cb
+    gradients = trainable * cb * (2 if grad_accumulation > 1 else 1)
+    optimizer_state = state_elems * optimizer_state_bytes
+    optimizer_update = trainable * cb
+    if master is not None:
+        master_bytes = 4 if master == "float32" else cb
+        group_dequant = trainable * master_bytes
+        gradients = group_dequant * (2 if grad_accumulation > 1 else 1)
+        if lean_gradients:
+            gradients = expert_elems * cb + router_elems * master_bytes
+        # mlx.optimizers: every tensor's new weights, moments and temporaries at once (measured:
+        # 3.9x the trained weights on CUDA, 5x on CPU, float32 masters).
+        optimizer_update = 4 * group_dequant
+        if optimizer == "adamw":
+            optimizer_state = state_elems * master_bytes  # mlx.optimizers keep moments in the weights' dtype
+        if fused_update and optimizer == "adamw":
+            optimizer_state = state_elems * 4  # float32 moments
+            # One tensor at a time: the largest stack's new weights and moments, and its float32 gradient.
+            optimizer_update = E * D * M * (master_bytes + 4 + 4 + 4)
 
     inputs = dict(
         group_size=group_size, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
         expert_bits=expert_bits, group_bits_size=group_bits_size,
         compute_dtype_bytes=compute_dtype_bytes, grad_checkpoint=grad_checkpoint,
         frozen_path=frozen_path, attention=attention, optimizer_state_bytes=optimizer_state_bytes,
-        grad_accumulation=grad_accumulation, baseline=baseline, config=dict(config),
+        grad_accumulation=grad_accumulation, baseline=baseline, config=dict(config), master=master,
+        fused_update=fused_update, lean_gradients=lean_gradients,
+        loss_chunk=loss_chunk,
     )
     return MemoryEstimate(
         # The group's int8 copy stays in `weights`: it is the reference for update retention.
         weights=weights_bytes(config, expert_bits, group_bits_size, cb),
-        group_dequant=expert_elems * cb,
-        gradients=trainable * cb * (2 if grad_accumulation > 1 else 1),
-        optimizer_state=state_elems * optimizer_state_bytes,
+        group_dequant=group_dequant,
+        gradients=gradients,
+        optimizer_state=optimizer_state,
         activations=activations,
         logits=logits,
         attention=attention_bytes,
         frozen_dequant=frozen,
         # New parameters are written while the old ones are still referenced.
-        optimizer_update=trainable * cb,
+        optimizer_update=optimizer_update,
         calibration=calibration,
         scales=dict(scales or {}),
         inputs=inputs,
