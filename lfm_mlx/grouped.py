@@ -241,9 +241,10 @@ def _set_dotted(data: dict, key: str, value) -> None:
 
 def after(arrays: list, dependency: mx.array) -> list:
     """`arrays`, made to wait for `dependency` in MLX's evaluation order. MLX runs a graph breadth
-    first, so work whose inputs exist early (casting a master copy, dequantizing frozen experts)
-    could run long before its consumer and stay in memory meanwhile; this keeps it just in time."""
-    return mx.depends([a for a in arrays if a is not None], [dependency])
+    first, so work whose inputs exist early (casting a master copy) could run long before its
+    consumer and stay in memory meanwhile; this keeps it just in time. (Tying the frozen experts'
+    dequantization the same way saved 0.24 GB on CUDA: not done.)"""
+    return mx.depends(arrays, [dependency])
 
 
 def cast_keeping_gradient_dtype(w: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -282,8 +283,7 @@ class DequantSwitchLinear(QuantizedSwitchLinear):
     QuantizedSwitchLinear): much faster than gather_qmm's backward on CUDA, more transient memory."""
 
     def __call__(self, x, indices, sorted_indices=False):
-        weight, scales, *biases = after([self["weight"], self["scales"], self.get("biases")], x)
-        w = mx.dequantize(weight, scales, biases[0] if biases else None, group_size=self.group_size,
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
                           bits=self.bits, mode=self.mode)
         return mx.gather_mm(x, w.astype(x.dtype).swapaxes(-1, -2), rhs_indices=indices,
                             sorted_indices=sorted_indices)

@@ -297,9 +297,10 @@ def estimate_peak(
     frozen_moe = max(len(window) - g, 0)
     frozen = 0
     if frozen_path == "dequant" and frozen_moe:
-        # Every frozen layer's dequantized stacks, checkpointed or not: measured on CUDA (H200, 8B
-        # shapes, group 4) a backward peak 14.9 / 14.3 GB above weights, state and gradients at 2,048 /
-        # 10,240 tokens: the group's int8 copy (1.5 GB) and the 18 frozen layers' stacks (0.70 GB each).
+        # Measured on CUDA (H200, 8B shapes): the backward peak sits 13-15 GB above weights, state and
+        # gradients, nearly independent of the tokens (group 4: 14.9 GB at 2,048, 14.3 at 10,240),
+        # 0.36 GB lower per frozen layer fewer (group 8: 12.8), 4.4 GB lower on the qmm path. Not
+        # explained yet; every frozen layer's stacks bound it from above (groups 4-8: 5-14% high).
         frozen = per_layer_experts * frozen_moe
 
     # The group's trained copies, gradients, optimizer state and update transient.
