@@ -1,7 +1,7 @@
 """`python -m lfm_mlx.sweep`: which group size fits, measured before a long run.
 
 For each group size, smallest first, the sweep
-1. estimates the step's peak with `memory.estimate_peak`, with the settings the step really uses
+1. estimates the step's peak with `grouped.estimate_for_config`, with the settings the step really uses
    (frozen-expert path, gradient checkpointing, the attention kind this backend runs, compute and
    master dtypes), and adds the runtime baseline measured at start;
 2. asks a `MemoryWatchdog` to admit it: an estimate over the hard stop ends the sweep unrun;
@@ -55,12 +55,12 @@ from mlx.utils import tree_flatten
 from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
-    TrainConfig, accumulate_gradients, activate_group, apply_update, global_norm, make_loss_and_grad, make_optimizer,
-    measure_frozen_paths, moe_layers, moe_params, requantize_group, set_frozen_path,
+    TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config, global_norm, lean_gradients,
+    make_loss_and_grad, make_optimizer, measure_frozen_paths, moe_layers, moe_params, requantize_group, set_frozen_path,
 )
 from lfm_mlx.memory import (
     BACKWARD, GB, PERSISTENT, UPDATE, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop,
-    MemorySoftLimitWarning, MemoryWatchdog, StepMemoryReader, estimate_peak, read_memory,
+    MemorySoftLimitWarning, MemoryWatchdog, StepMemoryReader, read_memory,
 )
 from lfm_mlx.report import text_table
 from lfm_mlx.schedule import GroupSchedule
@@ -297,19 +297,7 @@ def data_batch(data: str, config: dict, model_dir: Path | None, preset: str | No
 def estimate_for(config: dict, size: int, seq_len: int, train: TrainConfig, frozen: str,
                  attention: str) -> MemoryEstimate:
     """`estimate_peak` with the settings the grouped step runs (as `GroupedMoETrainer` admits it)."""
-    from lfm_mlx.models import compute_dtype
-
-    quant = config.get("quantization") or {}
-    cb = 2 if compute_dtype(config) == mx.bfloat16 else 4
-    # float32 master weights under a bf16 compute dtype: the group's copies are twice the bytes.
-    wide = train.master_dtype == "float32" and cb == 2
-    return estimate_peak(
-        config, group_size=size, seq_len=seq_len, batch_size=train.batch_size, optimizer=train.optimizer,
-        expert_bits=int(quant.get("bits", 8)), group_bits_size=int(quant.get("group_size", 64)),
-        compute_dtype_bytes=cb, grad_checkpoint=train.grad_checkpoint, frozen_path=frozen, attention=attention,
-        optimizer_state_bytes=4 if train.master_dtype == "float32" else cb,
-        scales={"group_dequant": 2.0, "gradients": 2.0, "optimizer_update": 2.0} if wide else None,
-    )
+    return estimate_for_config(config, train, frozen, seq_len, group_size=size, attention=attention)
 
 
 def calibration_point(raw: MemoryEstimate, measured: dict, baseline: dict, size: int) -> dict:
@@ -379,9 +367,10 @@ def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConf
     Returns per-step seconds and memory samples. Raises MemoryHardStop (with the samples taken so
     far in `err.sweep_samples`). The group is requantized afterwards, so the model is as before."""
     start = moe_params(model, layers)
-    activate_group(model, layers, master, train.train_routers)
+    activate_group(model, layers, master, train.train_routers, lean_gradients(train))
     optimizer = make_optimizer(train, steps)
-    loss_and_grad = make_loss_and_grad(model, layers[0], train.grad_checkpoint, train.stop_gradient)
+    loss_and_grad = make_loss_and_grad(model, layers[0], train.grad_checkpoint, train.stop_gradient,
+                                       train.loss_chunk)
     mx.eval(model.parameters())
     samples = []
     try:

@@ -1,47 +1,97 @@
-"""The whole pipeline, shortened: every stage runs for real and the exported model agrees with MLX.
+"""The whole pipeline, shortened (`DemoConfig.quick`): every stage runs for real, the 4-bit fuse is
+judged, the exported model agrees with MLX, and `mlx_lm.server` serves the demo's fused model:
+calls as structured `tool_calls` with finish_reason "tool_calls", plain answers as content.
 
-What this test does not assert yet: the learning ordering (base < trained < repaired) of issue 8.
-The tiny base does not learn to read its prompt within the demo's budget (see the README's
-status section); the stage-to-stage agreement checks below hold regardless.
+Not asserted yet (issue 8): the learning ordering base < trained < repaired. The tiny base does not
+learn the task's tools from the demo's training within its CPU budget (README, Status), so every
+stage scores near 0% on the held-out suite.
+
+The demo runs once per module (a few minutes on a 2-core CPU); each test reads its run directory.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lfm_mlx.demo import STAGES, DemoConfig, run_demo
 from lfm_mlx.report import read_jsonl
+from tests.test_server_eval import mlx_lm_server
+
+FOLDERS = dict(zip(STAGES, ["base", "trained", "repaired", "fused8", "gguf"]))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    pytest.importorskip("llama_cpp")
+    root = tmp_path_factory.mktemp("demo")
+    summary = run_demo(DemoConfig.quick(str(root / "run"), str(root / "cache")))
+    return root / "run", summary
+
+
+def reports(run: Path) -> dict[str, dict]:
+    return {name: json.loads((run / "eval" / folder / "report.json").read_text()) for name, folder in FOLDERS.items()}
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_every_stage_and_llama_cpp_agrees_with_mlx(tmp_path):
-    pytest.importorskip("llama_cpp")
-    config = DemoConfig.quick(str(tmp_path / "run"), str(tmp_path / "cache"))
-    summary = run_demo(config)
-    run = tmp_path / "run"
-
+def test_every_stage_runs_and_leaves_its_reports(demo):
+    run, summary = demo
     assert list(summary["pass_rates"]) == list(STAGES)
-    reports = {name: json.loads((run / "eval" / folder / "report.json").read_text())
-               for name, folder in zip(STAGES, ["base", "trained", "repaired", "fused8", "gguf"])}
-    case_ids = [c["id"] for c in reports["base"]["cases"]]
-    assert case_ids and all([c["id"] for c in r["cases"]] == case_ids for r in reports.values())
-
-    # The fused 8-bit model in MLX and its GGUF export in llama.cpp: same greedy text, same score.
-    mlx_texts = [c["runs"][0]["text"] for c in reports["fused 8-bit"]["cases"]]
-    gguf_texts = [c["runs"][0]["text"] for c in reports["gguf (llama.cpp)"]["cases"]]
-    same = sum(a == b for a, b in zip(mlx_texts, gguf_texts)) / len(case_ids)
-    assert same >= 0.9, f"llama.cpp and MLX agree on only {same:.0%} of greedy generations"
-    assert abs(summary["pass_rates"]["gguf (llama.cpp)"] - summary["pass_rates"]["fused 8-bit"]) <= 0.02
-
+    by_stage = reports(run)
+    case_ids = [c["id"] for c in by_stage["base"]["cases"]]
+    assert case_ids and all([c["id"] for c in r["cases"]] == case_ids for r in by_stage.values())
     # Grouped training lowered the masked validation loss of the task; LoRA logged its losses.
     grouped = read_jsonl(run / "grouped" / "metrics.jsonl")
     start = next(r for r in grouped if r["kind"] == "start")
     end = next(r for r in grouped if r["kind"] == "end")
     assert end["valid_loss"] < start["valid_loss"]
     assert any("train_loss" in r for r in read_jsonl(run / "lora" / "metrics.jsonl"))
-
     for name in ("summary.json", "summary.md", "pass_rate.png", "loss.png", "memory.png", "model-f32.gguf"):
         assert (run / name).stat().st_size > 0
     assert (run / "repair_datasets" / "demo" / "manifest.json").is_file()
+    # 8 bits keep the fine-tune; 4 bits are judged by the same gate, and measurably further from it.
+    # (The full demo's 4-bit fuse is refused; the quick demo's small LoRA may survive 4 bits.)
+    fused8, fused4 = summary["fidelity_8bit"], summary["fidelity_4bit"]
+    assert fused8["passed"] and fused8["answer_agreement"] >= 0.9 and fused8["fine_tune_kept"] > 0.95
+    assert fused4["mean_kl"] > 10 * fused8["mean_kl"]
+    assert (run / "fused-4bit").is_dir() == fused4["passed"]
+    assert fused4["passed"] == (not fused4["reasons"])
+
+
+@pytest.mark.slow
+def test_llama_cpp_agrees_with_mlx_on_the_fused_model(demo):
+    run, summary = demo
+    by_stage = reports(run)
+    mlx_texts = [c["runs"][0]["text"] for c in by_stage["fused 8-bit"]["cases"]]
+    gguf_texts = [c["runs"][0]["text"] for c in by_stage["gguf (llama.cpp)"]["cases"]]
+    same = sum(a == b for a, b in zip(mlx_texts, gguf_texts)) / len(mlx_texts)
+    assert same >= 0.9, f"llama.cpp and MLX agree on only {same:.0%} of greedy generations"
+    assert abs(summary["pass_rates"]["gguf (llama.cpp)"] - summary["pass_rates"]["fused 8-bit"]) <= 0.02
+
+
+@pytest.mark.slow
+def test_mlx_lm_server_serves_the_fused_model_with_structured_tool_calls(demo, tmp_path):
+    from lfm_mlx.evaluate import EndpointBackend, evaluate
+
+    run, _ = demo
+    with mlx_lm_server(run / "fused-8bit", tmp_path / "server.log") as url:
+        served = evaluate(EndpointBackend(url), [run / "task" / "suite.json"], tmp_path / "eval", max_tokens=48,
+                          progress=False)
+    assert served["complete"] and served["error"] is None
+    calls = plain = 0
+    for case in served["cases"]:
+        got = case["runs"][0]
+        assert got["failure"] != "error", got["detail"]  # every request, tool history included, was accepted
+        if got["structured_calls"]:
+            calls += 1  # a call comes back in message.tool_calls, not as text
+            assert got["finish_reason"] == "tool_calls" and not got["leaked_calls"], (case["id"], got)
+        elif not got["malformed"]:
+            plain += 1  # no call: a plain answer
+            assert got["content"] and got["finish_reason"] in ("stop", "length"), (case["id"], got)
+    # The server decodes in the stored bf16 and the in-process eval in float32 (CPU gather_mm), so an
+    # untrained model's near-ties may decode differently: the test checks the serving contract, not
+    # identical text. Plain answers are checked where the model gives them; the quick demo's model
+    # may call a tool for every prompt (issue 8: no learning yet), so only calls must occur.
+    assert calls >= 1, f"no structured call among {len(served['cases'])} held-out prompts ({plain} plain answers)"

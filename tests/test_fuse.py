@@ -4,10 +4,6 @@ trips at 4), delta survival (the seed-004 failure), and fused directories that m
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +18,7 @@ from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from lfm_mlx import fuse as F
 from lfm_mlx import lora, models
 from tests.test_lora import TOOLS, make_rows, small_config, write_repair_set
-from tests.test_server_eval import free_port
+from tests.test_server_eval import mlx_lm_server
 
 TOKENS = [1, 6, 300, 512, 77, 901, 14, 15, 640, 7, 6, 222, 333, 444]
 
@@ -113,6 +109,30 @@ def test_real_lora_fused_at_8_bits_passes_and_at_4_bits_is_refused(tiny_moe_mixe
     assert forced["forced"] and fused4.is_dir()
 
 
+def _gate_report(kept: float | None, shift: float, answers: float = 1.0) -> dict:
+    """A fidelity report whose top-1 and survival pass, with the given fine-tune share and shift."""
+    return {"adapter_vs_fused": {"decisive_top1_agreement": 0.99, "top1_agreement": 0.99, "mean_kl": 0.0,
+                                 "answer_agreement": answers},
+            "adapter_vs_base": {"mean_kl": shift}, "fine_tune_kept": kept,
+            "layers": [{"path": "model.layers.3.feed_forward.switch_mlp.up_proj", "survival": 0.99,
+                        "storage": "4-bit g64"}]}
+
+
+def test_gate_refuses_a_fuse_that_undoes_half_the_fine_tune_even_when_top1_passes():
+    thresholds = F.Thresholds()
+    (reason,) = F.fidelity_gate(_gate_report(kept=0.50, shift=0.047), thresholds)
+    assert reason.startswith("fine-tune kept 0.50 < 0.8") and "50%" in reason
+    assert F.fidelity_gate(_gate_report(kept=0.997, shift=0.047), thresholds) == []
+    # a fine-tune that barely moved the model: the ratio is rounding noise, so it is not judged
+    assert F.fidelity_gate(_gate_report(kept=0.2, shift=F.MIN_JUDGED_SHIFT / 2), thresholds) == []
+    assert F.fidelity_gate(_gate_report(kept=None, shift=0.0), thresholds) == []
+
+
+def test_gate_refuses_a_fuse_that_changes_answers_the_adapter_model_is_sure_of():
+    (reason,) = F.fidelity_gate(_gate_report(kept=0.93, shift=0.36, answers=0.81), F.Thresholds())
+    assert reason.startswith("answer agreement 0.81 < 0.9") and "19%" in reason
+
+
 def test_8bit_fused_dir_loads_in_mlx_lm_with_the_mixed_layout(tiny_moe_mixed_dir, adapters, repair_set, tmp_path):
     out = tmp_path / "fused"
     F.fuse(tiny_moe_mixed_dir, adapters, out, bits=8, rows=repair_set, progress=False)
@@ -199,31 +219,13 @@ def test_mlx_lm_server_returns_structured_tool_calls_from_the_fused_model(tiny_m
                                  eval_every=24, save_every=100))
     fused = tmp_path / "fused"
     F.fuse(tiny_moe_mixed_dir, adapters, fused, bits=8, rows=repair_set, progress=False)
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm.server", "--model", str(fused), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, "mlx_lm.server did not come up within 120 s"
-                time.sleep(0.5)
+    with mlx_lm_server(fused, tmp_path / "server.log") as url:
         body = {"model": str(fused), "messages": make_rows(1, 300)[0]["messages"][:1], "tools": TOOLS,
                 "max_tokens": 30, "temperature": 0.0}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+        request = urllib.request.Request(f"{url}/chat/completions", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as reply:
             choice = json.loads(reply.read())["choices"][0]
         assert choice["finish_reason"] == "tool_calls", choice
         call = choice["message"]["tool_calls"][0]["function"]
         assert call["name"] in ("read_file", "list_dir") and json.loads(call["arguments"])["path"].startswith("/")
-    finally:
-        server.kill()  # the server we started; it holds nothing worth a clean shutdown
-        server.wait()
-        log.close()

@@ -3,6 +3,7 @@ partial reports for an unreachable endpoint, a timeout and a failing request (sm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -53,6 +55,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def mlx_lm_server(model: Path, log_path: Path, startup_s: float = 120.0) -> Iterator[str]:
+    """A real `mlx_lm.server` subprocess on 127.0.0.1 serving `model`; yields its /v1 base URL."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            deadline = time.time() + startup_s
+            while True:
+                assert server.poll() is None, f"mlx_lm.server exited: {log_path.read_text()[-2000:]}"
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as reply:
+                        if reply.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.time() < deadline, f"mlx_lm.server did not come up within {startup_s:.0f} s"
+                time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
 def check_report_shape(report: dict, n_cases: int) -> None:
     assert report["format"] == "lfm_mlx.eval_report" and len(report["cases"]) == n_cases
     for case in report["cases"]:
@@ -75,26 +107,9 @@ def test_mlx_lm_server_end_to_end(tmp_path, suite_path):
     # float32 weights: mlx_lm.load keeps the stored dtype, and MoE gather_mm runs only in float32 on CPU.
     model = write_synthetic_model(tmp_path / "tiny", "tiny-moe", dtype="float32")
     assert json.loads((model / "tokenizer_config.json").read_text())["tool_parser_type"] == "pythonic"
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert server.poll() is None, f"mlx_lm.server exited: {(tmp_path / 'server.log').read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlx_lm.server did not come up within 120 s"
-            time.sleep(0.5)
+    with mlx_lm_server(model, tmp_path / "server.log") as url:
         out = tmp_path / "eval"
-        code = main(["--endpoint", f"http://127.0.0.1:{port}/v1", "--suite", str(suite_path), "--out", str(out),
+        code = main(["--endpoint", url, "--suite", str(suite_path), "--out", str(out),
                      "--max-tokens", "24", "--repeats", "2"])
         assert code == 0, (tmp_path / "server.log").read_text()[-2000:]
         report = json.loads((out / "report.json").read_text())
@@ -106,16 +121,9 @@ def test_mlx_lm_server_end_to_end(tmp_path, suite_path):
                 assert run["failure"] != "error", run["detail"]  # every request, tool history included, was accepted
                 assert run["finish_reason"] in ("stop", "length", "tool_calls")
         raw_out = tmp_path / "eval_raw"
-        assert main(["--endpoint", f"http://127.0.0.1:{port}/v1", "--suite", str(suite_path), "--out", str(raw_out),
+        assert main(["--endpoint", url, "--suite", str(suite_path), "--out", str(raw_out),
                      "--max-tokens", "24", "--raw"]) == 0
         assert json.loads((raw_out / "report.json").read_text())["settings"]["raw"] is True
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 # ---------------------------------------------------------------- failures of the endpoint
