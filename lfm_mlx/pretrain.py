@@ -199,17 +199,20 @@ def _tail_mean(logs: list[dict], n: int = 10) -> float:
     return round(sum(tail) / len(tail), 4)
 
 
+def _saved_key(path: Path) -> str | None:
+    """The settings hash in a base directory's report; None when it is missing or damaged."""
+    try:
+        return json.loads((path / REPORT_NAME).read_text()).get("key")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def cached_base(cache_dir: str | Path, config: PretrainConfig = PretrainConfig(), progress: bool = True) -> Path:
-    """The pre-trained base for `config` under `cache_dir/<config.key()>`: reused when it is complete, else trained."""
+    """The pre-trained base for `config` under `cache_dir/<config.key()>`: reused when it is complete, else trained
+    (the atomic write replaces a partial or damaged directory)."""
     path = Path(cache_dir) / f"base-{config.key()}"
-    report = path / REPORT_NAME
-    if report.is_file():
-        try:
-            if json.loads(report.read_text()).get("key") == config.key():
-                return path
-        except json.JSONDecodeError:
-            pass  # a damaged report: train again (the write below replaces the directory)
-    pretrain(path, config, progress)
+    if _saved_key(path) != config.key():
+        pretrain(path, config, progress)
     return path
 
 

@@ -56,7 +56,7 @@ from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
     TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config, global_norm, lean_gradients,
-    make_loss_and_grad, make_optimizer, measure_frozen_paths, moe_layers, moe_params, requantize_group, set_frozen_path,
+    make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params, requantize_group, set_frozen_path,
 )
 from lfm_mlx.memory import (
     BACKWARD, GB, PERSISTENT, UPDATE, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop,
@@ -518,7 +518,7 @@ def prepare(cfg: SweepConfig, log=print) -> _Setup:
     set_frozen_path(model, frozen["choice"])
     gc.collect()
     mx.clear_cache()
-    master = mx.float32 if cfg.master_dtype == "float32" else dtype
+    master = master_of(train, dtype)
     report = {
         "kind": "lfm_mlx.sweep/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
