@@ -76,11 +76,17 @@ def _eval_mlx(model_dir: Path, suite: Path, out_dir: Path, max_tokens: int, adap
     return _eval(MLXBackend(model_dir, adapter), suite, out_dir, max_tokens)
 
 
+def _eval_stage(backend, task: dict[str, Path], out_dir: Path, max_tokens: int) -> tuple[dict, dict]:
+    """One stage's model on the held-out test suite and on the paraphrase suite (held-out wording)."""
+    return (_eval(backend, task["suite"], out_dir, max_tokens),
+            _eval(backend, task["suite_paraphrase"], out_dir.with_name(out_dir.name + "_paraphrase"), max_tokens))
+
+
 def run_demo(config: DemoConfig) -> dict:
     """Run every stage; return (and write) the summary."""
     from lfm_mlx.fuse import FidelityError, fuse
     from lfm_mlx.gguf import export_gguf
-    from lfm_mlx.evaluate import LlamaCppBackend
+    from lfm_mlx.evaluate import LlamaCppBackend, MLXBackend
     from lfm_mlx.grouped import GroupedMoETrainer, TrainConfig
     from lfm_mlx.lora import LoraConfig, train_lora
     from lfm_mlx.mixed import mix
@@ -95,6 +101,7 @@ def run_demo(config: DemoConfig) -> dict:
     atomic_write_json(run / "demo_config.json", asdict(config))
     log = StageLog()
     evals: dict[str, dict] = {}
+    paraphrase: dict[str, dict] = {}
 
     t = time.perf_counter()
     base = cached_base(config.cache_dir, PretrainConfig(steps=config.pretrain_steps, seed=config.seed))
@@ -107,7 +114,7 @@ def run_demo(config: DemoConfig) -> dict:
     log.record("task data + mix", t)
 
     t = time.perf_counter()
-    evals["base"] = _eval_mlx(mixed, task["suite"], run / "eval" / "base", config.max_tokens)
+    evals["base"], paraphrase["base"] = _eval_stage(MLXBackend(mixed), task, run / "eval" / "base", config.max_tokens)
     log.record("eval base", t)
 
     t = time.perf_counter()
@@ -123,7 +130,8 @@ def run_demo(config: DemoConfig) -> dict:
     log.record("grouped MoE training", t, steps=result.steps)
 
     t = time.perf_counter()
-    evals["trained"] = _eval_mlx(trained, task["suite"], run / "eval" / "trained", config.max_tokens)
+    evals["trained"], paraphrase["trained"] = _eval_stage(MLXBackend(trained), task, run / "eval" / "trained",
+                                                          config.max_tokens)
     _eval_mlx(trained, task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens)
     log.record("eval trained (held-out + dev)", t)
 
@@ -145,7 +153,8 @@ def run_demo(config: DemoConfig) -> dict:
     log.record("repair set + LoRA repair", t)
 
     t = time.perf_counter()
-    evals["repaired"] = _eval_mlx(trained, task["suite"], run / "eval" / "repaired", config.max_tokens, lora_dir)
+    evals["repaired"], paraphrase["repaired"] = _eval_stage(MLXBackend(trained, lora_dir), task,
+                                                            run / "eval" / "repaired", config.max_tokens)
     log.record("eval repaired (adapter)", t)
 
     t = time.perf_counter()
@@ -159,14 +168,15 @@ def run_demo(config: DemoConfig) -> dict:
     log.record("fuse 8-bit (+ 4-bit check)", t, fused_4bit_refused=not fidelity4["passed"])
 
     t = time.perf_counter()
-    evals["fused 8-bit"] = _eval_mlx(fused, task["suite"], run / "eval" / "fused8", config.max_tokens)
+    evals["fused 8-bit"], paraphrase["fused 8-bit"] = _eval_stage(MLXBackend(fused), task, run / "eval" / "fused8",
+                                                                  config.max_tokens)
     log.record("eval fused 8-bit", t)
 
     t = time.perf_counter()
     gguf_path = run / f"model-{config.gguf_outtype}.gguf"
     export_gguf(fused, gguf_path, outtype=config.gguf_outtype)
-    evals["gguf (llama.cpp)"] = _eval(LlamaCppBackend(gguf_path, fused), task["suite"], run / "eval" / "gguf",
-                                      config.max_tokens)
+    evals["gguf (llama.cpp)"], paraphrase["gguf (llama.cpp)"] = _eval_stage(
+        LlamaCppBackend(gguf_path, fused), task, run / "eval" / "gguf", config.max_tokens)
     log.record("GGUF export + eval in llama.cpp", t)
 
     summary = {
@@ -174,6 +184,7 @@ def run_demo(config: DemoConfig) -> dict:
         "stages": log.rows,
         "pass_rates": {name: report["metrics"]["pass_rate"] for name, report in evals.items()},
         "metrics": {name: report["metrics"] for name, report in evals.items()},
+        "paraphrase_pass_rates": {name: report["metrics"]["pass_rate"] for name, report in paraphrase.items()},
         "fidelity_8bit": fidelity8,
         "fidelity_4bit": fidelity4,
         "paths": {"base": str(base), "mixed": str(mixed), "trained": str(trained), "adapters": str(lora_dir),
@@ -210,8 +221,10 @@ def summary_text(summary: dict) -> str:
     total = sum(s["seconds"] for s in summary["stages"])
     fused8, fused4 = summary["fidelity_8bit"], summary["fidelity_4bit"]
     verdict = "passed the gate" if fused4["passed"] else f"refused: {fused4['reasons'][0]}"
+    paraphrase = " -> ".join(f"{name} {rate:.0%}" for name, rate in summary["paraphrase_pass_rates"].items())
     return ("held-out suite, pass rate per stage\n"
             + text_table(rows, ["stage", "pass", *categories, "structured", "false pos.", "leaks"], percent)
+            + f"\n\nparaphrase suite (held-out wording), pass rate: {paraphrase}"
             + f"\n\nfidelity vs base + adapters: 8-bit answers {fused8['answer_agreement']:.0%}, fine-tune kept "
             f"{fused8['fine_tune_kept']}; 4-bit answers {fused4['answer_agreement']:.0%}, kept {fused4['fine_tune_kept']}"
             f" -> 4-bit {verdict}\n\nstages (total {total:.0f} s)\n" + timing + "\n")

@@ -8,9 +8,12 @@ syntax but starts near zero on the task.
 
 A prompt is an intent's phrasing (`open {site}`), inside a wrapper (terse `{p}` or colloquial `hey,
 can you {p}?`), with fillers (`site` = `cedar-docs.org`). Phrasings, wrappers and word fillers each
-have a training pool and a held-out pool. Training rows use training pools only; a `test` suite case
-uses a held-out phrasing or wrapper and held-out fillers, so its prompt never occurs in training
-(`check_disjoint` asserts it on the rows actually written).
+have a training pool and a held-out pool. Training rows use training pools only. A `test` suite case
+puts a training phrasing in a held-out wrapper with held-out fillers: its prompt never occurs in
+training (`check_disjoint` asserts it on the rows actually written), but its parts do, so a small
+model can generalize to it. A `paraphrase` case uses a held-out phrasing ("pull up {site} in the
+browser"): that takes knowing what words mean, which a base pre-trained from scratch on a synthetic
+surface does not, so the demo reports it beside the test suite rather than aiming at it.
 
     python -m lfm_mlx.task OUT_DIR --rows 600 --seed 0
 """
@@ -159,6 +162,8 @@ WRAPPERS = [
     "{p}, thanks", "i need you to {p}", "can you {p} real quick?", "ok so {p}", "hi! {p} please",
 ]
 HELD_WRAPPERS = ["would you {p}?", "{p} when you get a sec", "yo {p}", "quick favor: {p}"]
+# Chat and how-to prompts train unwrapped; their held-out cases wrap them in these.
+HELD_CHAT_WRAPPERS = ["oh, {p}", "{p} :)", "so... {p}", "um {p}"]
 
 # ---------------------------------------------------------------- intents and surfaces
 
@@ -394,15 +399,21 @@ def _slots(intent: Intent, rng: random.Random, held: bool) -> dict:
     return slots
 
 
-def _prompt(intent: Intent, rng: random.Random, slots: dict, held: bool) -> tuple[str, str, str]:
-    """(prompt, phrasing, wrapper). held=True: a held-out phrasing or wrapper (or both), never a training pair."""
-    wrappers = WRAPPERS if intent.wrap else ["{p}"]
-    if not held:
-        phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(wrappers)
-    elif not intent.wrap or rng.random() < 0.5:
-        phrasing, wrapper = rng.choice(intent.held_phrasings), rng.choice(wrappers + (HELD_WRAPPERS if intent.wrap else []))
+def _prompt(intent: Intent, rng: random.Random, slots: dict, split: str) -> tuple[str, str, str]:
+    """(prompt, phrasing, wrapper) for a split.
+
+    "train" / "dev": a training phrasing in a training wrapper. "test": a training phrasing in a
+    held-out wrapper (with held-out fillers, from `_slots`): a request the task rows never show,
+    but made of parts they do. "paraphrase": a held-out phrasing, in any wrapper: wording the task
+    rows never use, which takes a base that knows what the words mean.
+    """
+    wrappers, held_wrappers = (WRAPPERS, HELD_WRAPPERS) if intent.wrap else (["{p}"], HELD_CHAT_WRAPPERS)
+    if split == "paraphrase":
+        phrasing, wrapper = rng.choice(intent.held_phrasings), rng.choice(wrappers + held_wrappers)
+    elif split == "test":
+        phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(held_wrappers)
     else:
-        phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(HELD_WRAPPERS)
+        phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(wrappers)
     return wrapper.format(p=phrasing.format(**slots)), phrasing, wrapper
 
 
@@ -461,7 +472,7 @@ def generate_rows(n: int, seed: int = 0, surface: str | Surface = "task", tools_
     for index in range(n):
         intent, final = _choose(surface, rng, rng.choices(categories, [weights[c] for c in categories])[0])
         slots = _slots(intent, rng, held=False)
-        prompt, _, _ = _prompt(intent, rng, slots, held=False)
+        prompt, _, _ = _prompt(intent, rng, slots, "train")
         messages, gold = _conversation(intent, final, prompt, slots)
         names = _tool_list(surface, rng, intent.tool, tools_per_row)
         rows.append({"id": f"{surface.name}-{seed}-{index}", "messages": messages + [gold],
@@ -480,18 +491,26 @@ def _expect(intent: Intent, final: bool, slots: dict, gold: dict) -> dict:
     return {"final_answer" if final else "no_tool_call": answer}
 
 
+SPLITS = {
+    "test": "training phrasings in held-out wrappers, held-out fillers.",
+    "paraphrase": "held-out phrasings, held-out fillers.",
+    "dev": "training pools, for repair sets.",
+}
+
+
 def build_suite(surface: str | Surface = "task", split: str = "test", per_category: int = 10, seed: int = 0,
                 tools_per_row: int = 2) -> dict:
     """An eval suite (the lfm_mlx.suites JSON schema) with `per_category` cases per category.
 
-    split="test": held-out phrasings / wrappers and held-out fillers, every case `held_out`, so
-    no prompt can occur in training rows. split="dev": training pools with a separate seed, not
-    held out, for repair sets (which never train on held-out cases).
+    split="test": training phrasings in held-out wrappers, with held-out fillers, every case
+    `held_out`, so no prompt can occur in training rows. split="paraphrase": held-out phrasings
+    (wording the rows never use) with held-out fillers. split="dev": training pools with a separate
+    seed, not held out, for repair sets (which never train on held-out cases).
     """
     surface = get_surface(surface)
-    if split not in ("test", "dev"):
-        raise ValueError(f"split={split!r}: use 'test' (held out) or 'dev'")
-    held = split == "test"
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {list(SPLITS)}")
+    held = split != "dev"
     rng = random.Random(f"{surface.name}-suite-{split}-{seed}")
     cases, seen = [], set()
     for category in surface.categories:
@@ -503,7 +522,7 @@ def build_suite(surface: str | Surface = "task", split: str = "test", per_catego
                                  f"distinct {split} prompts; lower per_category or add phrasings")
             intent, final = _choose(surface, rng, category)
             slots = _slots(intent, rng, held)
-            prompt, phrasing, wrapper = _prompt(intent, rng, slots, held)
+            prompt, phrasing, wrapper = _prompt(intent, rng, slots, split)
             if prompt in seen:
                 continue  # a suite asks each prompt once
             seen.add(prompt)
@@ -515,9 +534,8 @@ def build_suite(surface: str | Surface = "task", split: str = "test", per_catego
                 "notes": f"intent {intent.name}; phrasing {phrasing!r}; wrapper {wrapper!r}",
             })
             made += 1
-    name = f"demo_{surface.name}" + ("_dev" if split == "dev" else "")
-    description = (f"Synthetic {surface.name} surface ({split} split, seed {seed}) from lfm_mlx.task: "
-                   + ("held-out phrasings, wrappers and fillers." if held else "training pools, for repair sets."))
+    name = f"demo_{surface.name}" + ("" if split == "test" else f"_{split}")
+    description = f"Synthetic {surface.name} surface ({split} split, seed {seed}) from lfm_mlx.task: {SPLITS[split]}"
     return {"name": name, "description": description, "version": 1, "tools": dict(surface.tools), "cases": cases}
 
 
@@ -543,18 +561,19 @@ def check_disjoint(rows: list[dict], suite: dict) -> None:
 
 def write_task(out_dir: str | Path, rows: int = 600, seed: int = 0, per_category: int = 10,
                tools_per_row: int = 2, surface: str = "task") -> dict[str, Path]:
-    """Write train.jsonl, suite.json (held-out test) and suite_dev.json into out_dir (atomically each).
+    """Write train.jsonl, suite.json (held-out test), suite_paraphrase.json and suite_dev.json into
+    out_dir (atomically each).
 
-    The held-out suite is checked against the rows written (`check_disjoint`)."""
+    Both held-out suites are checked against the rows written (`check_disjoint`)."""
     out_dir = Path(out_dir)
     train = generate_rows(rows, seed, surface, tools_per_row)
-    test = build_suite(surface, "test", per_category, seed, tools_per_row)
-    dev = build_suite(surface, "dev", per_category, seed, tools_per_row)
-    check_disjoint(train, test)
-    paths = {"train": out_dir / "train.jsonl", "suite": out_dir / "suite.json", "suite_dev": out_dir / "suite_dev.json"}
-    atomic_write_text(paths["train"], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in train))
-    atomic_write_json(paths["suite"], test)
-    atomic_write_json(paths["suite_dev"], dev)
+    atomic_write_text(out_dir / "train.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in train))
+    paths = {"train": out_dir / "train.jsonl"}
+    for split, key in (("test", "suite"), ("paraphrase", "suite_paraphrase"), ("dev", "suite_dev")):
+        suite = build_suite(surface, split, per_category, seed, tools_per_row)
+        check_disjoint(train, suite)
+        paths[key] = out_dir / f"{key}.json"
+        atomic_write_json(paths[key], suite)
     return paths
 
 

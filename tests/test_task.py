@@ -64,7 +64,7 @@ def test_gold_calls_round_trip_through_the_parser():
 
 
 @pytest.mark.parametrize("surface", ["task", "pretrain"])
-@pytest.mark.parametrize("split", ["test", "dev"])
+@pytest.mark.parametrize("split", ["test", "paraphrase", "dev"])
 def test_suites_load_with_the_suite_schema(tmp_path, surface, split):
     suite = task.build_suite(surface, split, per_category=4, seed=2)
     path = tmp_path / "suite.json"
@@ -73,15 +73,16 @@ def test_suites_load_with_the_suite_schema(tmp_path, surface, split):
     categories = task.get_surface(surface).categories
     assert len(loaded.cases) == 4 * len(categories)
     assert {c.category for c in loaded.cases} == set(categories)
-    assert all(c.held_out == (split == "test") for c in loaded.cases)
+    assert all(c.held_out == (split != "dev") for c in loaded.cases)
     kinds = {c.expect.kind for c in loaded.cases}
     assert kinds == {"tool_call", "no_tool_call", "final_answer"}
     assert len({c.messages[0]["content"] for c in loaded.cases}) == len(loaded.cases)  # no prompt asked twice
 
 
-def test_held_out_suite_never_occurs_in_training():
+@pytest.mark.parametrize("split", ["test", "paraphrase"])
+def test_held_out_suite_never_occurs_in_training(split):
     rows = task.generate_rows(3000, seed=0)
-    suite = task.build_suite("task", "test", per_category=20, seed=0)
+    suite = task.build_suite("task", split, per_category=20, seed=0)
     task.check_disjoint(rows, suite)
     trained = {m["content"] for row in rows for m in row["messages"] if m["role"] == "user"}
     held = [c["messages"][0]["content"] for c in suite["cases"]]
@@ -102,13 +103,16 @@ def test_held_out_pools_are_disjoint_from_training_pools():
     for surface in task.SURFACES.values():
         for intent in surface.intents:
             assert intent.held_phrasings and not set(intent.phrasings) & set(intent.held_phrasings), intent.name
-    # A held-out prompt always uses a held-out phrasing or wrapper: never a training pair.
+    assert not set(task.HELD_CHAT_WRAPPERS) & {"{p}"}
+    # A test prompt is a training phrasing in a held-out wrapper; a paraphrase prompt a held-out phrasing.
     rng = random.Random(0)
     for intent in task.TASK_INTENTS:
         for _ in range(20):
             slots = task._slots(intent, rng, held=True)
-            _, phrasing, wrapper = task._prompt(intent, rng, slots, held=True)
-            assert phrasing in intent.held_phrasings or wrapper in task.HELD_WRAPPERS
+            _, phrasing, wrapper = task._prompt(intent, rng, slots, "test")
+            assert phrasing in intent.phrasings and wrapper in task.HELD_WRAPPERS + task.HELD_CHAT_WRAPPERS
+            _, phrasing, _ = task._prompt(intent, rng, slots, "paraphrase")
+            assert phrasing in intent.held_phrasings
 
 
 def test_surfaces_share_no_tool_names():
@@ -134,4 +138,5 @@ def test_main_writes_rows_and_suites(tmp_path, capsys):
     assert len((out / "train.jsonl").read_text().splitlines()) == 50
     assert load_suite(out / "suite.json").name == "demo_task"
     assert load_suite(out / "suite_dev.json").name == "demo_task_dev"
+    assert load_suite(out / "suite_paraphrase.json").name == "demo_task_paraphrase"
     assert "suite:" in capsys.readouterr().out
