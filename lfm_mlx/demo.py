@@ -149,7 +149,7 @@ def run_demo(config: DemoConfig) -> dict:
         save_every=config.lora_steps, splits=[0.95, 0.05, 0.0], max_tokens=1024, seed=config.seed,
         resume=False, progress=False,
     )
-    train_lora(lora_config)
+    lora_summary = train_lora(lora_config)
     log.record("repair set + LoRA repair", t)
 
     t = time.perf_counter()
@@ -185,6 +185,7 @@ def run_demo(config: DemoConfig) -> dict:
         "pass_rates": {name: report["metrics"]["pass_rate"] for name, report in evals.items()},
         "metrics": {name: report["metrics"] for name, report in evals.items()},
         "paraphrase_pass_rates": {name: report["metrics"]["pass_rate"] for name, report in paraphrase.items()},
+        "lora": {key: lora_summary.get(key) for key in ("steps", "best_step", "best_val_loss", "warning")},
         "fidelity_8bit": fidelity8,
         "fidelity_4bit": fidelity4,
         "paths": {"base": str(base), "mixed": str(mixed), "trained": str(trained), "adapters": str(lora_dir),
@@ -225,6 +226,7 @@ def summary_text(summary: dict) -> str:
     return ("held-out suite, pass rate per stage\n"
             + text_table(rows, ["stage", "pass", *categories, "structured", "false pos.", "leaks"], percent)
             + f"\n\nparaphrase suite (held-out wording), pass rate: {paraphrase}"
+            + (f"\n\nLoRA repair: {summary['lora']['warning']}" if summary["lora"].get("warning") else "")
             + f"\n\nfidelity vs base + adapters: 8-bit answers {fused8['answer_agreement']:.0%}, fine-tune kept "
             f"{fused8['fine_tune_kept']}; 4-bit answers {fused4['answer_agreement']:.0%}, kept {fused4['fine_tune_kept']}"
             f" -> 4-bit {verdict}\n\nstages (total {total:.0f} s)\n" + timing + "\n")

@@ -572,6 +572,12 @@ def train_lora(config: LoraConfig, on_step: Callable[[dict], None] | None = None
         "elapsed_s": round(time.perf_counter() - started, 3),
         "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
     }
+    if valid and state["best_step"] == 0:
+        # Best-checkpoint selection kept the zero-initialized adapters (B = 0): they change nothing.
+        summary["warning"] = (f"validation loss never improved on step 0 ({state['best_val_loss']:.4f}) in "
+                              f"{state['step']} steps, so the adapters kept are the untrained ones and leave the model "
+                              f"unchanged; lower learning_rate (now {config.learning_rate}) or add training rows")
+        print(f"[lora] warning: {summary['warning']}", file=sys.stderr)
     atomic_write_json(out / "summary.json", summary)
     return summary
 

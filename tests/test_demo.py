@@ -39,6 +39,11 @@ def reports(run: Path) -> dict[str, dict]:
 def test_every_stage_runs_and_leaves_its_reports(demo):
     run, summary = demo
     assert list(summary["pass_rates"]) == list(STAGES)
+    # The paraphrase suite (held-out wording) is scored at every stage, beside the test suite.
+    assert list(summary["paraphrase_pass_rates"]) == list(STAGES)
+    paraphrased = json.loads((run / "eval" / "base_paraphrase" / "report.json").read_text())
+    assert paraphrased["suites"][0]["name"] == "demo_task_paraphrase"
+    assert ("paraphrase suite" in (run / "summary.md").read_text()) and "best_step" in summary["lora"]
     by_stage = reports(run)
     case_ids = [c["id"] for c in by_stage["base"]["cases"]]
     assert case_ids and all([c["id"] for c in r["cases"]] == case_ids for r in by_stage.values())

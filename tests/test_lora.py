@@ -188,6 +188,7 @@ def test_early_stopping_keeps_the_best_adapters(tiny_moe_mixed_dir, repair_set, 
     config = small_config(tiny_moe_mixed_dir, repair_set, out, eval_every=3, patience=1, min_delta=1e9)
     summary = lora.train_lora(config)
     assert summary["stopped_early"] and summary["steps"] == 3 and summary["best_step"] == 0
+    assert "adapters kept are the untrained ones" in summary["warning"]  # a no-op repair is said, not silent
     best = mx.load(str(out / "adapters.safetensors"))
     assert all(not mx.any(v).item() for k, v in best.items() if k.endswith("lora_b"))  # step 0: B is still zero
     again = lora.train_lora(config)  # a finished run resumes to nothing
