@@ -39,7 +39,7 @@ class DemoConfig:
     epochs: int = 2
     train_lr: float = 3e-3
     lora_steps: int = 120
-    lora_lr: float = 2e-3
+    lora_lr: float = 5e-4
     max_tokens: int = 48  # generation budget per eval case
     gguf_outtype: str = "f32"
 
@@ -68,12 +68,6 @@ def _eval(backend, suite: Path, out_dir: Path, max_tokens: int) -> dict:
     from lfm_mlx.evaluate import evaluate
 
     return evaluate(backend, [suite], out_dir, max_tokens=max_tokens, progress=False)
-
-
-def _eval_mlx(model_dir: Path, suite: Path, out_dir: Path, max_tokens: int, adapter: Path | None = None) -> dict:
-    from lfm_mlx.evaluate import MLXBackend
-
-    return _eval(MLXBackend(model_dir, adapter), suite, out_dir, max_tokens)
 
 
 def _eval_stage(backend, task: dict[str, Path], out_dir: Path, max_tokens: int) -> tuple[dict, dict]:
@@ -130,9 +124,11 @@ def run_demo(config: DemoConfig) -> dict:
     log.record("grouped MoE training", t, steps=result.steps)
 
     t = time.perf_counter()
-    evals["trained"], paraphrase["trained"] = _eval_stage(MLXBackend(trained), task, run / "eval" / "trained",
+    trained_backend = MLXBackend(trained)  # one load serves the held-out, paraphrase and dev suites
+    evals["trained"], paraphrase["trained"] = _eval_stage(trained_backend, task, run / "eval" / "trained",
                                                           config.max_tokens)
-    _eval_mlx(trained, task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens)
+    _eval(trained_backend, task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens)
+    del trained_backend
     log.record("eval trained (held-out + dev)", t)
 
     t = time.perf_counter()

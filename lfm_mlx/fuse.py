@@ -52,8 +52,8 @@ class Thresholds:
     - min_answer_agreement 0.9: the share of scored answers (tool calls, replies) the fused model
       reproduces at every position where the adapter model is decisive. A call is all or nothing:
       one changed token breaks it, so per-position agreement hides what matters. In `lfm-mlx demo`
-      the 8-bit fuse reproduces 1.00 of its answers and the 4-bit fuse 0.88 (kept 0.91); with a
-      longer-trained base 0.97 and 0.81 (4-bit decisive top-1 still 0.98).
+      the 8-bit fuse reproduces 1.00 of its answers and the 4-bit fuse 0.84 (kept 0.97 and 0.64);
+      with a longer-trained base 0.97 and 0.81 (4-bit decisive top-1 still 0.98).
     - min_kept 0.8: the share of the fine-tune the fused model keeps, 1 - KL(adapter || fused) /
       KL(adapter || base). Top-1 agreement can pass while the fused model has slid halfway back
       toward the base (an earlier demo's 4-bit fuse: decisive top-1 0.956, kept 0.50); the 8-bit
