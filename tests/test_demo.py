@@ -96,8 +96,8 @@ def test_mlx_lm_server_serves_the_fused_model_with_structured_tool_calls(demo, t
         elif got["finish_reason"] == "tool_calls":
             continue  # the model began a call the server's pythonic parser could not read: no calls, no text
         elif not got["malformed"]:
-            plain += 1  # no call: a plain answer (empty when the model ends its turn at once)
-            assert isinstance(got["content"], str) and got["finish_reason"] in ("stop", "length"), (case["id"], got)
+            plain += 1  # no call: a plain answer
+            assert got["content"] and got["finish_reason"] in ("stop", "length"), (case["id"], got)
     # The server decodes in the stored bf16 and the in-process eval in float32 (CPU gather_mm), so an
     # untrained model's near-ties may decode differently: the test checks the serving contract, not
     # identical text. Plain answers are checked where the model gives them; the quick demo's model
