@@ -374,6 +374,10 @@ def test_batches_pad_right_and_resume(tokenizer):
     again = list(iterate_batches(examples, 4, seed=1, epoch=0, start_batch=1))
     assert [b.row_ids for b in again] == [b.row_ids for b in batches[1:]]
     assert [b.row_ids for b in iterate_batches(examples, 4, seed=1, epoch=1)] != [b.row_ids for b in batches]
+    # A pad multiple rounds every width up, with the padding masked.
+    for batch in iterate_batches(examples, 4, seed=1, pad_id=0, pad_multiple=64):
+        width = max(len(by_id[i].ids) for i in batch.row_ids) - 1
+        assert batch.inputs.shape[1] == -(-width // 64) * 64 and not np.array(batch.loss_mask)[:, width:].any()
     # Length bucketing pads less.
     padding = lambda bs: sum(np.array(b.inputs).size - int(sum(len(by_id[i].ids) - 1 for i in b.row_ids)) for b in bs)
     assert padding(list(iterate_batches(examples, 4, seed=1, sort_by_length=True))) < padding(batches)
