@@ -2,11 +2,9 @@
 
 The `task` surface is Hermes-style (browser navigate / search / click, terminal, file read / search /
 write, plus weather, calendar and email): the demo teaches it and evaluates it. The `pretrain`
-surface is what `lfm_mlx.pretrain` gives the tiny base its general tool-call ability on: other tools
-and domains (music, translation, timers, recipes, ...), and the task's own kinds of request asked of
-"sibling" tools with other names and keys (`cat_file(file=...)` for "read {path}"). Its fillers are
-mostly made up (the `open` pool), so the base learns to copy them from the prompt. The base knows the
-call syntax and what a request asks for, but calls none of the task's tools: it starts near zero.
+surface (music, translation, timers, recipes, ...: other tool names and domains) is what
+`lfm_mlx.pretrain` gives the tiny base its general tool-call ability on, so the base knows the call
+syntax but starts near zero on the task.
 
 A prompt is an intent's phrasing (`open {site}`), inside a wrapper (terse `{p}` or colloquial `hey,
 can you {p}?`), with fillers (`site` = `cedar-docs.org`). Phrasings, wrappers and word fillers each
@@ -26,7 +24,7 @@ import argparse
 import json
 import random
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,75 +65,41 @@ _HELD_LABELS = "Checkout|Archive|Subscribe|Load comments".split("|")
 _CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "foggy", "snowy", "clear", "stormy"]
 _DATES = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "tomorrow", "june 3", "may 12"]
 _TLDS = ["com", "org", "io", "dev", "net"]
-_COMMAND_FORMS = [
-    "ls -la {d}", "du -sh {d}", "tail -n {n} {f}", "grep -rn {w} {d}", "python {w}.py", "pip install {w}",
-    "wc -l {f}", "cat {f}", "git log --oneline -n {n}", "make {w}", "mkdir -p {d}", "git checkout {w}",
-]
 _EXTS = ["txt", "md", "py", "json", "log", "yaml", "csv"]
 
 
-# Filler pools: "train" and "held" are the word lists above; "open" makes up a new pseudo-word for every
-# filler (shaped like a training one), so a model trained on it must copy fillers from the prompt
-# rather than recall them. The pre-training surface uses it: that copying is the general ability a
-# real base brings, and without it a tiny base answers held-out fillers with training ones.
-POOLS = ("train", "held", "open")
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-def _words_of(*pools: list[str]) -> set[str]:
-    return {w.lower() for pool in pools for item in pool for w in re.findall(r"[A-Za-z]+", item)}
+def _pick(rng: random.Random, train: list, held: list, is_held: bool):
+    return rng.choice(held if is_held else train)
 
 
-# Words only the held-out pools use: a made-up word is never one of them.
-_NEVER_OPEN = (_words_of(_HELD_WORDS, _HELD_NAMES, _HELD_CITIES, _HELD_TOPICS, _HELD_LABELS)
-               - _words_of(_WORDS, _NAMES, _CITIES, _TOPICS, _LABELS, _COMMAND_FORMS))
-# Pieces of the training words: a made-up word spliced from them tokenizes into the sub-word pieces real
-# words use, so copying them is what the model practises (pure consonant-vowel syllables only taught
-# it to copy those, and it copied "lotus" as "lotusa").
-_PIECES = sorted({w[i:i + n] for w in _WORDS for n in (2, 3, 4) for i in range(len(w) - n + 1)})
+def _word(rng: random.Random, held: bool) -> str:
+    return _pick(rng, _WORDS, _HELD_WORDS, held)
 
 
-def _pseudo_word(rng: random.Random, like: str) -> str:
-    """A made-up word about as long as `like`, capitalized like it, never one of the held-out words:
-    spliced from pieces of training words, or (one time in four) random letters."""
-    while True:
-        word = ""
-        while len(word) < max(len(like) - 1, 2):
-            word += rng.choice(_LETTERS) if rng.random() < 0.25 else rng.choice(_PIECES)
-        if word not in _NEVER_OPEN:
-            return word.capitalize() if like[:1].isupper() else word
+def _dir(rng: random.Random, held: bool) -> str:
+    return rng.choice(["/home/user/{w}", "src/{w}", "~/{w}", "/var/{w}", "docs/{w}"]).format(w=_word(rng, held))
 
 
-def _pick(rng: random.Random, train: list, held: list, pool: str):
-    if pool == "open":  # a training filler, or (two times in three) its shape with every word made up
-        filler = rng.choice(train)
-        return filler if rng.random() < 1 / 3 else re.sub(r"[A-Za-z]+", lambda m: _pseudo_word(rng, m.group()), filler)
-    return rng.choice(held if pool == "held" else train)
+def _file(rng: random.Random, held: bool) -> str:
+    return f"{_dir(rng, held)}/{_word(rng, held)}.{rng.choice(_EXTS)}"
 
 
-def _word(rng: random.Random, pool: str) -> str:
-    return _pick(rng, _WORDS, _HELD_WORDS, pool)
-
-
-def _dir(rng: random.Random, pool: str) -> str:
-    return rng.choice(["/home/user/{w}", "src/{w}", "~/{w}", "/var/{w}", "docs/{w}"]).format(w=_word(rng, pool))
-
-
-def _file(rng: random.Random, pool: str) -> str:
-    return f"{_dir(rng, pool)}/{_word(rng, pool)}.{rng.choice(_EXTS)}"
-
-
-def _site(rng: random.Random, pool: str) -> str:
+def _site(rng: random.Random, held: bool) -> str:
     form = rng.choice(["{a}.{t}", "{a}-{b}.{t}", "{a}.{t}/{b}", "docs.{a}.{t}"])
-    return form.format(a=_word(rng, pool), b=_word(rng, pool), t=rng.choice(_TLDS))
+    return form.format(a=_word(rng, held), b=_word(rng, held), t=rng.choice(_TLDS))
 
 
-def _command(rng: random.Random, pool: str) -> str:
-    return rng.choice(_COMMAND_FORMS).format(d=_dir(rng, pool), f=_file(rng, pool), w=_word(rng, pool), n=rng.randint(2, 50))
+def _command(rng: random.Random, held: bool) -> str:
+    form = rng.choice([
+        "ls -la {d}", "du -sh {d}", "tail -n {n} {f}", "grep -rn {w} {d}", "python {w}.py", "pip install {w}",
+        "wc -l {f}", "cat {f}", "git log --oneline -n {n}", "make {w}", "mkdir -p {d}", "git checkout {w}",
+    ])
+    return form.format(d=_dir(rng, held), f=_file(rng, held), w=_word(rng, held), n=rng.randint(2, 50))
 
 
-def _howto(rng: random.Random, pool: str) -> dict:
+def _howto(rng: random.Random, held: bool) -> dict:
     """A task described in words and the command that does it (for no-tool how-to answers)."""
-    d, f, w = _dir(rng, pool), _file(rng, pool), _word(rng, pool)
+    d, f, w = _dir(rng, held), _file(rng, held), _word(rng, held)
     task, command = rng.choice([
         (f"list the files in {d}", f"ls -la {d}"), (f"count the lines of {f}", f"wc -l {f}"),
         (f"see how big {d} is", f"du -sh {d}"), (f"install the {w} package", f"pip install {w}"),
@@ -144,12 +108,12 @@ def _howto(rng: random.Random, pool: str) -> dict:
     return {"task": task, "command": command, "tool_name": command.split()[0]}
 
 
-def _title(rng: random.Random, pool: str) -> str:
-    return f"{_word(rng, pool).capitalize()} {rng.choice(['Docs', 'Home', 'Blog', 'Wiki', 'Store', 'News'])}"
+def _title(rng: random.Random, held: bool) -> str:
+    return f"{_word(rng, held).capitalize()} {rng.choice(['Docs', 'Home', 'Blog', 'Wiki', 'Store', 'News'])}"
 
 
-# Slot makers: each returns a dict of slot values. A slot's value is drawn from the filler pool
-# (POOLS) wherever it carries words.
+# Slot makers: each returns a dict of slot values. A slot's value is drawn from the training pools or
+# (held=True) the held-out pools wherever it carries words.
 SLOT_MAKERS: dict[str, Callable[[random.Random, bool], dict]] = {
     "site": lambda r, h: {"site": _site(r, h), "title": _title(r, h)},
     "query": lambda r, h: {"query": _pick(r, _TOPICS, _HELD_TOPICS, h), "title": _title(r, h), "site": _site(r, h),
@@ -232,7 +196,6 @@ class Surface:
     tools: dict[str, dict]
     intents: tuple[Intent, ...]
     categories: tuple[str, ...]  # suite categories, in report order
-    row_pool: str = "train"  # the filler pool of its training rows (POOLS)
 
 
 def _tool(name: str, description: str, **params: str) -> dict:
@@ -402,51 +365,9 @@ PRETRAIN_INTENTS = (
            answer="Why did the {word} blush? It saw the salad dressing.", contains=("{word}",), wrap=False),
 )
 
-# The pre-training surface's own take on the task's kinds of request: other tool names, other argument
-# keys, bare URLs, and a no-tool how-to answer without the command. It stands in for what a real base
-# knows before it meets *your* schemas (that "read docs/x.md" means copying the path into a read call),
-# while calling none of the task's tools: the base starts near zero on the task, and the demo's
-# training teaches the names, keys and formats. Only training phrasings, wrappers and fillers are used.
-SIBLING_TOOLS = {t["function"]["name"]: t for t in [
-    _tool("open_url", "Load a web page.", link="string"),
-    _tool("find_online", "Query a search engine.", terms="string"),
-    _tool("press", "Press an element.", element="string"),
-    _tool("shell", "Execute in a shell.", cmd="string"),
-    _tool("cat_file", "Print a file.", file="string"),
-    _tool("grep_dir", "Grep a folder.", regex="string", folder="string"),
-    _tool("save_file", "Store text in a file.", file="string", text="string"),
-    _tool("forecast", "Weather forecast.", location="string"),
-    _tool("calendar_add", "New calendar entry.", label="string", day="string"),
-    _tool("mail", "Mail someone.", recipient="string", topic="string"),
-]}
-_SIBLING_CALLS = {  # task intent -> (sibling tool, its arguments over the same slots)
-    "navigate": ("open_url", {"link": "{site}"}), "search": ("find_online", {"terms": "{query}"}),
-    "click": ("press", {"element": "{ref}"}), "terminal": ("shell", {"cmd": "{command}"}),
-    "read": ("cat_file", {"file": "{path}"}), "grep": ("grep_dir", {"regex": "{pattern}", "folder": "{dir}"}),
-    "write": ("save_file", {"file": "{path}", "text": "{content}"}), "weather": ("forecast", {"location": "{city}"}),
-    "event": ("calendar_add", {"label": "{event}", "day": "{date}"}),
-    "email": ("mail", {"recipient": "{to}", "topic": "{subject}"}),
-}
-
-
-def _sibling(intent: Intent) -> Intent:
-    """A task intent as the pre-training surface asks it: same training phrasings, its own call."""
-    common = dict(category="sibling_" + intent.category)
-    if intent.name == "howto":
-        return replace(intent, **common, answer="That is a shell job: ask me to run it, or type it yourself.",
-                       contains=("shell job",))
-    if intent.tool is None:
-        return replace(intent, **common, answer="Hello! I handle pages, shells and files, and music too.",
-                       contains=("music",))
-    tool, arguments = _SIBLING_CALLS[intent.name]
-    return replace(intent, **common, tool=tool, arguments=arguments)
-
-
 TASK = Surface("task", TASK_TOOLS, TASK_INTENTS, ("browser", "terminal", "file", "apps", "no_tool", "finalization"))
-PRETRAIN = Surface("pretrain", {**PRETRAIN_TOOLS, **SIBLING_TOOLS},
-                   PRETRAIN_INTENTS + tuple(_sibling(intent) for intent in TASK_INTENTS),
-                   ("media", "language", "money", "food", "home", "chat", "sibling_browser", "sibling_terminal",
-                    "sibling_file", "sibling_apps", "sibling_no_tool", "finalization"), row_pool="open")
+PRETRAIN = Surface("pretrain", PRETRAIN_TOOLS, PRETRAIN_INTENTS,
+                   ("media", "language", "money", "food", "home", "chat", "finalization"))
 SURFACES = {"task": TASK, "pretrain": PRETRAIN}
 
 
@@ -471,10 +392,10 @@ def _fill(spec: Any, slots: dict) -> Any:
     return slots[lone.group(1)] if lone else spec.format(**slots)
 
 
-def _slots(intent: Intent, rng: random.Random, pool: str) -> dict:
+def _slots(intent: Intent, rng: random.Random, held: bool) -> dict:
     slots: dict = {}
     for maker in intent.makers:
-        slots.update(SLOT_MAKERS[maker](rng, pool))
+        slots.update(SLOT_MAKERS[maker](rng, held))
     return slots
 
 
@@ -550,7 +471,7 @@ def generate_rows(n: int, seed: int = 0, surface: str | Surface = "task", tools_
     rows = []
     for index in range(n):
         intent, final = _choose(surface, rng, rng.choices(categories, [weights[c] for c in categories])[0])
-        slots = _slots(intent, rng, surface.row_pool)
+        slots = _slots(intent, rng, held=False)
         prompt, _, _ = _prompt(intent, rng, slots, "train")
         messages, gold = _conversation(intent, final, prompt, slots)
         names = _tool_list(surface, rng, intent.tool, tools_per_row)
@@ -600,7 +521,7 @@ def build_suite(surface: str | Surface = "task", split: str = "test", per_catego
                 raise ValueError(f"category {category!r} of surface {surface.name!r} has fewer than {per_category} "
                                  f"distinct {split} prompts; lower per_category or add phrasings")
             intent, final = _choose(surface, rng, category)
-            slots = _slots(intent, rng, "held" if held else "train")
+            slots = _slots(intent, rng, held)
             prompt, phrasing, wrapper = _prompt(intent, rng, slots, split)
             if prompt in seen:
                 continue  # a suite asks each prompt once
