@@ -30,6 +30,8 @@ every part; when the environment variable OUT names a directory (the device tool
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -68,12 +70,16 @@ VARIANTS: dict[str, dict] = {
     "unfused-update": dict(fused_update=False),
     "no-loss-chunk": dict(loss_chunk=0),
     "no-checkpoint": dict(grad_checkpoint=False),  # exact too; more memory
-    "mx-checkpoint": {},  # the default, checkpointed with plain mx.checkpoint (see `mx_checkpointed`)
+    "one-graph": {},  # the default, the step as one graph (checkpointed by recompute_in_backward), no layer walk
+    "mx-checkpoint": {},  # one-graph, checkpointed with plain mx.checkpoint (see `mx_checkpointed`)
     "float32-gradients": {},  # the default, the experts' gradients cast back to the float32 master's dtype
     # Other math (not defaults): a bf16 master copy; Adafactor's factored second moment.
     "master-compute": dict(master_dtype="compute"),
     "adafactor": dict(optimizer="adafactor"),
+    # AdamW's moments as int8 codes (other math, its loss checked): 8 GB less at group 4, 8B shapes.
+    "int8-moments": dict(optimizer_state="int8"),
 }
+OTHER_MATH = ("master-compute", "int8-moments")  # loss curves beside the straightforward one
 MID = {  # 8B widths, 4 layers (2 MoE), small vocabulary: memory and kernels at full width on a CPU
     "model_type": "lfm2_moe", "vocab_size": 8192, "hidden_size": 2048, "intermediate_size": 7168,
     "moe_intermediate_size": 1792, "num_hidden_layers": 4, "attention_layers": [2],
@@ -258,18 +264,37 @@ def mx_checkpointed(layer: nn.Module, h: mx.array, mask) -> mx.array:
     return mx.checkpoint(run)(layer.trainable_parameters(), h)
 
 
+@contextlib.contextmanager
+def swapped(module, attribute: str, replacement):
+    """`module.attribute` replaced for the duration (a lever swapped back for its predecessor)."""
+    kept = getattr(module, attribute)
+    setattr(module, attribute, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, attribute, kept)
+
+
+# variant -> (module, attribute, replacement): the default with one piece swapped back
+ONE_GRAPH = (sys.modules[__name__], "make_loss_and_grad", functools.partial(grouped.make_loss_and_grad, walk=False))
+SWAPS = {
+    "straightforward": [ONE_GRAPH],
+    "one-graph": [ONE_GRAPH],
+    "mx-checkpoint": [ONE_GRAPH, (grouped, "_checkpointed", mx_checkpointed)],
+    "float32-gradients": [(sys.modules[__name__], "lean_gradients", lambda cfg: False)],
+}
+
+
 def run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: str, changes: dict, path: str,
                 flops: dict | None) -> dict:
-    patches = {"mx-checkpoint": (grouped, "_checkpointed", mx_checkpointed),
-               "float32-gradients": (sys.modules[__name__], "lean_gradients", lambda cfg: False)}
-    if name in patches:  # a default with one piece swapped back for its predecessor
-        module, attribute, replacement = patches[name]
-        kept = getattr(module, attribute)
-        setattr(module, attribute, replacement)
-        try:
-            return run_variant(model, layers, batch, args, f"{name} (patched)", changes, path, flops)
-        finally:
-            setattr(module, attribute, kept)
+    with contextlib.ExitStack() as stack:
+        for module, attribute, replacement in SWAPS.get(name, []):
+            stack.enter_context(swapped(module, attribute, replacement))
+        return _run_variant(model, layers, batch, args, name, changes, path, flops)
+
+
+def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: str, changes: dict, path: str,
+                 flops: dict | None) -> dict:
     cfg = train_config(changes, args.warmup + args.steps)
     runner = GroupStep(model, layers, cfg, path, args.warmup + args.steps, straightforward=name == "straightforward")
     losses, times = [], []
@@ -282,7 +307,7 @@ def run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: s
               "loss_last": losses[-1], "expert_path": path,
               "settings": {k: v for k, v in cfg.model_dump().items()
                            if k in ("master_dtype", "optimizer", "fused_update", "loss_chunk",
-                                    "grad_checkpoint")},
+                                    "grad_checkpoint", "optimizer_state")},
               "peak_memory_gb": max(runner.phases["backward_peak"], runner.phases["update_peak"]) / GB,
               "memory": memory_breakdown(model, runner.optimizer, runner.phases)}
     result["tokens_per_s"] = batch.inputs.size / result["step_s"]
@@ -307,8 +332,12 @@ def loss_curve(model: nn.Module, layers: list[int], batches: list[Batch], change
     the mean loss over all batches afterwards."""
     model.update(tree_unflatten(list(start.items())))  # every curve from the same weights
     cfg = train_config(changes, steps, lr)
-    runner = GroupStep(model, layers, cfg, path, steps, straightforward=changes is STRAIGHTFORWARD)
-    losses = [runner.step(batches[order[s % len(order)]]) for s in range(steps)]
+    straightforward = changes is STRAIGHTFORWARD
+    with contextlib.ExitStack() as stack:
+        for module, attribute, replacement in SWAPS["straightforward"] if straightforward else []:
+            stack.enter_context(swapped(module, attribute, replacement))
+        runner = GroupStep(model, layers, cfg, path, steps, straightforward=straightforward)
+        losses = [runner.step(batches[order[s % len(order)]]) for s in range(steps)]
     total, count = 0.0, 0
     for batch in batches:  # the trained model, before requantization (as the step sees it)
         loss, n = masked_loss(model(batch.inputs), batch.targets, batch.loss_mask)
@@ -327,6 +356,7 @@ def loss_comparison(model, layers, dtype, args, path: str) -> dict:
     order_b = order_a[::-1]
     start = dict(tree_flatten(model.parameters()))  # the same arrays: no copy
     runs = {"straightforward": (STRAIGHTFORWARD, order_a, args.loss_lr), "default": ({}, order_a, args.loss_lr),
+            **{name: (VARIANTS[name], order_a, args.loss_lr) for name in OTHER_MATH},
             "straightforward_again": (STRAIGHTFORWARD, order_a, args.loss_lr),
             "straightforward_other_order": (STRAIGHTFORWARD, order_b, args.loss_lr),
             "straightforward_lr_plus_10pct": (STRAIGHTFORWARD, order_a, 1.1 * args.loss_lr)}
@@ -338,6 +368,8 @@ def loss_comparison(model, layers, dtype, args, path: str) -> dict:
     repeat = abs(out["straightforward_again"]["final_loss"] - a)
     noise = max(repeat, abs(out["straightforward_other_order"]["final_loss"] - a))
     lr_effect = abs(out["straightforward_lr_plus_10pct"]["final_loss"] - a)
+    out["other_math"] = {name: {"difference": out[name]["final_loss"] - a,
+                                "within_noise": abs(out[name]["final_loss"] - a) <= noise} for name in OTHER_MATH}
     out.update(difference=b - a, relative_difference=(b - a) / a, repeat_noise=repeat, noise=noise,
                lr_10pct_effect=lr_effect,
                within_noise=abs(b - a) <= noise, below_lr_effect=abs(b - a) < lr_effect)
@@ -383,7 +415,7 @@ def long_sequence(model, args, default_path: str) -> dict:
             <= args.long_budget_gb * 0.97]
     size = max(fits) if fits else 1
     best = args.group_size if base["fits"] else None
-    for _ in range(3):  # at most three more measurements
+    for _ in range(5):  # at most five more measurements
         if size < 1 or str(size) in out["sizes"]:
             break
         record = measure(size)
@@ -630,12 +662,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ours = results["mlx"].get("default", {})
     ratios = {}
-    for base in baselines + ["straightforward"]:
-        theirs = results["mlx"].get(base, {}) if base == "straightforward" else results.get(base, {})
-        if "tokens_per_s" in ours and "tokens_per_s" in theirs:
-            ratios[f"mlx_default_vs_{base}_tokens_per_s"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
-            if ours.get("peak_memory_gb") and theirs.get("peak_memory_gb"):
-                ratios[f"mlx_default_vs_{base}_peak_memory"] = ours["peak_memory_gb"] / theirs["peak_memory_gb"]
+    for mine in ("default", "int8-moments"):
+        measured = results["mlx"].get(mine, {})
+        for base in baselines + ["straightforward"]:
+            theirs = results["mlx"].get(base, {}) if base == "straightforward" else results.get(base, {})
+            if "tokens_per_s" in measured and "tokens_per_s" in theirs:
+                ratios[f"mlx_{mine}_vs_{base}_tokens_per_s"] = measured["tokens_per_s"] / theirs["tokens_per_s"]
+                if measured.get("peak_memory_gb") and theirs.get("peak_memory_gb"):
+                    ratios[f"mlx_{mine}_vs_{base}_peak_memory"] = measured["peak_memory_gb"] / theirs["peak_memory_gb"]
     if "torch" in results and "step_s" in results["torch"] and "flops" in ours:
         results["torch"]["mfu"] = mfu(ours["flops"] | {"hardware": ours["flops"]["model"]},
                                       results["torch"]["step_s"], args.peak_tflops)
@@ -649,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss after {lc['steps']} steps: straightforward {lc['straightforward']['final_loss']:.4f}, default "
               f"{lc['default']['final_loss']:.4f}, again {lc['straightforward_again']['final_loss']:.4f}, "
               f"other order {lc['straightforward_other_order']['final_loss']:.4f}, "
-              f"lr +10% {lc['straightforward_lr_plus_10pct']['final_loss']:.4f}")
+              f"lr +10% {lc['straightforward_lr_plus_10pct']['final_loss']:.4f}, "
+              + ", ".join(f"{name} {lc[name]['final_loss']:.4f}" for name in OTHER_MATH))
     if "long_sequence" in results and "sizes" in results["long_sequence"]:
         ls = results["long_sequence"]
         print(f"{ls['seq']} tokens: " + ", ".join(f"group {k}: {v['peak_memory_gb']:.1f} GB"

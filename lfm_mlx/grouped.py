@@ -39,7 +39,7 @@ from typing import Callable, Literal
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -120,6 +120,8 @@ class TrainConfig(BaseModel):
     # numerics
     train_routers: bool = True
     master_dtype: Literal["float32", "compute"] = "float32"
+    optimizer_state: Literal["float32", "int8"] = Field("float32", description="AdamW moments of the fused update; "
+                                                        "int8: 1.125 bytes an element instead of 4 (other math)")
     fused_update: bool = Field(True, description="AdamW as one compiled kernel per tensor, float32 moments "
                                                  "(mlx.optimizers.AdamW's math); false: mlx.optimizers.AdamW itself")
     loss_chunk: int = Field(1024, ge=0, description="tokens per cross-entropy chunk (logits recomputed in the "
@@ -600,11 +602,85 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int = 1
     return total / count if count else None
 
 
+def _head_loss(model: nn.Module, h: mx.array, targets: mx.array, mask: mx.array,
+               loss_chunk: int) -> tuple[mx.array, mx.array]:
+    """The summed masked loss of the last layer's output `h`: final norm, tied LM head, cross-entropy."""
+    hidden = model.model.embedding_norm(h)
+    if loss_chunk:
+        return chunked_masked_loss(model, hidden, targets, mask, loss_chunk)
+    return masked_loss(model.model.embed_tokens.as_linear(hidden), targets, mask)
+
+
+def _layer_vjp(layer: nn.Module, x: mx.array, mask, cotangent: mx.array) -> tuple[mx.array, dict[str, mx.array]]:
+    """The layer's forward recomputed from its input `x`, then its backward for `cotangent`:
+    (gradient of x, gradients of the layer's trainable parameters by name within the layer)."""
+    flat = tree_flatten(layer.trainable_parameters())
+    names, arrays = [name for name, _ in flat], [value for _, value in flat]
+
+    def run(x, *params):
+        layer.update(tree_unflatten(list(zip(names, params))))
+        return layer(x, mask)
+
+    _, grads = mx.vjp(run, [x, *arrays], [cotangent])
+    layer.update(tree_unflatten(list(zip(names, arrays))))  # the layer holds its own arrays again
+    return grads[0], dict(zip(names, grads[1:]))
+
+
+def _one_ahead(work, in_flight):
+    """Start `work` on the device, then wait for `in_flight` (the previous layer's): Python builds
+    the next layer's graph while the device runs this one, and at most two layers' temporaries
+    exist at once (an unbounded async_eval held 20.6 GB of them at the 8B shapes; waiting for each
+    layer in turn cost 16% more time)."""
+    mx.async_eval(work)
+    if in_flight is not None:
+        mx.eval(in_flight)
+    return work
+
+
+def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array, first_active: int,
+                       loss_chunk: int = 0) -> tuple[tuple[mx.array, mx.array], dict]:
+    """((loss sum, trained tokens), grads) like `nn.value_and_grad` of the summed masked loss, by
+    walking the layers: a forward pass that keeps only each layer's input from `first_active` up,
+    then the backward pass one layer at a time, top down, each layer's forward recomputed in its
+    own `mx.vjp` and evaluated before the next.
+
+    The math is per-layer gradient checkpointing, but MLX evaluates one layer's work at a time:
+    one graph for the whole step lets its breadth-first evaluation start the recomputation (and
+    dequantization) of many layers at once, which held 17.7 GB beyond the weights at the 8B shapes
+    (2,048 tokens, group 4). Layers below `first_active` hold nothing trainable: the walk stops there."""
+    inner = model.model
+    h = inner.embed_tokens(inputs)
+    masks = {True: create_attention_mask(h, None), False: create_ssm_mask(h, None)}
+    kept, in_flight = {}, None
+    for i, layer in enumerate(inner.layers):
+        if i >= first_active:
+            kept[i] = h
+        h = _one_ahead(layer(h, masks[layer.is_attention_layer]), in_flight)
+        in_flight = h
+    (loss,), (cotangent,) = mx.vjp(lambda x: _head_loss(model, x, targets, mask, loss_chunk)[0], [h],
+                                   [mx.array(1.0, dtype=mx.float32)])
+    trained = mask.astype(mx.bool_).sum()
+    mx.eval(loss, trained, cotangent)
+    flat = {}
+    for i in range(len(inner.layers) - 1, first_active - 1, -1):
+        layer = inner.layers[i]
+        previous = cotangent
+        cotangent, grads = _layer_vjp(layer, kept.pop(i), masks[layer.is_attention_layer], cotangent)
+        _one_ahead([cotangent, grads], previous)
+        flat.update({f"model.layers.{i}.{name}": g for name, g in grads.items()})
+    return (loss, trained), tree_map_with_path(lambda path, _: flat[path], model.trainable_parameters())
+
+
 def make_loss_and_grad(model: nn.Module, first_active: int, grad_checkpoint: bool = True,
-                       stop_gradient: bool = True, loss_chunk: int = 0) -> Callable:
+                       stop_gradient: bool = True, loss_chunk: int = 0, walk: bool = True) -> Callable:
     """value_and_grad of the summed masked loss over the model's trainable parameters:
     f(model, inputs, targets, mask) -> ((loss sum, trained tokens), grads).
-    `loss_chunk` > 0 computes the cross-entropy that many tokens at a time (`chunked_masked_loss`)."""
+    `loss_chunk` > 0 computes the cross-entropy that many tokens at a time (`chunked_masked_loss`).
+    With `grad_checkpoint` (and `stop_gradient`) the gradients come from `walk_loss_and_grad`;
+    `walk=False` builds one graph for the step instead (checkpointed by `recompute_in_backward`)."""
+    if grad_checkpoint and stop_gradient and walk:
+        return lambda m, inputs, targets, mask: walk_loss_and_grad(m, inputs, targets, mask, first_active, loss_chunk)
+
     def loss_fn(m, inputs, targets, mask):
         if loss_chunk:
             hidden = forward_hidden(m, inputs, first_active, grad_checkpoint, stop_gradient)
@@ -632,8 +708,12 @@ def accumulate_gradients(model: nn.Module, loss_and_grad: Callable, batches: lis
 
 
 def global_norm(grads: dict) -> float:
-    """The L2 norm of all gradients (float32); inf or nan when any gradient is."""
-    return math.sqrt(tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads, mx.array(0.0)).item())
+    """The L2 norm of all gradients (float32); inf or nan when any gradient is. One tensor at a
+    time: a float32 square of every gradient at once would double their memory."""
+    total = 0.0
+    for _, g in tree_flatten(grads):
+        total += g.astype(mx.float32).square().sum().item()
+    return math.sqrt(total)
 
 
 def apply_update(model: nn.Module, optimizer: optim.Optimizer, grads: dict, grad_clip: float | None,
@@ -660,16 +740,59 @@ def apply_update(model: nn.Module, optimizer: optim.Optimizer, grads: dict, grad
 # ---------------------------------------------------------------- fused AdamW
 
 
-def _adamw_dense(g, p, m, v, lr, scale, b1, b2, eps, wd):
-    """mlx.optimizers.AdamW's arithmetic (no bias correction, eps outside the sqrt) in float32."""
+MOMENT_GROUP = 64  # elements per scale / bias pair of an int8 moment
+V_FLOOR = 1e-20  # added to the second moment before its logarithm: sqrt(1e-20) is 1e-10, far under eps
+UPDATE_CHUNK = 1 << 25  # elements of one tensor updated at a time (the float32 temporaries scale with it)
+
+
+def _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd):
+    """mlx.optimizers.AdamW's arithmetic (no bias correction, eps outside the sqrt) in float32:
+    the new weights, first and second moments, all float32."""
     g = g.astype(mx.float32) * scale
     m32 = b1 * m.astype(mx.float32) + (1 - b1) * g
     v32 = b2 * v.astype(mx.float32) + (1 - b2) * g * g
     p32 = p.astype(mx.float32) * (1 - lr * wd) - lr * m32 / (mx.sqrt(v32) + eps)
+    return p32, m32, v32
+
+
+def _adamw_dense(g, p, m, v, lr, scale, b1, b2, eps, wd):
+    p32, m32, v32 = _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd)
     return p32.astype(p.dtype), m32.astype(m.dtype), v32.astype(v.dtype)
 
 
+def pack_moment(x: mx.array, offset: mx.array | float = 0.5) -> dict[str, mx.array]:
+    """A float32 moment as 8-bit affine codes (mx.dequantize's layout) with a float32 scale and
+    bias per MOMENT_GROUP elements spanning exactly the group's [min, max] (mx.quantize may pin
+    the larger-magnitude end and clip the other, a bias). `offset` 0.5 rounds to nearest; uniform
+    noise in [0, 1) of x's shape rounds stochastically: the stored value is then unbiased and
+    within one code of x."""
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // MOMENT_GROUP, MOMENT_GROUP)
+    low = groups.min(axis=-1)
+    scale = (groups.max(axis=-1) - low) / 255
+    units = (groups - low[..., None]) / mx.where(scale == 0, 1.0, scale)[..., None]
+    if not isinstance(offset, float):
+        offset = offset.reshape(units.shape)
+    codes = mx.clip(mx.floor(units + offset), 0, 255).reshape(x.shape)
+    return {"codes": pack_codes(codes, 8), "scales": scale, "biases": low}
+
+
+def unpack_moment(packed: dict[str, mx.array]) -> mx.array:
+    return mx.dequantize(packed["codes"], packed["scales"], packed["biases"], group_size=MOMENT_GROUP, bits=8)
+
+
+def _adamw_int8_state(g, p, m, v, lr, scale, key, b1, b2, eps, wd):
+    """_adamw_math on int8 moments, each rounded stochastically (unbiased): the first moment
+    stored linearly, the second as its logarithm (its values span orders of magnitude within a
+    group; a linear code would round small ones to zero and blow their step up). One uniform draw
+    serves both, as u and 1 - u: each moment's rounding is still unbiased, at half the draws."""
+    p32, m32, v32 = _adamw_math(g, p, unpack_moment(m), mx.exp(unpack_moment(v)) - V_FLOOR, lr, scale,
+                                b1, b2, eps, wd)
+    u = mx.random.uniform(shape=p.shape, key=key)
+    return p32.astype(p.dtype), pack_moment(m32, u), pack_moment(mx.log(v32 + V_FLOOR), 1 - u)
+
+
 _adamw_kernel = mx.compile(_adamw_dense)
+_adamw_int8_kernel = mx.compile(_adamw_int8_state)
 
 
 def _leaves(tree, path: tuple = ()):
@@ -692,21 +815,39 @@ def _set(tree, path: tuple, value) -> None:
     _at(tree, path[:-1])[path[-1]] = value
 
 
+def _rows(tree, start: int, end: int):
+    """Rows start:end (first axis) of every array in a nested dict."""
+    return tree_map(lambda a: a[start:end], tree)
+
+
 class FusedAdamW(optim.Optimizer):
     """AdamW with mlx.optimizers.AdamW's math (defaults: no bias correction), as one compiled
     kernel per tensor (float32 arithmetic) instead of a chain of separate passes, with the
     gradient's scale (mean over tokens, clipping) folded in through `grad_scale`. Moments are
-    float32 whatever the parameters' dtype (mlx.optimizers keep them in the parameters' dtype)."""
+    float32 whatever the parameters' dtype (mlx.optimizers keep them in the parameters' dtype).
 
-    def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    `state_bits=8` (other math, checked against the float32 step's loss by the benchmark) keeps
+    both moments as int8 codes (`pack_moment`; 1.125 bytes an element instead of 4) for tensors
+    whose last axis is a multiple of MOMENT_GROUP. Large tensors are updated UPDATE_CHUNK
+    elements (whole rows of the first axis) at a time."""
+
+    def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 state_bits: int = 32):
         super().__init__()
+        if state_bits not in (8, 32):
+            raise ValueError(f"state_bits={state_bits}: use 32 (float32 moments) or 8 (int8 moments)")
         self._maybe_schedule("learning_rate", learning_rate)
         self.betas, self.eps, self.weight_decay = (float(betas[0]), float(betas[1])), float(eps), float(weight_decay)
+        self.state_bits = state_bits
         self.grad_scale = mx.array(1.0, dtype=mx.float32)
 
     def init_single(self, parameter: mx.array, state: dict):
-        state["m"] = mx.zeros(parameter.shape, dtype=mx.float32)
-        state["v"] = mx.zeros(parameter.shape, dtype=mx.float32)
+        zeros = mx.zeros(parameter.shape, dtype=mx.float32)
+        if self.state_bits == 8 and parameter.shape[-1] % MOMENT_GROUP == 0:
+            state["m"] = pack_moment(zeros)
+            state["v"] = pack_moment(mx.log(zeros + V_FLOOR))
+        else:
+            state["m"], state["v"] = zeros, mx.zeros(parameter.shape, dtype=mx.float32)
 
     def update(self, model: nn.Module, gradients: dict) -> None:
         """As Optimizer.update, but one tensor at a time, each evaluated before the next, and each
@@ -717,22 +858,46 @@ class FusedAdamW(optim.Optimizer):
         for name, scheduler in self._schedulers.items():
             self.state[name] = scheduler(self.step)
         self.state["step"] = self.step + 1
-        updated = tree_map(lambda p: p, model.trainable_parameters())  # same arrays; leaves replaced below
         for path, holder, key in _leaves(gradients):
             gradient = holder[key]
             holder[key] = None  # the caller's reference goes: the gradient is freed once used
-            parameter, state = _at(updated, path), _at(self.state, path)
-            new = self.apply_single(gradient, parameter, state)
+            new = self._update_tensor(gradient, _at(model, path), _at(self.state, path))
             del gradient
+            _set(model, path, new)  # into the model at once: the old weights go now, not after every tensor
+
+    def _update_tensor(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        """The new weights of one tensor (its moments replaced in `state`), a block of rows at a time."""
+        rows = parameter.shape[0] if parameter.ndim > 1 else 1
+        per_block = max(1, UPDATE_CHUNK // max(parameter.size // rows, 1))
+        if rows <= per_block or parameter.ndim == 1:
+            new = self.apply_single(gradient, parameter, state)
             mx.eval(new, state)
-            _set(updated, path, new)
-        model.update(updated)
+            return new
+        pieces, moments = [], {"m": [], "v": []}
+        for start in range(0, rows, per_block):
+            end = min(start + per_block, rows)
+            part = {"m": _rows(state["m"], start, end), "v": _rows(state["v"], start, end)}
+            pieces.append(self.apply_single(gradient[start:end], parameter[start:end], part))
+            mx.eval(pieces[-1], part)
+            moments["m"].append(part["m"])
+            moments["v"].append(part["v"])
+        for name, parts in moments.items():
+            state[name] = (mx.concatenate(parts) if isinstance(parts[0], mx.array)
+                           else {k: mx.concatenate([p[k] for p in parts]) for k in parts[0]})
+        new = mx.concatenate(pieces)
+        mx.eval(new, state)
+        return new
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         lr = self.learning_rate.astype(mx.float32)
         (b1, b2), eps, wd = self.betas, self.eps, self.weight_decay
-        p, state["m"], state["v"] = _adamw_kernel(gradient, parameter, state["m"], state["v"], lr, self.grad_scale,
-                                                  b1, b2, eps, wd)
+        if isinstance(state["m"], dict):
+            key = mx.random.randint(0, 1 << 31, (2,)).astype(mx.uint32)  # from the step's seeded RNG
+            p, state["m"], state["v"] = _adamw_int8_kernel(gradient, parameter, state["m"], state["v"], lr,
+                                                           self.grad_scale, key, b1, b2, eps, wd)
+            return p
+        p, state["m"], state["v"] = _adamw_kernel(gradient, parameter, state["m"], state["v"], lr,
+                                                  self.grad_scale, b1, b2, eps, wd)
         return p
 
 
@@ -793,6 +958,7 @@ def estimate_for_config(model_config: dict, config: TrainConfig, frozen: str, se
         grad_checkpoint=config.grad_checkpoint, frozen_path=frozen, attention=attention,
         grad_accumulation=config.grad_accumulation, master=config.master_dtype,
         fused_update=fused, lean_gradients=lean_gradients(config), loss_chunk=config.loss_chunk,
+        moment_bits=8 if fused and config.optimizer_state == "int8" else 32,
     )
 
 
@@ -850,7 +1016,7 @@ def make_optimizer(config: TrainConfig, steps: int) -> optim.Optimizer:
     schedule = lr_schedule(config, steps)
     if config.optimizer == "adamw" and config.fused_update:
         return FusedAdamW(learning_rate=schedule, betas=config.betas, eps=config.eps,
-                          weight_decay=config.weight_decay)
+                          weight_decay=config.weight_decay, state_bits=8 if config.optimizer_state == "int8" else 32)
     if config.optimizer == "adamw":
         return optim.AdamW(learning_rate=schedule, betas=list(config.betas), eps=config.eps,
                            weight_decay=config.weight_decay)

@@ -205,6 +205,7 @@ def estimate_peak(
     fused_update: bool = False,
     lean_gradients: bool = False,
     loss_chunk: int = 0,
+    moment_bits: int = 32,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one grouped-training step.
 
@@ -222,7 +223,8 @@ def estimate_peak(
     `master` "float32" / "compute" (a master copy of the group's experts and routers in that dtype);
     `fused_update` the grouped trainer's FusedAdamW (float32 moments, one tensor updated at a time);
     `lean_gradients` the experts' gradients in the compute dtype, whatever the master's;
-    `loss_chunk` tokens per cross-entropy chunk (0: all logits at once).
+    `loss_chunk` tokens per cross-entropy chunk (0: all logits at once);
+    `moment_bits` 8 for the fused update's int8 moments (1.125 bytes an element with their scales).
     """
     problems = []
     if optimizer not in ("adamw", "adafactor"):
@@ -231,6 +233,8 @@ def estimate_peak(
         problems.append(f"frozen_path={frozen_path!r}: use 'qmm' or 'dequant'")
     if master not in (None, "float32", "compute"):
         problems.append(f"master={master!r}: use 'float32' or 'compute'")
+    if moment_bits not in (8, 32):
+        problems.append(f"moment_bits={moment_bits}: use 32 (float32 moments) or 8 (int8 moments)")
     if loss_chunk < 0:
         problems.append(f"loss_chunk={loss_chunk} must be >= 0 (tokens; 0 for no chunking)")
     if attention not in ("materialized", "fused"):
@@ -297,11 +301,10 @@ def estimate_peak(
     frozen_moe = max(len(window) - g, 0)
     frozen = 0
     if frozen_path == "dequant" and frozen_moe:
-        # Measured on CUDA (H200, 8B shapes): the backward peak sits 13-15 GB above weights, state and
-        # gradients, nearly independent of the tokens (group 4: 14.9 GB at 2,048, 14.3 at 10,240),
-        # 0.36 GB lower per frozen layer fewer (group 8: 12.8), 4.4 GB lower on the qmm path. Not
-        # explained yet; every frozen layer's stacks bound it from above (groups 4-8: 5-14% high).
-        frozen = per_layer_experts * frozen_moe
+        # Checkpointed, the grouped trainer walks the layers (`walk_loss_and_grad`): one frozen
+        # layer's stacks are dequantized at a time, and their transposes for its input gradient.
+        # As one graph (no checkpointing), every frozen layer's stacks stay for the backward pass.
+        frozen = per_layer_experts * (min(frozen_moe, 2) if grad_checkpoint else frozen_moe)
 
     # The group's trained copies, gradients, optimizer state and update transient.
     group_dequant = expert_elems * cb
@@ -320,9 +323,12 @@ def estimate_peak(
         if optimizer == "adamw":
             optimizer_state = state_elems * master_bytes  # mlx.optimizers keep moments in the weights' dtype
         if fused_update and optimizer == "adamw":
-            optimizer_state = state_elems * 4  # float32 moments
-            # One tensor at a time: the largest stack's new weights and moments, and its float32 gradient.
-            optimizer_update = E * D * M * (master_bytes + 4 + 4 + 4)
+            state_bytes = 4 if moment_bits == 32 else 1.125  # int8 codes, float32 scale and bias per 64
+            optimizer_state = int(state_elems * state_bytes)
+            # One tensor at a time, UPDATE_CHUNK (2**25) elements at a time: a chunk's float32
+            # temporaries, and the largest stack's new weights and moments before they replace the old.
+            stack = E * D * M
+            optimizer_update = int(min(stack, 1 << 25) * (master_bytes + 4 * 4) + stack * (master_bytes + 2 * state_bytes))
 
     inputs = dict(
         group_size=group_size, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
@@ -331,7 +337,7 @@ def estimate_peak(
         frozen_path=frozen_path, attention=attention, optimizer_state_bytes=optimizer_state_bytes,
         grad_accumulation=grad_accumulation, baseline=baseline, config=dict(config), master=master,
         fused_update=fused_update, lean_gradients=lean_gradients,
-        loss_chunk=loss_chunk,
+        loss_chunk=loss_chunk, moment_bits=moment_bits,
     )
     return MemoryEstimate(
         # The group's int8 copy stays in `weights`: it is the reference for update retention.
