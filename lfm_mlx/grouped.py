@@ -160,6 +160,9 @@ class TrainConfig(BaseModel):
             problems.append(f"group_stride={self.group_stride} > group_size={self.group_size} leaves layers untrained")
         if any(f < 0 for f in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
             problems.append(f"splits={list(self.splits)} must be three fractions >= 0 summing to 1")
+        if self.optimizer_state == "int8" and not (self.optimizer == "adamw" and self.fused_update):
+            problems.append(f"optimizer_state='int8' needs the fused AdamW (optimizer=adamw, fused_update=true), "
+                            f"not optimizer={self.optimizer}, fused_update={str(self.fused_update).lower()}")
         if not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas={list(self.betas)} must lie in [0, 1)")
         if problems:
@@ -630,7 +633,7 @@ def _one_ahead(work, in_flight):
     """Start `work` on the device, then wait for `in_flight` (the previous layer's): Python builds
     the next layer's graph while the device runs this one, and at most two layers' temporaries
     exist at once (an unbounded async_eval held 20.6 GB of them at the 8B shapes; waiting for each
-    layer in turn cost 16% more time)."""
+    layer in turn cost 13% more time)."""
     mx.async_eval(work)
     if in_flight is not None:
         mx.eval(in_flight)

@@ -223,8 +223,11 @@ class GrowingReader:
         return MemoryReading(active=used, peak=used, cache=0, rss=used)
 
 
-def test_hard_stop_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tiny_moe_mixed_dir, rows_path, tmp_path):
-    common = dict(optimizer="adafactor", steps_per_group=3, stochastic_rounding=True)
+@pytest.mark.parametrize("optimizer", [dict(optimizer="adafactor"), dict(optimizer_state="int8")],
+                         ids=["adafactor", "adamw-int8-moments"])  # int8: its packed moments and random rounding resume too
+def test_hard_stop_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tiny_moe_mixed_dir, rows_path, tmp_path,
+                                                                                 optimizer):
+    common = dict(**optimizer, steps_per_group=3, stochastic_rounding=True)
     reference = GroupedMoETrainer(make_config(tiny_moe_mixed_dir, rows_path, tmp_path / "ref", **common)).train()
 
     config = make_config(tiny_moe_mixed_dir, rows_path, tmp_path / "run", **common)
@@ -378,6 +381,9 @@ def test_config_reports_every_problem_at_once(tmp_path):
     assert text.startswith("x.yaml: 4 problem(s)")
     for part in ("learning_rate", "optimizer", "group_stride", "did you mean 'learning_rate'"):
         assert part in text
+    with pytest.raises(ConfigError, match="optimizer_state='int8' needs the fused AdamW.*optimizer=adafactor"):
+        TrainConfig.from_dict({"model": "m", "data": ["d.jsonl"], "run_dir": "r", "optimizer": "adafactor",
+                               "optimizer_state": "int8"})
 
 
 def test_yaml_paths_are_relative_to_the_file_and_cli_overrides_win(tmp_path):
