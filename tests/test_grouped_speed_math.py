@@ -48,15 +48,28 @@ def as_np(tree) -> dict[str, np.ndarray]:
     return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(tree)}
 
 
+def token_batch(length: int, seed: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Two rows of `length` random inputs and targets, about 70% of the positions trained."""
+    inputs = mx.random.randint(0, 1024, (2, length), key=mx.random.key(seed))
+    targets = mx.random.randint(0, 1024, (2, length), key=mx.random.key(seed + 1))
+    return inputs, targets, mx.random.uniform(shape=(2, length), key=mx.random.key(seed + 2)) > 0.3
+
+
+def assert_same_gradients(got, ref) -> None:
+    """The same names (experts' 3 stacks and router of 2 layers) and values (float32 tolerance)."""
+    got, ref = as_np(got), as_np(ref)
+    assert sorted(got) == sorted(ref) and len(ref) == 8
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------- pieces
 
 
 def test_chunked_loss_equals_the_full_loss_and_its_gradient():
     model = tiny_model()
     activate_group(model, [4, 5], mx.float32)
-    inputs = mx.random.randint(0, 1024, (2, 37), key=mx.random.key(3))
-    targets = mx.random.randint(0, 1024, (2, 37), key=mx.random.key(4))
-    mask = mx.random.uniform(shape=(2, 37), key=mx.random.key(5)) > 0.3
+    inputs, targets, mask = token_batch(37, seed=3)
 
     def full(m):
         return masked_loss(forward_logits(m, inputs, 4), targets, mask)[0]
@@ -67,28 +80,20 @@ def test_chunked_loss_equals_the_full_loss_and_its_gradient():
     ref_value, ref = nn.value_and_grad(model, full)(model)
     value, got = nn.value_and_grad(model, chunked)(model)
     assert value.item() == pytest.approx(ref_value.item(), rel=1e-5)
-    ref, got = as_np(ref), as_np(got)
-    assert sorted(got) == sorted(ref) and len(ref) == 8  # experts (3 stacks) and router of 2 layers
-    for name in ref:
-        np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-6)
+    assert_same_gradients(got, ref)
 
 
 def test_the_layer_walk_gives_the_whole_graph_gradients():
     """walk_loss_and_grad (one layer's backward at a time) = value_and_grad of the plain forward."""
     model = tiny_model()
     activate_group(model, [2, 3], mx.float32)
-    inputs = mx.random.randint(0, 1024, (2, 29), key=mx.random.key(6))
-    targets = mx.random.randint(0, 1024, (2, 29), key=mx.random.key(7))
-    mask = mx.random.uniform(shape=(2, 29), key=mx.random.key(8)) > 0.3
+    inputs, targets, mask = token_batch(29, seed=6)
 
     (ref_loss, ref_n), ref = nn.value_and_grad(model, lambda m: masked_loss(m(inputs), targets, mask))(model)
     for chunk in (0, 10):
         (loss, n), got = walk_loss_and_grad(model, inputs, targets, mask, 2, loss_chunk=chunk)
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5) and n.item() == ref_n.item()
-        want, have = as_np(ref), as_np(got)
-        assert sorted(have) == sorted(want) and len(want) == 8  # experts (3 stacks) and router of 2 layers
-        for name in want:
-            np.testing.assert_allclose(have[name], want[name], rtol=1e-4, atol=1e-6)
+        assert_same_gradients(got, ref)
     # the trainer's entry point takes the walk when checkpointing
     (loss, _), got = make_loss_and_grad(model, 2, grad_checkpoint=True)(model, inputs, targets, mask)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
