@@ -870,9 +870,9 @@ class FusedAdamW(optim.Optimizer):
 
     def _update_tensor(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         """The new weights of one tensor (its moments replaced in `state`), a block of rows at a time."""
-        rows = parameter.shape[0] if parameter.ndim > 1 else 1
+        rows = parameter.shape[0] if parameter.ndim > 1 else 1  # a vector is one row
         per_block = max(1, UPDATE_CHUNK // max(parameter.size // rows, 1))
-        if rows <= per_block or parameter.ndim == 1:
+        if rows <= per_block:
             new = self.apply_single(gradient, parameter, state)
             mx.eval(new, state)
             return new
