@@ -160,7 +160,7 @@ def train_on_rows(model: nn.Module, tokenizer, rows: list[dict], config: Pretrai
         if not math.isfinite(value):
             raise FloatingPointError(f"pretrain loss became {value} at step {step}; lower --lr (now {config.learning_rate})")
         logs.append({"step": step, "loss": round(value, 4), "grad_norm": round(grad_norm.item(), 4),
-                     "lr": float(optimizer.learning_rate), "tokens": batch.inputs.size,
+                     "lr": float(optimizer.learning_rate), "tokens": int((batch.targets != pad_id).sum().item()),
                      "seconds": round(time.perf_counter() - started, 2)})
         bar.set_postfix(loss=f"{value:.3f}")
         if on_step is not None:
