@@ -20,6 +20,11 @@ def tiny_moe_dir(models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_moe_dir(models_dir) -> Path:
+    return write_synthetic_model(models_dir / "demo-moe", "demo-moe", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_dense_dir(models_dir) -> Path:
     return write_synthetic_model(models_dir / "tiny-dense", "tiny-dense", seed=0)
 

@@ -22,7 +22,7 @@ def mlx_logits(model_dir, dtype=None) -> np.ndarray:
     return np.array(model(mx.array([TOKENS])).astype(mx.float32))
 
 
-@pytest.mark.parametrize("fixture", ["tiny_dense_dir", "tiny_moe_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_dense_dir", "tiny_moe_dir", "demo_moe_dir"])
 def test_float32_logits_match_transformers(fixture, request):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
