@@ -51,7 +51,8 @@ def probe(preset: str, args) -> dict:
     mx.random.seed(args.seed)
     with tempfile.TemporaryDirectory() as scratch:
         model, _ = load(write_synthetic_model(Path(scratch) / "m", preset, seed=args.seed), dtype=mx.float32)
-    init_for_training(model, args.seed)
+        init_for_training(model, args.seed)
+        mx.eval(model.parameters())  # materialized before the scratch files go
     optimizer = optim.AdamW(learning_rate=args.lr, weight_decay=0.0)
     loss_and_grad = nn.value_and_grad(model, lambda m, x, y, s: loss_and_accuracy(m, x, y, s)[0])
     eval_batch = probe_batch(128, args.words, args.gap)  # one fixed batch, so curves are comparable
