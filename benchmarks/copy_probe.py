@@ -15,7 +15,6 @@ Writes benchmarks/results/copy_probe-<device>.json: per preset, copy accuracy an
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -25,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
+from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.models import load
 from lfm_mlx.pretrain import init_for_training
 from lfm_mlx.synthetic import PRESETS, write_synthetic_model
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
               "processor": platform.processor(), "mlx_version": mx.__version__,
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "presets": results}
     out = Path(args.out or Path(__file__).parent / "results" / f"copy_probe-{device}.json")
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_json(out, report)  # a killed run leaves the last good result in place
     print(f"wrote {out}")
     return 0
 
