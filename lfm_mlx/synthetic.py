@@ -1,7 +1,7 @@
 """Synthetic LFM2 / LFM2-MoE model directories in the Hugging Face layout.
 
 Seeded random weights, a real byte-level BPE tokenizer trained with `tokenizers` (LFM2's special
-tokens, llama3-style pre-tokenizer split), and the LFM2.5 (or LFM2) chat template. Tests and the
+tokens, llama3-style pre-tokenizer split, merges that never join a letter to what precedes it), and the LFM2.5 (or LFM2) chat template. Tests and the
 demo use these instead of downloading weights; every code path must take a real model unchanged.
 """
 
@@ -41,6 +41,12 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+# BPE merges are learned inside runs of letters, of digits and of everything else, so no merge joins
+# a letter to the space or quote before it: a word gets the same tokens after a space (in a request)
+# as after `='` (in a pythonic call), and copying a value is copying tokens. With llama3's split
+# alone, " cedar" and "cedar" start with different tokens, which a tiny model copies badly.
+MERGE_SPLIT = r"\p{L}+|\p{N}{1,3}|[^\p{L}\p{N}]+"
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 
@@ -142,13 +148,12 @@ def build_tokenizer(vocab_size: int):
     """Train a byte-level BPE tokenizer of exactly `vocab_size` tokens (padded with reserved tokens)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    def byte_level_split(pattern: str):
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
     tokenizer = Tokenizer(models.BPE(byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    tokenizer.pre_tokenizer = byte_level_split(MERGE_SPLIT)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -157,6 +162,7 @@ def build_tokenizer(vocab_size: int):
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.pre_tokenizer = byte_level_split(LLAMA3_SPLIT)  # what LFM2 (and llama.cpp's lfm2) apply
     # Pad to the exact size with reserved special tokens (real LFM2 vocabularies carry reserved ones).
     missing = vocab_size - tokenizer.get_vocab_size()
     reserved = [AddedToken(f"<|reserved_{i}|>", special=True) for i in range(max(missing, 0))]

@@ -2,13 +2,16 @@
 
 The `task` surface is Hermes-style (browser navigate / search / click, terminal, file read / search /
 write, plus weather, calendar and email): the demo teaches it and evaluates it. The `pretrain`
-surface (music, translation, timers, recipes, ...: other tool names and domains) is what
-`lfm_mlx.pretrain` gives the tiny base its general tool-call ability on, so the base knows the call
-syntax but starts near zero on the task.
+surface is what `lfm_mlx.pretrain` gives the tiny base its general tool-call ability on: other domains
+(music, translation, timers, recipes, ...) and "sibling" tools that serve the task's kinds of request
+under other names (`cat_file` for `read_file`, a bare site for `https://...`). So the base knows the
+call syntax and how to copy a value out of a request, but calls none of the task's tools: it starts
+near zero on the task.
 
 A prompt is an intent's phrasing (`open {site}`), inside a wrapper (terse `{p}` or colloquial `hey,
 can you {p}?`), with fillers (`site` = `cedar-docs.org`). Phrasings, wrappers and word fillers each
-have a training pool and a held-out pool. Training rows use training pools only. A `test` suite case
+have a training pool and a held-out pool; most training fillers are made-up words, so a model must
+copy values rather than recall them. Training rows use training pools only. A `test` suite case
 puts a training phrasing in a held-out wrapper with held-out fillers: its prompt never occurs in
 training (`check_disjoint` asserts it on the rows actually written), but its parts do, so a small
 model can generalize to it. A `paraphrase` case uses a held-out phrasing ("pull up {site} in the
@@ -24,7 +27,7 @@ import argparse
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,38 +71,82 @@ _TLDS = ["com", "org", "io", "dev", "net"]
 _EXTS = ["txt", "md", "py", "json", "log", "yaml", "csv"]
 
 
-def _pick(rng: random.Random, train: list, held: list, is_held: bool):
-    return rng.choice(held if is_held else train)
+# A filler pool: "train" (task rows, dev suite), "held" (held-out suites), or "known" (the pre-training
+# surface: every word a base has met, the held-out ones included, as a real base knows every word;
+# no task row and no held-out prompt comes from it).
+POOLS = ("train", "held", "known")
 
 
-def _word(rng: random.Random, held: bool) -> str:
-    return _pick(rng, _WORDS, _HELD_WORDS, held)
+def _made_up_words(sources: list[str], n: int, seed: str) -> list[str]:
+    """`n` word-like fillers spliced from two source words (`cedar` + `lotus` -> `cetus`), none a real one.
+
+    Rows draw most of their words from these, so a value is rarely seen twice: with a few dozen real
+    words, a tiny model learns to write its favourite training words instead of copying the request's
+    (measured: held-out values answered with training ones)."""
+    rng, real, out = random.Random(seed), set(_WORDS + _HELD_WORDS), set()
+    while len(out) < n:
+        a, b = rng.sample(sources, 2)
+        word = a[:rng.randint(2, len(a) - 1)] + b[rng.randint(1, len(b) - 2):]
+        if 4 <= len(word) <= 9 and word not in real:
+            out.add(word)
+    return sorted(out)
 
 
-def _dir(rng: random.Random, held: bool) -> str:
-    return rng.choice(["/home/user/{w}", "src/{w}", "~/{w}", "/var/{w}", "docs/{w}"]).format(w=_word(rng, held))
+_MADE_UP = {"train": _made_up_words(_WORDS, 1500, "train"), "known": _made_up_words(_WORDS + _HELD_WORDS, 3000, "known")}
+MADE_UP_SHARE = 0.7  # of word, name and city fillers in the train and known pools
 
 
-def _file(rng: random.Random, held: bool) -> str:
-    return f"{_dir(rng, held)}/{_word(rng, held)}.{rng.choice(_EXTS)}"
+def _pick(rng: random.Random, train: list, held: list, pool: str, shape: Callable[[str], str] | None = None):
+    """A filler from `pool`. With `shape`, train / known fillers are usually a made-up word, shaped."""
+    if pool == "held":
+        return rng.choice(held)
+    if shape is not None and rng.random() < MADE_UP_SHARE:
+        return shape(rng.choice(_MADE_UP[pool]))
+    return rng.choice(train + held if pool == "known" else train)
 
 
-def _site(rng: random.Random, held: bool) -> str:
+def _word(rng: random.Random, pool: str) -> str:
+    return _pick(rng, _WORDS, _HELD_WORDS, pool, shape=str)
+
+
+def _name(rng: random.Random, pool: str) -> str:
+    return _pick(rng, _NAMES, _HELD_NAMES, pool, shape=str)
+
+
+def _city(rng: random.Random, pool: str) -> str:
+    return _pick(rng, _CITIES, _HELD_CITIES, pool, shape=str.capitalize)
+
+
+def _topic(rng: random.Random, pool: str) -> str:
+    if pool != "held" and rng.random() < MADE_UP_SHARE:
+        return f"{_word(rng, pool)} {_word(rng, pool)} {rng.choice(['tips', 'guide', 'basics', 'reviews', 'news'])}"
+    return _pick(rng, _TOPICS, _HELD_TOPICS, pool)
+
+
+def _dir(rng: random.Random, pool: str) -> str:
+    return rng.choice(["/home/user/{w}", "src/{w}", "~/{w}", "/var/{w}", "docs/{w}"]).format(w=_word(rng, pool))
+
+
+def _file(rng: random.Random, pool: str) -> str:
+    return f"{_dir(rng, pool)}/{_word(rng, pool)}.{rng.choice(_EXTS)}"
+
+
+def _site(rng: random.Random, pool: str) -> str:
     form = rng.choice(["{a}.{t}", "{a}-{b}.{t}", "{a}.{t}/{b}", "docs.{a}.{t}"])
-    return form.format(a=_word(rng, held), b=_word(rng, held), t=rng.choice(_TLDS))
+    return form.format(a=_word(rng, pool), b=_word(rng, pool), t=rng.choice(_TLDS))
 
 
-def _command(rng: random.Random, held: bool) -> str:
+def _command(rng: random.Random, pool: str) -> str:
     form = rng.choice([
         "ls -la {d}", "du -sh {d}", "tail -n {n} {f}", "grep -rn {w} {d}", "python {w}.py", "pip install {w}",
         "wc -l {f}", "cat {f}", "git log --oneline -n {n}", "make {w}", "mkdir -p {d}", "git checkout {w}",
     ])
-    return form.format(d=_dir(rng, held), f=_file(rng, held), w=_word(rng, held), n=rng.randint(2, 50))
+    return form.format(d=_dir(rng, pool), f=_file(rng, pool), w=_word(rng, pool), n=rng.randint(2, 50))
 
 
-def _howto(rng: random.Random, held: bool) -> dict:
+def _howto(rng: random.Random, pool: str) -> dict:
     """A task described in words and the command that does it (for no-tool how-to answers)."""
-    d, f, w = _dir(rng, held), _file(rng, held), _word(rng, held)
+    d, f, w = _dir(rng, pool), _file(rng, pool), _word(rng, pool)
     task, command = rng.choice([
         (f"list the files in {d}", f"ls -la {d}"), (f"count the lines of {f}", f"wc -l {f}"),
         (f"see how big {d} is", f"du -sh {d}"), (f"install the {w} package", f"pip install {w}"),
@@ -108,15 +155,14 @@ def _howto(rng: random.Random, held: bool) -> dict:
     return {"task": task, "command": command, "tool_name": command.split()[0]}
 
 
-def _title(rng: random.Random, held: bool) -> str:
-    return f"{_word(rng, held).capitalize()} {rng.choice(['Docs', 'Home', 'Blog', 'Wiki', 'Store', 'News'])}"
+def _title(rng: random.Random, pool: str) -> str:
+    return f"{_word(rng, pool).capitalize()} {rng.choice(['Docs', 'Home', 'Blog', 'Wiki', 'Store', 'News'])}"
 
 
-# Slot makers: each returns a dict of slot values. A slot's value is drawn from the training pools or
-# (held=True) the held-out pools wherever it carries words.
+# Slot makers: each returns a dict of slot values, its words drawn from a pool (`POOLS`).
 SLOT_MAKERS: dict[str, Callable[[random.Random, bool], dict]] = {
     "site": lambda r, h: {"site": _site(r, h), "title": _title(r, h)},
-    "query": lambda r, h: {"query": _pick(r, _TOPICS, _HELD_TOPICS, h), "title": _title(r, h), "site": _site(r, h),
+    "query": lambda r, h: {"query": _topic(r, h), "title": _title(r, h), "site": _site(r, h),
                            "title2": _title(r, h)},
     "click": lambda r, h: {"label": _pick(r, _LABELS, _HELD_LABELS, h), "ref": f"e{r.randint(2, 99)}",
                            "title": _title(r, h)},
@@ -126,16 +172,16 @@ SLOT_MAKERS: dict[str, Callable[[random.Random, bool], dict]] = {
     "search": lambda r, h: {"pattern": _word(r, h), "dir": _dir(r, h), "hit": _file(r, h), "line": r.randint(2, 400)},
     "write": lambda r, h: {"path": _file(r, h), "content": f"{_word(r, h)} {_word(r, h)} {_word(r, h)}",
                            "bytes": r.randint(12, 4000)},
-    "weather": lambda r, h: {"city": _pick(r, _CITIES, _HELD_CITIES, h), "temp": r.randint(-9, 35),
+    "weather": lambda r, h: {"city": _city(r, h), "temp": r.randint(-9, 35),
                              "cond": r.choice(_CONDITIONS)},
     "event": lambda r, h: {"event": f"{_word(r, h)} {r.choice(['sync', 'review', 'lunch', 'call', 'standup'])}",
                            "date": r.choice(_DATES), "eid": f"evt{r.randint(100, 999)}"},
-    "email": lambda r, h: {"to": f"{_pick(r, _NAMES, _HELD_NAMES, h)}@{_word(r, h)}.com",
+    "email": lambda r, h: {"to": f"{_name(r, h)}@{_word(r, h)}.com",
                            "subject": f"{_word(r, h)} {r.choice(['update', 'notes', 'plan', 'invoice'])}",
                            "mid": f"m{r.randint(1000, 9999)}"},
     "howto": _howto,
     # pretrain surface
-    "song": lambda r, h: {"song": f"{_word(r, h)} {_word(r, h)}".title(), "artist": _pick(r, _NAMES, _HELD_NAMES, h).title(),
+    "song": lambda r, h: {"song": f"{_word(r, h)} {_word(r, h)}".title(), "artist": _name(r, h).title(),
                           "minutes": r.randint(2, 7)},
     "translate": lambda r, h: {"text": f"{_word(r, h)} {_word(r, h)}", "language": r.choice(["French", "German", "Spanish", "Italian", "Dutch"]),
                                "translation": f"le {_word(r, h)}"},
@@ -149,9 +195,9 @@ SLOT_MAKERS: dict[str, Callable[[random.Random, bool], dict]] = {
                            "target": r.choice(["JPY", "CHF", "CAD", "AUD"]), "converted": round(r.uniform(5, 9000), 2)},
     "room": lambda r, h: {"room": r.choice(["kitchen", "bedroom", "office", "hallway", "garage"]) + (f" {_word(r, h)}" if r.random() < 0.5 else "")},
     "word": lambda r, h: {"word": _word(r, h), "meaning": f"a kind of {_word(r, h)}"},
-    "person": lambda r, h: {"person": _pick(r, _NAMES, _HELD_NAMES, h).title()},
-    "package": lambda r, h: {"tracking": f"1Z{r.randint(10000, 99999)}{_word(r, h)[:2].upper()}", "where": _pick(r, _CITIES, _HELD_CITIES, h)},
-    "news": lambda r, h: {"topic": _pick(r, _TOPICS, _HELD_TOPICS, h).split()[-1], "count": r.randint(2, 9), "headline": _title(r, h)},
+    "person": lambda r, h: {"person": _name(r, h).title()},
+    "package": lambda r, h: {"tracking": f"1Z{r.randint(10000, 99999)}{_word(r, h)[:2].upper()}", "where": _city(r, h)},
+    "news": lambda r, h: {"topic": _topic(r, h).split()[-1], "count": r.randint(2, 9), "headline": _title(r, h)},
     "todo": lambda r, h: {"todo": f"{r.choice(['buy', 'fix', 'call', 'clean'])} the {_word(r, h)}", "priority": r.choice(["low", "medium", "high"])},
 }
 
@@ -193,6 +239,7 @@ class Intent:
 @dataclass(frozen=True)
 class Surface:
     name: str
+    pool: str  # where its rows' fillers come from: "train" (the task) or "known" (pre-training)
     tools: dict[str, dict]
     intents: tuple[Intent, ...]
     categories: tuple[str, ...]  # suite categories, in report order
@@ -365,9 +412,48 @@ PRETRAIN_INTENTS = (
            answer="Why did the {word} blush? It saw the salad dressing.", contains=("{word}",), wrap=False),
 )
 
-TASK = Surface("task", TASK_TOOLS, TASK_INTENTS, ("browser", "terminal", "file", "apps", "no_tool", "finalization"))
-PRETRAIN = Surface("pretrain", PRETRAIN_TOOLS, PRETRAIN_INTENTS,
-                   ("media", "language", "money", "food", "home", "chat", "finalization"))
+# The pre-training surface's own take on the task's kinds of request: other tool names, bare URLs, and a
+# no-tool how-to answer without the command. It stands in for what a real base knows before it meets
+# *your* schemas (that "read docs/x.md" means copying the path into a read call), while calling none of
+# the task's tools: the base starts near zero on the task, and the demo's training teaches the names
+# and formats. Only training phrasings and wrappers are used.
+SIBLING_TOOLS = {t["function"]["name"]: t for t in [
+    _tool("open_url", "Load a web page.", url="string"),
+    _tool("find_online", "Query a search engine.", query="string"),
+    _tool("press", "Press an element.", ref="string"),
+    _tool("shell", "Execute in a shell.", command="string"),
+    _tool("cat_file", "Print a file.", path="string"),
+    _tool("grep_dir", "Grep a folder.", pattern="string", path="string"),
+    _tool("save_file", "Store text in a file.", path="string", content="string"),
+    _tool("forecast", "Weather forecast.", city="string"),
+    _tool("calendar_add", "New calendar entry.", title="string", date="string"),
+    _tool("mail", "Mail someone.", to="string", subject="string"),
+]}
+# Task intent -> its sibling tool. The arguments keep the task's keys (`path`, `url`, `query`: what a
+# real base has seen in countless schemas) but not its formats (a bare site, no `https://`).
+_SIBLING_NAMES = {"navigate": "open_url", "search": "find_online", "click": "press", "terminal": "shell",
+                  "read": "cat_file", "grep": "grep_dir", "write": "save_file", "weather": "forecast",
+                  "event": "calendar_add", "email": "mail"}
+
+
+def _sibling(intent: Intent) -> Intent:
+    """A task intent as the pre-training surface asks it: same training phrasings, its own call."""
+    category = "sibling_" + intent.category  # held-out phrasings stay in suites only, as everywhere
+    if intent.name == "howto":
+        return replace(intent, category=category, answer="That is a shell job: ask me to run it, or type it yourself.",
+                       contains=("shell job",))
+    if intent.tool is None:
+        return replace(intent, category=category, answer="Hello! I handle pages, shells and files, and music too.",
+                       contains=("music",))
+    arguments = {key: "{site}" if spec == "https://{site}" else spec for key, spec in intent.arguments.items()}
+    return replace(intent, category=category, tool=_SIBLING_NAMES[intent.name], arguments=arguments)
+
+
+TASK = Surface("task", "train", TASK_TOOLS, TASK_INTENTS, ("browser", "terminal", "file", "apps", "no_tool", "finalization"))
+PRETRAIN = Surface("pretrain", "known", {**PRETRAIN_TOOLS, **SIBLING_TOOLS},
+                   PRETRAIN_INTENTS + tuple(_sibling(intent) for intent in TASK_INTENTS),
+                   ("media", "language", "money", "food", "home", "chat", "sibling_browser", "sibling_terminal",
+                    "sibling_file", "sibling_apps", "sibling_no_tool", "finalization"))
 SURFACES = {"task": TASK, "pretrain": PRETRAIN}
 
 
@@ -392,10 +478,10 @@ def _fill(spec: Any, slots: dict) -> Any:
     return slots[lone.group(1)] if lone else spec.format(**slots)
 
 
-def _slots(intent: Intent, rng: random.Random, held: bool) -> dict:
+def _slots(intent: Intent, rng: random.Random, pool: str) -> dict:
     slots: dict = {}
     for maker in intent.makers:
-        slots.update(SLOT_MAKERS[maker](rng, held))
+        slots.update(SLOT_MAKERS[maker](rng, pool))
     return slots
 
 
@@ -471,7 +557,7 @@ def generate_rows(n: int, seed: int = 0, surface: str | Surface = "task", tools_
     rows = []
     for index in range(n):
         intent, final = _choose(surface, rng, rng.choices(categories, [weights[c] for c in categories])[0])
-        slots = _slots(intent, rng, held=False)
+        slots = _slots(intent, rng, surface.pool)
         prompt, _, _ = _prompt(intent, rng, slots, "train")
         messages, gold = _conversation(intent, final, prompt, slots)
         names = _tool_list(surface, rng, intent.tool, tools_per_row)
@@ -521,7 +607,7 @@ def build_suite(surface: str | Surface = "task", split: str = "test", per_catego
                 raise ValueError(f"category {category!r} of surface {surface.name!r} has fewer than {per_category} "
                                  f"distinct {split} prompts; lower per_category or add phrasings")
             intent, final = _choose(surface, rng, category)
-            slots = _slots(intent, rng, held)
+            slots = _slots(intent, rng, "held" if held else surface.pool)
             prompt, phrasing, wrapper = _prompt(intent, rng, slots, split)
             if prompt in seen:
                 continue  # a suite asks each prompt once

@@ -1,12 +1,12 @@
-"""The whole pipeline, shortened (`DemoConfig.quick`): every stage runs for real, the 4-bit fuse is
-judged, the exported model agrees with MLX, and `mlx_lm.server` serves the demo's fused model:
-calls as structured `tool_calls` with finish_reason "tool_calls", plain answers as content.
+"""The README's demo, as `lfm-mlx demo` runs it (`DemoConfig()`, about 8 minutes on a 2-core CPU):
+every stage runs for real, training raises the held-out pass rate stage by stage (base < grouped <
+LoRA repair), the fused 8-bit model and its GGUF in llama.cpp keep it, the 4-bit fuse is judged,
+and `mlx_lm.server` serves the fused model: calls as structured `tool_calls` with finish_reason
+"tool_calls", plain answers as content.
 
-Not asserted yet (issue 8): the learning ordering base < trained < repaired. The tiny base does not
-learn the task's tools from the demo's training within its CPU budget (README, Status), so every
-stage scores near 0% on the held-out suite.
-
-The demo runs once per module (a few minutes on a 2-core CPU); each test reads its run directory.
+The shortened `DemoConfig.quick` (18 cases, fewer steps) runs every stage too, but one case is 6
+points there, and LoRA's gain over grouped training (6 points on 48 cases) is within that noise.
+The demo runs once per module; each test reads its run directory.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ FOLDERS = dict(zip(STAGES, ["base", "trained", "repaired", "fused8", "gguf"]))
 def demo(tmp_path_factory) -> tuple[Path, dict]:
     pytest.importorskip("llama_cpp")
     root = tmp_path_factory.mktemp("demo")
-    summary = run_demo(DemoConfig.quick(str(root / "run"), str(root / "cache")))
+    summary = run_demo(DemoConfig(run_dir=str(root / "run")))
     return root / "run", summary
 
 
@@ -57,13 +57,26 @@ def test_every_stage_runs_and_leaves_its_reports(demo):
         assert (run / name).stat().st_size > 0
     assert (run / "repair_datasets" / "demo" / "manifest.json").is_file()
     # 8 bits keep the fine-tune; 4 bits are judged by the same gate, and measurably further from it.
-    # (The full demo's 4-bit fuse is refused; the quick demo's small LoRA may survive 4 bits.)
     fused8, fused4 = summary["fidelity_8bit"], summary["fidelity_4bit"]
     assert fused8["passed"] and fused8["answer_agreement"] >= 0.9 and fused8["fine_tune_kept"] > 0.95
-    # Measured: 6.3x in the quick demo (LoRA lr 5e-4, 40 steps); 4-bit rounding is 16x coarser.
+    # 4-bit rounding is 16x coarser than 8-bit.
     assert fused4["mean_kl"] > 3 * fused8["mean_kl"]
     assert (run / "fused-4bit").is_dir() == fused4["passed"]
     assert fused4["passed"] == (not fused4["reasons"])
+
+
+@pytest.mark.slow
+def test_training_raises_the_held_out_pass_rate_and_fusion_keeps_it(demo):
+    _, summary = demo
+    rates = summary["pass_rates"]
+    # The base calls its own (sibling) tools, never the task's; its passes are finalization turns,
+    # whose answers the pre-training surface shares.
+    base = summary["metrics"]["base"]["per_category"]
+    assert all(base[c]["pass_rate"] == 0 for c in ("browser", "terminal", "file", "apps")), base
+    # Measured on this box: 8% -> 27% -> 33%, fused 33%.
+    assert rates["base"] < rates["trained"] < rates["repaired"], rates
+    assert rates["trained"] >= rates["base"] + 0.1, rates
+    assert abs(rates["fused 8-bit"] - rates["repaired"]) <= 0.02, rates
 
 
 @pytest.mark.slow
@@ -99,7 +112,6 @@ def test_mlx_lm_server_serves_the_fused_model_with_structured_tool_calls(demo, t
             plain += 1  # no call: a plain answer
             assert got["content"] and got["finish_reason"] in ("stop", "length"), (case["id"], got)
     # The server decodes in the stored bf16 and the in-process eval in float32 (CPU gather_mm), so an
-    # untrained model's near-ties may decode differently: the test checks the serving contract, not
-    # identical text. Plain answers are checked where the model gives them; the quick demo's model
-    # may call a tool for every prompt (issue 8: no learning yet), so only calls must occur.
+    # model's near-ties may decode differently: the test checks the serving contract, not identical text.
     assert calls >= 1, f"no structured call among {len(served['cases'])} held-out prompts ({plain} plain answers)"
+    assert plain >= 1, f"no plain answer among {len(served['cases'])} held-out prompts ({calls} calls)"

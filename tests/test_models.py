@@ -89,6 +89,25 @@ def test_mlx_layout_round_trip(tiny_moe_dir, tmp_path):
     assert tok_config["tool_parser_type"] == "pythonic"
 
 
+@pytest.mark.parametrize("value", ["docs/cedar/maple.md", "git checkout frost", "Lisbon", "moss garden ideas",
+                                   "https://heron-inlet.dev", "send it to zelda@quill.com"])
+def test_a_value_has_the_same_tokens_in_a_request_and_in_a_call(tiny_moe_dir, value):
+    """No BPE merge joins a letter to the space or quote before it, so copying an argument from the
+    request into a pythonic call is copying its tokens (what a tiny demo model can learn)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_moe_dir)
+    value_ids = tokenizer.encode(value, add_special_tokens=False)
+
+    def holds_value(text: str) -> bool:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return any(ids[i:i + len(value_ids)] == value_ids for i in range(len(ids)))
+
+    assert holds_value(f"please read {value} now")  # after a space
+    assert holds_value(f"read_file(path='{value}')")  # after `='`
+    assert holds_value(f'{{"path": "{value}"}}')  # after a JSON quote
+
+
 def test_hub_id_offline_gives_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

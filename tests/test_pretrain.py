@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import mlx.core as mx
 import mlx_lm
@@ -84,3 +85,25 @@ def test_bad_settings_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="invalid pretrain settings"):
         pt.pretrain(tmp_path / "never", config, progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_the_shipped_demo_base_is_the_one_its_command_makes_and_loads_in_mlx_lm():
+    from mlx_lm import load as mlx_lm_load
+
+    path = pt.shipped_base()
+    report = json.loads((path / pt.REPORT_NAME).read_text())
+    assert report["settings"] == asdict(pt.SHIPPED_CONFIG)
+    assert report["command"] == pt.command(pt.SHIPPED_CONFIG, "DIR") and "--loss-on assistant" in report["command"]
+    model, tokenizer = mlx_lm_load(str(path))
+    assert len(model.layers) == 6 and tokenizer.encode("open acorn.io")
+
+
+def test_a_damaged_shipped_base_fails_with_the_command_that_rebuilds_it(tmp_path, monkeypatch):
+    import shutil
+
+    damaged = tmp_path / "demo-moe"
+    shutil.copytree(pt.SHIPPED_BASE, damaged)
+    (damaged / pt.REPORT_NAME).write_text("{not json")
+    monkeypatch.setattr(pt, "SHIPPED_BASE", damaged)
+    with pytest.raises(FileNotFoundError, match="python -m lfm_mlx.pretrain --out .*--loss-on assistant"):
+        pt.shipped_base()

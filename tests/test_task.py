@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
@@ -103,12 +104,15 @@ def test_held_out_pools_are_disjoint_from_training_pools():
     for surface in task.SURFACES.values():
         for intent in surface.intents:
             assert intent.held_phrasings and not set(intent.phrasings) & set(intent.held_phrasings), intent.name
+    # Made-up fillers are never a real word of either pool.
+    real = set(task._WORDS + task._HELD_WORDS)
+    assert not set(task._MADE_UP["train"] + task._MADE_UP["known"]) & real
     assert not set(task.HELD_CHAT_WRAPPERS) & {"{p}"}
     # A test prompt is a training phrasing in a held-out wrapper; a paraphrase prompt a held-out phrasing.
     rng = random.Random(0)
     for intent in task.TASK_INTENTS:
         for _ in range(20):
-            slots = task._slots(intent, rng, held=True)
+            slots = task._slots(intent, rng, "held")
             _, phrasing, wrapper = task._prompt(intent, rng, slots, "test")
             assert phrasing in intent.phrasings and wrapper in task.HELD_WRAPPERS + task.HELD_CHAT_WRAPPERS
             _, phrasing, _ = task._prompt(intent, rng, slots, "paraphrase")
@@ -117,6 +121,21 @@ def test_held_out_pools_are_disjoint_from_training_pools():
 
 def test_surfaces_share_no_tool_names():
     assert not set(task.TASK_TOOLS) & set(task.PRETRAIN_TOOLS)
+    assert not set(task.TASK_TOOLS) & set(task.PRETRAIN.tools)  # sibling tools included
+
+
+def _filler_words(rows: list[dict]) -> set[str]:
+    return {w for row in rows for m in row["messages"] for w in re.findall(r"[a-z]+", str(m.get("content") or "")
+                                                                            + str(m.get("tool_calls") or ""))}
+
+
+def test_task_rows_never_show_held_out_words_and_mostly_made_up_ones():
+    task_words = _filler_words(task.generate_rows(400, seed=0))
+    assert not task_words & set(task._HELD_WORDS)
+    made_up = task_words & set(task._MADE_UP["train"])
+    assert len(made_up) > 300  # values rarely repeat, so a model must copy them, not recall them
+    # The pre-training surface knows every word, the task's held-out ones included (a real base does).
+    assert _filler_words(task.generate_rows(400, seed=0, surface="pretrain")) & set(task._HELD_WORDS)
 
 
 def test_bad_settings_fail_clearly():
