@@ -160,7 +160,7 @@ def _title(rng: random.Random, pool: str) -> str:
 
 
 # Slot makers: each returns a dict of slot values, its words drawn from a pool (`POOLS`).
-SLOT_MAKERS: dict[str, Callable[[random.Random, bool], dict]] = {
+SLOT_MAKERS: dict[str, Callable[[random.Random, str], dict]] = {  # (rng, pool) -> slots
     "site": lambda r, h: {"site": _site(r, h), "title": _title(r, h)},
     "query": lambda r, h: {"query": _topic(r, h), "title": _title(r, h), "site": _site(r, h),
                            "title2": _title(r, h)},
