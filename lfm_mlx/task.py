@@ -417,23 +417,20 @@ PRETRAIN_INTENTS = (
 # *your* schemas (that "read docs/x.md" means copying the path into a read call), while calling none of
 # the task's tools: the base starts near zero on the task, and the demo's training teaches the names
 # and formats. Only training phrasings and wrappers are used.
-SIBLING_TOOLS = {t["function"]["name"]: t for t in [
-    _tool("open_url", "Load a web page.", url="string"),
-    _tool("find_online", "Query a search engine.", query="string"),
-    _tool("press", "Press an element.", ref="string"),
-    _tool("shell", "Execute in a shell.", command="string"),
-    _tool("cat_file", "Print a file.", path="string"),
-    _tool("grep_dir", "Grep a folder.", pattern="string", path="string"),
-    _tool("save_file", "Store text in a file.", path="string", content="string"),
-    _tool("forecast", "Weather forecast.", city="string"),
-    _tool("calendar_add", "New calendar entry.", title="string", date="string"),
-    _tool("mail", "Mail someone.", to="string", subject="string"),
-]}
-# Task intent -> its sibling tool. The arguments keep the task's keys (`path`, `url`, `query`: what a
-# real base has seen in countless schemas) but not its formats (a bare site, no `https://`).
-_SIBLING_NAMES = {"navigate": "open_url", "search": "find_online", "click": "press", "terminal": "shell",
-                  "read": "cat_file", "grep": "grep_dir", "write": "save_file", "weather": "forecast",
-                  "event": "calendar_add", "email": "mail"}
+#
+# Task tool -> (its sibling, the sibling's description). A sibling keeps the task tool's parameters
+# (`path`, `url`, `query`: keys a real base has seen in countless schemas) but not their formats (a
+# bare site, no `https://`).
+_SIBLINGS = {
+    "browser_navigate": ("open_url", "Load a web page."), "web_search": ("find_online", "Query a search engine."),
+    "browser_click": ("press", "Press an element."), "terminal": ("shell", "Execute in a shell."),
+    "read_file": ("cat_file", "Print a file."), "search_files": ("grep_dir", "Grep a folder."),
+    "write_file": ("save_file", "Store text in a file."), "get_weather": ("forecast", "Weather forecast."),
+    "create_event": ("calendar_add", "New calendar entry."), "send_email": ("mail", "Mail someone."),
+}
+SIBLING_TOOLS = {name: {**TASK_TOOLS[task_name], "function": {**TASK_TOOLS[task_name]["function"], "name": name,
+                                                               "description": description}}
+                 for task_name, (name, description) in _SIBLINGS.items()}
 
 
 def _sibling(intent: Intent) -> Intent:
@@ -446,7 +443,7 @@ def _sibling(intent: Intent) -> Intent:
         return replace(intent, category=category, answer="Hello! I handle pages, shells and files, and music too.",
                        contains=("music",))
     arguments = {key: "{site}" if spec == "https://{site}" else spec for key, spec in intent.arguments.items()}
-    return replace(intent, category=category, tool=_SIBLING_NAMES[intent.name], arguments=arguments)
+    return replace(intent, category=category, tool=_SIBLINGS[intent.tool][0], arguments=arguments)
 
 
 TASK = Surface("task", "train", TASK_TOOLS, TASK_INTENTS, ("browser", "terminal", "file", "apps", "no_tool", "finalization"))
