@@ -1,8 +1,9 @@
 """Synthetic LFM2 / LFM2-MoE model directories in the Hugging Face layout.
 
 Seeded random weights, a real byte-level BPE tokenizer trained with `tokenizers` (LFM2's special
-tokens, llama3-style pre-tokenizer split, merges that never join a letter to what precedes it), and the LFM2.5 (or LFM2) chat template. Tests and the
-demo use these instead of downloading weights; every code path must take a real model unchanged.
+tokens, llama3-style pre-tokenizer split, merges that never join a letter to what precedes it), and
+the LFM2.5 (or LFM2) chat template. Tests and the demo use these instead of downloading weights;
+every code path must take a real model unchanged.
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ def _made_up_words(sources: list[str], n: int, seed: str) -> list[str]:
     return sorted(out)
 
 
-_MADE_UP = {"train": _made_up_words(_WORDS, 1500, "train"), "known": _made_up_words(_WORDS + _HELD_WORDS, 3000, "known")}
+_MADE_UP = {"train": _made_up_words(_WORDS, 1500, "train"),
+            "known": _made_up_words(_WORDS + _HELD_WORDS, 3000, "known")}
 MADE_UP_SHARE = 0.7  # of word, name and city fillers in the train and known pools
 
 
