@@ -44,8 +44,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, run_dir: str) -> "DemoConfig":
-        return cls(run_dir=run_dir, task_rows=400,
-                   cases_per_category=3, lora_steps=100)
+        return cls(run_dir=run_dir, task_rows=400, cases_per_category=3, lora_steps=100)
 
 
 @dataclass

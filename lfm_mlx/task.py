@@ -74,7 +74,6 @@ _EXTS = ["txt", "md", "py", "json", "log", "yaml", "csv"]
 # A filler pool: "train" (task rows, dev suite), "held" (held-out suites), or "known" (the pre-training
 # surface: every word a base has met, the held-out ones included, as a real base knows every word;
 # no task row and no held-out prompt comes from it).
-POOLS = ("train", "held", "known")
 
 
 def _made_up_words(sources: list[str], n: int, seed: str) -> list[str]:
@@ -160,7 +159,7 @@ def _title(rng: random.Random, pool: str) -> str:
     return f"{_word(rng, pool).capitalize()} {rng.choice(['Docs', 'Home', 'Blog', 'Wiki', 'Store', 'News'])}"
 
 
-# Slot makers: each returns a dict of slot values, its words drawn from a pool (`POOLS`).
+# Slot makers: each returns a dict of slot values, its words drawn from a pool ("train", "held", "known").
 SLOT_MAKERS: dict[str, Callable[[random.Random, str], dict]] = {  # (rng, pool) -> slots
     "site": lambda r, h: {"site": _site(r, h), "title": _title(r, h)},
     "query": lambda r, h: {"query": _topic(r, h), "title": _title(r, h), "site": _site(r, h),
