@@ -53,7 +53,7 @@ from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
     PROBE_TOKENS, TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config,
     global_norm, lean_gradients, make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params,
-    requantize_group, set_frozen_path,
+    probe_dequant_kernel, requantize_group, set_frozen_path,
 )
 from lfm_mlx.mixed import parameter_bytes, quantize_experts
 from lfm_mlx.models import build_model, cast_floats, compute_dtype
@@ -73,6 +73,10 @@ VARIANTS: dict[str, dict] = {
     "one-graph": {},  # the default, the step as one graph (checkpointed by recompute_in_backward), no layer walk
     "mx-checkpoint": {},  # one-graph, checkpointed with plain mx.checkpoint (see `mx_checkpointed`)
     "float32-gradients": {},  # the default, the experts' gradients cast back to the float32 master's dtype
+    # The expert paths, forced (the default takes the start-up probe's choice): gather_mm over
+    # just-in-time dequantized experts, and padded expert blocks through batched matmuls.
+    "gather-experts": dict(frozen_path="dequant"),
+    "batched-experts": dict(frozen_path="batched"),
     # Other math (not defaults): a bf16 master copy; Adafactor's factored second moment.
     "master-compute": dict(master_dtype="compute"),
     "adafactor": dict(optimizer="adafactor"),
@@ -631,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # What the trainer does at start-up (PROBE_TOKENS, or fewer), and the same at the full length.
     probe_len = min(PROBE_TOKENS, args.seq)
+    results["dequant_kernel"] = probe_dequant_kernel(model, layers[0])
     probe = _section(results, "expert_path_probe", out, lambda: {
         "seq_len": probe_len, "seconds": measure_frozen_paths(model, layers[0], probe_len, dtype, args.seed)})
     _section(results, "block_timings_full_seq", out, lambda: {
@@ -641,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results["mlx"] = {}
     for name in variants:
-        changes, path = VARIANTS[name], chosen
+        changes = VARIANTS[name]
+        path = changes.get("frozen_path", chosen)
         print(f"[grouped_step] mlx {name} ({path}) ...", flush=True)
         try:
             results["mlx"][name] = run_variant(model, layers, batch, args, name, changes, path,

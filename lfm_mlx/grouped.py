@@ -44,10 +44,12 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lfm_mlx import dequant_kernel
 from lfm_mlx.checkpoint import (
     config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
 )
 from lfm_mlx.data import Batch, Example, batch_order, build_dataset, make_batch, masked_loss
+from lfm_mlx.expert_batch import BatchedSwitchGLU
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from lfm_mlx.memory import (
     GB, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop, MemoryReading, MemoryWatchdog,
@@ -127,7 +129,7 @@ class TrainConfig(BaseModel):
     loss_chunk: int = Field(1024, ge=0, description="tokens per cross-entropy chunk (logits recomputed in the "
                                                     "backward pass); 0: the whole batch's logits at once")
     grad_checkpoint: bool = True
-    frozen_path: Literal["auto", "qmm", "dequant"] = "auto"
+    frozen_path: Literal["auto", "qmm", "dequant", "batched"] = "auto"
     stop_gradient: bool = True
     stochastic_rounding: bool = False
     # control
@@ -276,25 +278,37 @@ class TrainableSwitchLinear(SwitchLinear):
         self.group_size, self.bits, self.mode = group_size, bits, mode
         self.lean_gradients = lean_gradients
 
-    def __call__(self, x, indices, sorted_indices=False):
+    def weight_for(self, x: mx.array) -> mx.array:
+        """The experts' weights in x's dtype, cast just in time for x."""
         w = after([self["weight"]], x)[0]
         if w.dtype != x.dtype:
             w = cast_keeping_gradient_dtype(w, x.dtype) if self.lean_gradients else w.astype(x.dtype)
-        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        return w
+
+    def __call__(self, x, indices, sorted_indices=False):
+        return mx.gather_mm(x, self.weight_for(x).swapaxes(-1, -2), rhs_indices=indices,
+                            sorted_indices=sorted_indices)
 
 
 class DequantSwitchLinear(QuantizedSwitchLinear):
     """Frozen int8 experts dequantized just in time and run through gather_mm (same parameters as
     QuantizedSwitchLinear): much faster than gather_qmm's backward on CUDA, more transient memory."""
 
+    def weight_for(self, x: mx.array) -> mx.array:
+        """The experts dequantized to x's dtype."""
+        w = dequant_kernel.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size,
+                                      self.bits, self.mode)
+        return w.astype(x.dtype)
+
     def __call__(self, x, indices, sorted_indices=False):
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode)
-        return mx.gather_mm(x, w.astype(x.dtype).swapaxes(-1, -2), rhs_indices=indices,
+        return mx.gather_mm(x, self.weight_for(x).swapaxes(-1, -2), rhs_indices=indices,
                             sorted_indices=sorted_indices)
 
 
-FROZEN_CLASSES = {"qmm": QuantizedSwitchLinear, "dequant": DequantSwitchLinear}
+# Expert paths: the frozen experts' module, and whether every MoE block runs as padded expert
+# blocks through batched matmuls (`expert_batch`; trainable experts included) or through gather_mm.
+FROZEN_CLASSES = {"qmm": QuantizedSwitchLinear, "dequant": DequantSwitchLinear, "batched": DequantSwitchLinear}
+BATCHED_PATHS = ("batched",)
 
 
 def make_quantized(cls: type, weight: mx.array, scales: mx.array, biases: mx.array | None,
@@ -329,12 +343,18 @@ def _layer_of(name: str) -> int:
 
 
 def set_frozen_path(model: nn.Module, path: str, skip: list[int] = ()) -> None:
-    """Switch every frozen expert stack (outside `skip`) to the `qmm` or `dequant` path."""
+    """Switch every frozen expert stack (outside `skip`) to the `qmm`, `dequant` or `batched` path
+    (`batched` also runs the trained experts as padded expert blocks: `expert_batch`)."""
     cls = FROZEN_CLASSES[path]
     for i in moe_layers(model):
+        ff = _ff(model, i)
+        if path in BATCHED_PATHS and not isinstance(ff.switch_mlp, BatchedSwitchGLU):
+            ff.switch_mlp = BatchedSwitchGLU(ff.switch_mlp)
+        elif path not in BATCHED_PATHS and isinstance(ff.switch_mlp, BatchedSwitchGLU):
+            ff.switch_mlp = ff.switch_mlp.unbatched()
         if i in skip:
             continue
-        switch = _ff(model, i).switch_mlp
+        switch = ff.switch_mlp
         for proj in PROJECTIONS:
             m = getattr(switch, proj)
             if isinstance(m, QuantizedSwitchLinear) and type(m) is not cls:
@@ -711,12 +731,14 @@ def accumulate_gradients(model: nn.Module, loss_and_grad: Callable, batches: lis
 
 
 def global_norm(grads: dict) -> float:
-    """The L2 norm of all gradients (float32); inf or nan when any gradient is. One tensor at a
-    time: a float32 square of every gradient at once would double their memory."""
-    total = 0.0
+    """The L2 norm of all gradients (float32); inf or nan when any gradient is. At most two tensors'
+    float32 squares at a time (`_one_ahead`): all at once would double the gradients' memory, one
+    at a time left the device idle between them (8-10 ms of a 0.25 s step at the 8B shapes)."""
+    total, in_flight = mx.array(0.0, dtype=mx.float32), None
     for _, g in tree_flatten(grads):
-        total += g.astype(mx.float32).square().sum().item()
-    return math.sqrt(total)
+        total = total + g.astype(mx.float32).square().sum()
+        in_flight = _one_ahead(total, in_flight)
+    return math.sqrt(total.item())
 
 
 def apply_update(model: nn.Module, optimizer: optim.Optimizer, grads: dict, grad_clip: float | None,
@@ -915,6 +937,15 @@ def _time(fn: Callable, *args, repeats: int = 3) -> float:
         mx.eval(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def probe_dequant_kernel(model: nn.Module, layer: int) -> dict:
+    """`dequant_kernel.probe` on one MoE layer's frozen gate projection: whether just-in-time
+    dequantization uses the custom CUDA kernel (bit-identical, faster) or mx.dequantize."""
+    q = _ff(model, layer).switch_mlp.gate_proj
+    if not isinstance(q, QuantizedSwitchLinear):
+        return {"choice": "mx.dequantize", "reason": f"layer {layer}'s experts are not quantized"}
+    return dequant_kernel.probe(q.weight, q.scales, q.get("biases"), q.group_size, q.bits, q.mode)
 
 
 def measure_frozen_paths(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype,
@@ -1168,17 +1199,21 @@ class GroupedMoETrainer:
     def _choose_frozen_path(self, model_config: dict, resumed: dict | None) -> dict:
         """The recorded choice on resume (bit-exact replay); else forced, or measured."""
         cfg = self.config
+        # Bit-identical either way, so a resumed run may probe again.
+        kernel = probe_dequant_kernel(self.model, self.schedule.groups[0][0])
         if resumed is not None:
-            return {"choice": resumed["frozen_path"], "reason": "recorded when the run started"}
+            return {"choice": resumed["frozen_path"], "reason": "recorded when the run started",
+                    "dequant_kernel": kernel}
         if cfg.frozen_path != "auto":
-            return {"choice": cfg.frozen_path, "reason": "set in the config"}
+            return {"choice": cfg.frozen_path, "reason": "set in the config", "dequant_kernel": kernel}
         # Long enough that the kernels' launch costs weigh as in a real step; capped so the probe stays short.
         seq = min(PROBE_TOKENS, max(e.n_tokens for e in self.dataset.train))
         layer = self.schedule.groups[0][0]
         times = measure_frozen_paths(self.model, layer, seq, self.dtype, cfg.seed)
         choice = min(times, key=times.get)
         record = {"choice": choice, "reason": "faster forward+backward of one MoE block",
-                  "seconds": times, "seq_len": seq, "layer": layer, "device": str(mx.default_device())}
+                  "seconds": times, "seq_len": seq, "layer": layer, "device": str(mx.default_device()),
+                  "dequant_kernel": kernel}
         if choice != "qmm":
             try:
                 record[f"estimate_{choice}"] = self._admit(model_config, choice)

@@ -213,8 +213,8 @@ def estimate_peak(
     batches of `batch_size` x `seq_len` tokens (the longest example). `group_bits_size` is the
     quantization group (elements per scale/bias pair). The worst case is assumed: the group sits at
     the first MoE layer, so backward runs through every layer from there to the top.
-    `frozen_path`: "qmm" (frozen experts through int8 gather_qmm) or "dequant" (dequantized just in
-    time). `attention`: "materialized" (scores held as fp32 B*H*S*S, as MLX's sdpa backward does on
+    `frozen_path`: "qmm" (frozen experts through int8 gather_qmm), "dequant" (dequantized just in
+    time) or "batched" (dequantized just in time, padded expert blocks: the same weights' memory). `attention`: "materialized" (scores held as fp32 B*H*S*S, as MLX's sdpa backward does on
     CPU) or "fused". `optimizer_state_bytes`: 4 for fp32 state, 2 when the optimizer keeps state in
     a bf16 parameter's dtype. `baseline`: the runtime's bytes before any weight (`runtime_baseline()`).
 
@@ -229,8 +229,8 @@ def estimate_peak(
     problems = []
     if optimizer not in ("adamw", "adafactor"):
         problems.append(f"optimizer={optimizer!r}: use 'adamw' or 'adafactor'")
-    if frozen_path not in ("qmm", "dequant"):
-        problems.append(f"frozen_path={frozen_path!r}: use 'qmm' or 'dequant'")
+    if frozen_path not in ("qmm", "dequant", "batched"):
+        problems.append(f"frozen_path={frozen_path!r}: use 'qmm', 'dequant' or 'batched'")
     if master not in (None, "float32", "compute"):
         problems.append(f"master={master!r}: use 'float32' or 'compute'")
     if moment_bits not in (8, 32):
@@ -300,7 +300,7 @@ def estimate_peak(
     per_layer_experts = E * 3 * D * M * cb
     frozen_moe = max(len(window) - g, 0)
     frozen = 0
-    if frozen_path == "dequant" and frozen_moe:
+    if frozen_path in ("dequant", "batched") and frozen_moe:
         # Checkpointed, the grouped trainer walks the layers (`walk_loss_and_grad`) with at most two
         # in flight: two frozen layers' dequantized stacks (measured at the 8B shapes on an H200:
         # 32.7 GB against 33.7 estimated at 2,048 tokens; 37.5 / 55.1 against 37.1 / 56.8 at 10,240

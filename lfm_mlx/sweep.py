@@ -56,7 +56,8 @@ from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
     TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config, global_norm, lean_gradients,
-    make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params, requantize_group, set_frozen_path,
+    make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params, probe_dequant_kernel,
+    requantize_group, set_frozen_path,
 )
 from lfm_mlx.memory import (
     BACKWARD, GB, PERSISTENT, UPDATE, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop,
@@ -114,8 +115,8 @@ class SweepConfig:
             problems.append(f"--optimizer {self.optimizer!r}: use adamw or adafactor")
         if self.master_dtype not in ("float32", "compute"):
             problems.append(f"--master-dtype {self.master_dtype!r}: use float32 or compute")
-        if self.frozen_path not in ("auto", "qmm", "dequant"):
-            problems.append(f"--frozen-path {self.frozen_path!r}: use auto, qmm or dequant")
+        if self.frozen_path not in ("auto", "qmm", "dequant", "batched"):
+            problems.append(f"--frozen-path {self.frozen_path!r}: use auto, qmm, dequant or batched")
         if self.calibrate not in ("fit", "none"):
             try:
                 if float(self.calibrate) <= 0:
@@ -509,12 +510,14 @@ def prepare(cfg: SweepConfig, log=print) -> _Setup:
         model, config, model_dir = load_model_dir(cfg.model)
     build_s = time.perf_counter() - tick
     moe = moe_layers(model)
+    kernel = probe_dequant_kernel(model, moe[0])
     if cfg.frozen_path == "auto":
         times = measure_frozen_paths(model, moe[0], min(256, batch.inputs.shape[1]), dtype, cfg.seed)
         frozen = {"choice": min(times, key=times.get), "reason": "faster forward+backward of one MoE block",
                   "seconds": times}
     else:
         frozen = {"choice": cfg.frozen_path, "reason": "set on the command line"}
+    frozen["dequant_kernel"] = kernel
     set_frozen_path(model, frozen["choice"])
     gc.collect()
     mx.clear_cache()
@@ -824,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per size; the first is a warm-up (default 3)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
     parser.add_argument("--master-dtype", default="float32", choices=["float32", "compute"])
-    parser.add_argument("--frozen-path", default="auto", choices=["auto", "qmm", "dequant"])
+    parser.add_argument("--frozen-path", default="auto", choices=["auto", "qmm", "dequant", "batched"])
     parser.add_argument("--calibrate", default="fit", help="fit (each size from the smaller ones measured before "
                         "it; the first calibrates itself), none, or a global factor (default fit)")
     parser.add_argument("--budget-gb", type=float, default=64.0, help="machine memory (default 64)")

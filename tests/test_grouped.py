@@ -106,7 +106,8 @@ def test_training_lowers_loss_and_saves_a_loadable_mixed_model(tiny_moe_mixed_di
 
     # The frozen-path measurement and the resolved config are recorded in the run directory.
     frozen = json.loads((tmp_path / "run" / "frozen_path.json").read_text())
-    assert frozen["choice"] in ("qmm", "dequant") and set(frozen["seconds"]) == {"qmm", "dequant"}
+    assert frozen["choice"] in ("qmm", "dequant", "batched") and set(frozen["seconds"]) == {"qmm", "dequant", "batched"}
+    assert frozen["dequant_kernel"] == {"choice": "mx.dequantize", "reason": "not the CUDA backend"}
     resolved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert resolved["steps_per_group"] == 8 and resolved["groups"] == [[2, 3, 4], [5, 6, 7]]
 
