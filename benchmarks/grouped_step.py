@@ -48,6 +48,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 import lfm_mlx.grouped as grouped
+from lfm_mlx import moments
 from lfm_mlx.data import Batch, masked_loss
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
@@ -659,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
             mx.clear_cache()
         atomic_write_json(out, results)
 
+    results["moment_kernel"] = dict(moments.KERNEL)  # decided at the int8 moments' first update, if any ran
     if args.loss_steps:
         _section(results, "loss_comparison", out, loss_comparison, model, layers, dtype, args, chosen)
     if args.long_seq:

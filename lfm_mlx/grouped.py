@@ -55,6 +55,7 @@ from lfm_mlx.memory import (
     GB, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop, MemoryReading, MemoryWatchdog,
     estimate_peak,
 )
+from lfm_mlx.moments import MOMENT_GROUP, V_FLOOR, pack_codes, pack_moment, pack_moment_noisy, unpack_moment
 from lfm_mlx.models import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
 from lfm_mlx.schedule import GroupSchedule
 
@@ -387,14 +388,6 @@ def activate_group(model: nn.Module, layers: list[int], master: mx.Dtype, train_
 
 
 # ---------------------------------------------------------------- requantization and retention
-
-
-def pack_codes(codes: mx.array, bits: int) -> mx.array:
-    """Pack unsigned codes along the last axis into uint32 words, as mx.quantize lays them out."""
-    per = 32 // bits
-    grouped = codes.astype(mx.uint32).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
-    shifts = mx.arange(per, dtype=mx.uint32) * bits
-    return (grouped << shifts).sum(axis=-1).astype(mx.uint32)  # disjoint bit fields: sum == or
 
 
 def quantize_affine(w: mx.array, group_size: int, bits: int, storage: mx.Dtype = STORAGE_DTYPE,
@@ -765,8 +758,6 @@ def apply_update(model: nn.Module, optimizer: optim.Optimizer, grads: dict, grad
 # ---------------------------------------------------------------- fused AdamW
 
 
-MOMENT_GROUP = 64  # elements per scale / bias pair of an int8 moment
-V_FLOOR = 1e-20  # added to the second moment before its logarithm: sqrt(1e-20) is 1e-10, far under eps
 UPDATE_CHUNK = 1 << 25  # elements of one tensor updated at a time (the float32 temporaries scale with it)
 
 
@@ -785,39 +776,25 @@ def _adamw_dense(g, p, m, v, lr, scale, b1, b2, eps, wd):
     return p32.astype(p.dtype), m32.astype(m.dtype), v32.astype(v.dtype)
 
 
-def pack_moment(x: mx.array, offset: mx.array | float = 0.5) -> dict[str, mx.array]:
-    """A float32 moment as 8-bit affine codes (mx.dequantize's layout) with a float32 scale and
-    bias per MOMENT_GROUP elements spanning exactly the group's [min, max] (mx.quantize may pin
-    the larger-magnitude end and clip the other, a bias). `offset` 0.5 rounds to nearest; uniform
-    noise in [0, 1) of x's shape rounds stochastically: the stored value is then unbiased and
-    within one code of x."""
-    groups = x.reshape(*x.shape[:-1], x.shape[-1] // MOMENT_GROUP, MOMENT_GROUP)
-    low = groups.min(axis=-1)
-    scale = (groups.max(axis=-1) - low) / 255
-    units = (groups - low[..., None]) / mx.where(scale == 0, 1.0, scale)[..., None]
-    if not isinstance(offset, float):
-        offset = offset.reshape(units.shape)
-    codes = mx.clip(mx.floor(units + offset), 0, 255).reshape(x.shape)
-    return {"codes": pack_codes(codes, 8), "scales": scale, "biases": low}
-
-
-def unpack_moment(packed: dict[str, mx.array]) -> mx.array:
-    return mx.dequantize(packed["codes"], packed["scales"], packed["biases"], group_size=MOMENT_GROUP, bits=8)
-
-
-def _adamw_int8_state(g, p, m, v, lr, scale, key, b1, b2, eps, wd):
-    """_adamw_math on int8 moments, each rounded stochastically (unbiased): the first moment
-    stored linearly, the second as its logarithm (its values span orders of magnitude within a
-    group; a linear code would round small ones to zero and blow their step up). One uniform draw
-    serves both, as u and 1 - u: each moment's rounding is still unbiased, at half the draws."""
+def _adamw_int8_math(g, p, m, v, lr, scale, b1, b2, eps, wd):
+    """_adamw_math on int8 moments: the new weights, the new first moment and the logarithm of
+    the new second moment (float32), for `_adamw_int8_state` to pack."""
     p32, m32, v32 = _adamw_math(g, p, unpack_moment(m), mx.exp(unpack_moment(v)) - V_FLOOR, lr, scale,
                                 b1, b2, eps, wd)
-    u = mx.random.uniform(shape=p.shape, key=key)
-    return p32.astype(p.dtype), pack_moment(m32, u), pack_moment(mx.log(v32 + V_FLOOR), 1 - u)
+    return p32.astype(p.dtype), m32, mx.log(v32 + V_FLOOR)
+
+
+def _adamw_int8_state(g, p, m, v, lr, scale, seed, b1, b2, eps, wd):
+    """_adamw_math on int8 moments, each stored rounded stochastically (unbiased): the first
+    moment linearly, the second as its logarithm (its values span orders of magnitude within a
+    group; a linear code would round small ones to zero and blow their step up). One noise draw
+    serves both, as u and 1 - u: each moment's rounding is still unbiased, at half the draws."""
+    p, m32, log_v32 = _adamw_int8_kernel(g, p, m, v, lr, scale, b1, b2, eps, wd)
+    return p, pack_moment_noisy(m32, seed), pack_moment_noisy(log_v32, seed, flip=True)
 
 
 _adamw_kernel = mx.compile(_adamw_dense)
-_adamw_int8_kernel = mx.compile(_adamw_int8_state)
+_adamw_int8_kernel = mx.compile(_adamw_int8_math)
 
 
 def _leaves(tree, path: tuple = ()):
@@ -917,9 +894,9 @@ class FusedAdamW(optim.Optimizer):
         lr = self.learning_rate.astype(mx.float32)
         (b1, b2), eps, wd = self.betas, self.eps, self.weight_decay
         if isinstance(state["m"], dict):
-            key = mx.random.randint(0, 1 << 31, (2,)).astype(mx.uint32)  # from the step's seeded RNG
-            p, state["m"], state["v"] = _adamw_int8_kernel(gradient, parameter, state["m"], state["v"], lr,
-                                                           self.grad_scale, key, b1, b2, eps, wd)
+            seed = mx.random.randint(0, 1 << 31, (1,)).astype(mx.uint32)  # from the step's seeded RNG
+            p, state["m"], state["v"] = _adamw_int8_state(gradient, parameter, state["m"], state["v"], lr,
+                                                          self.grad_scale, seed, b1, b2, eps, wd)
             return p
         p, state["m"], state["v"] = _adamw_kernel(gradient, parameter, state["m"], state["v"], lr,
                                                   self.grad_scale, b1, b2, eps, wd)

@@ -1,0 +1,36 @@
+"""The int8 AdamW moments' noise and packing (CPU; the CUDA kernel is checked against the same
+functions bit for bit by its start-up probe)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from lfm_mlx import moments
+from lfm_mlx.moments import moment_noise, pack_moment, pack_moment_noisy, unpack_moment
+
+
+def test_moment_noise_is_uniform_and_follows_its_seed():
+    seed = mx.array(12345, dtype=mx.uint32)
+    u = np.array(moment_noise((512, 1024), seed))
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.002 and abs(u.std() - (1 / 12) ** 0.5) < 0.002
+    assert np.allclose(np.histogram(u, 16, range=(0, 1))[0] / u.size, 1 / 16, atol=0.002)
+    assert abs(np.corrcoef(u.ravel()[:-1], u.ravel()[1:])[0, 1]) < 0.01  # neighbours independent
+    assert np.array_equal(u, np.array(moment_noise((512, 1024), seed)))  # a function of the seed
+    other = np.array(moment_noise((512, 1024), mx.array(12346, dtype=mx.uint32)))
+    assert abs(np.corrcoef(u.ravel(), other.ravel())[0, 1]) < 0.01
+
+
+def test_noisy_packing_is_unbiased_and_off_cuda_uses_mlx():
+    x = mx.random.normal((4, 128), key=mx.random.key(3)) * 10.0 ** mx.linspace(-3, 0, 128)
+    draws = mx.stack([unpack_moment(pack_moment_noisy(x, mx.array(s, dtype=mx.uint32), flip=s % 2 == 1))
+                      for s in range(400)])
+    step = (x.reshape(4, 2, 64).max(-1) - x.reshape(4, 2, 64).min(-1)) / 255
+    assert (mx.abs(draws - x).max(0).reshape(4, 2, 64) <= step[..., None] * 1.01).all().item()  # within a code
+    assert (mx.abs(draws.mean(0) - x).reshape(4, 2, 64) < step[..., None] * 0.15).all().item()  # unbiased
+    assert moments.KERNEL["choice"] == "mlx" and moments.KERNEL["reason"] == "not the CUDA backend"
+    seed = mx.array(7, dtype=mx.uint32)
+    ref = pack_moment(x, 1 - moment_noise(x.shape, seed))
+    got = pack_moment_noisy(x, seed, flip=True)
+    assert all(mx.array_equal(got[k], ref[k]).item() for k in ref)
