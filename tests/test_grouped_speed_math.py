@@ -240,7 +240,7 @@ def test_optimised_defaults_reach_the_straightforward_loss():
     smaller than that."""
     straightforward = final_loss(STRAIGHTFORWARD, "qmm")
     assert straightforward < 0.5 * math.log(1024)  # it learned (from about 7.3 at the start)
-    for path in ("qmm", "dequant"):
+    for path in ("qmm", "dequant", "batched"):
         defaults = final_loss({"loss_chunk": 8}, path)  # 8-token chunks: the chunking runs
         assert abs(defaults - straightforward) < 0.01, (path, defaults, straightforward)
     higher_lr = final_loss(STRAIGHTFORWARD, "qmm", learning_rate=3.3e-4)
