@@ -9,10 +9,12 @@ The MLX side is the trainer's own step (`lfm_mlx.grouped` functions) on the firs
 
 - `straightforward`: the step without the speed levers: a float32 master copy of the group's
   experts, mlx.optimizers.AdamW (float32 moments, separate passes for the mean, the norm and the
-  clipping), full-vocabulary logits at once, per-layer gradient checkpointing;
+  clipping), full-vocabulary logits at once, per-layer gradient checkpointing as one graph, the
+  experts through gather_mm dequantized by mx.dequantize;
 - `default`: TrainConfig's defaults (the fused AdamW update, chunked cross-entropy);
 - one variant per lever, each the default with one setting changed (see VARIANTS).
-Every variant runs the frozen experts on the expert path the start-up probe picks (as the trainer does).
+Every other variant runs the experts on the path the start-up probe picks (as the trainer does),
+or on the one it names (`gather-experts`, `batched-experts`).
 
 Each variant reports step time (median of `--steps` after `--warmup`), tokens/s, the MLX peak of
 the backward and update phases, and what occupies memory (arrays by kind: measured, not
@@ -48,7 +50,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 import lfm_mlx.grouped as grouped
-from lfm_mlx import moments
+from lfm_mlx import dequant_kernel, moments
 from lfm_mlx.data import Batch, masked_loss
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
@@ -282,8 +284,11 @@ def swapped(module, attribute: str, replacement):
 
 # variant -> (module, attribute, replacement): the default with one piece swapped back
 ONE_GRAPH = (sys.modules[__name__], "make_loss_and_grad", functools.partial(grouped.make_loss_and_grad, walk=False))
+# The straightforward step also runs its experts the plain way: gather_mm over experts dequantized
+# by mx.dequantize (the padded expert blocks and the dequantization kernel are levers).
+STRAIGHTFORWARD_PATH = "dequant"
 SWAPS = {
-    "straightforward": [ONE_GRAPH],
+    "straightforward": [ONE_GRAPH, (dequant_kernel, "_enabled", False)],
     "one-graph": [ONE_GRAPH],
     "mx-checkpoint": [ONE_GRAPH, (grouped, "_checkpointed", mx_checkpointed)],
     "float32-gradients": [(sys.modules[__name__], "lean_gradients", lambda cfg: False)],
@@ -301,6 +306,7 @@ def run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: s
 def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: str, changes: dict, path: str,
                  flops: dict | None) -> dict:
     cfg = train_config(changes, args.warmup + args.steps)
+    path = STRAIGHTFORWARD_PATH if name == "straightforward" else path
     runner = GroupStep(model, layers, cfg, path, args.warmup + args.steps, straightforward=name == "straightforward")
     losses, times = [], []
     for i in range(args.warmup + args.steps):
@@ -341,7 +347,8 @@ def loss_curve(model: nn.Module, layers: list[int], batches: list[Batch], change
     with contextlib.ExitStack() as stack:
         for module, attribute, replacement in SWAPS["straightforward"] if straightforward else []:
             stack.enter_context(swapped(module, attribute, replacement))
-        runner = GroupStep(model, layers, cfg, path, steps, straightforward=straightforward)
+        runner = GroupStep(model, layers, cfg, STRAIGHTFORWARD_PATH if straightforward else path, steps,
+                           straightforward=straightforward)
         losses = [runner.step(batches[order[s % len(order)]]) for s in range(steps)]
     total, count = 0.0, 0
     for batch in batches:  # the trained model, before requantization (as the step sees it)
