@@ -79,7 +79,8 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_siz
     return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
 
 
-def _seconds(fn, repeats: int = 5) -> float:
+def best_seconds(fn, repeats: int = 5) -> float:
+    """The fastest of `repeats` timed evaluations of `fn()`, after one untimed (kernel builds)."""
     mx.eval(fn())
     best = float("inf")
     for _ in range(repeats):
@@ -106,8 +107,8 @@ def probe(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: in
     except Exception as err:  # a build or launch failure leaves MLX's own kernel in place
         return {"choice": "mx.dequantize", "reason": f"kernel failed: {type(err).__name__}: {err}"}
     record = {"elements": theirs.size, "differing_elements": differing,
-              "kernel_s": _seconds(lambda: _kernel_dequantize(w, scales, biases, group_size)),
-              "mx_dequantize_s": _seconds(lambda: mx.dequantize(w, scales, biases, group_size=group_size,
+              "kernel_s": best_seconds(lambda: _kernel_dequantize(w, scales, biases, group_size)),
+              "mx_dequantize_s": best_seconds(lambda: mx.dequantize(w, scales, biases, group_size=group_size,
                                                                 bits=bits, mode=mode))}
     if differing:
         return record | {"choice": "mx.dequantize", "reason": f"{differing} elements differ from mx.dequantize"}

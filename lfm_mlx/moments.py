@@ -13,9 +13,9 @@ kernel computes the same codes one group per thread.
 
 from __future__ import annotations
 
-import time
-
 import mlx.core as mx
+
+from lfm_mlx.dequant_kernel import best_seconds
 
 MOMENT_GROUP = 64  # elements per scale / bias pair of an int8 moment
 V_FLOOR = 1e-20  # added to the second moment before its logarithm: sqrt(1e-20) is 1e-10, far under eps
@@ -115,6 +115,7 @@ _SOURCE = """
 
 _kernel = None
 KERNEL = {"choice": None}  # the probe's record; "kernel" once it chose the CUDA kernel
+PROBE_ELEMENTS = 1 << 20  # the probe waits for a moment this large: small ones time launch costs
 
 
 def _kernel_pack(x: mx.array, seed: mx.array, noise: bool, flip: bool) -> dict[str, mx.array]:
@@ -140,22 +141,13 @@ _pack_flipped = mx.compile(lambda x, seed: pack_moment(x, 1 - moment_noise(x.sha
 
 def pack_moment_noisy(x: mx.array, seed: mx.array, flip: bool = False) -> dict[str, mx.array]:
     """`pack_moment` of x rounded stochastically with `moment_noise(x.shape, seed)` (1 - noise
-    with `flip`): through the CUDA kernel once the probe found it identical and faster."""
-    if KERNEL["choice"] is None:
+    with `flip`): through the CUDA kernel once the probe (on the first moment of PROBE_ELEMENTS or
+    more) found it identical and faster."""
+    if KERNEL["choice"] is None and x.size >= PROBE_ELEMENTS:
         probe(x, seed)
     if KERNEL["choice"] == "kernel":
         return _kernel_pack(x, seed, True, flip)
     return (_pack_flipped if flip else _pack)(x, seed)
-
-
-def _seconds(fn, repeats: int = 3) -> float:
-    mx.eval(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def probe(x: mx.array, seed: mx.array) -> dict:
@@ -185,8 +177,8 @@ def probe(x: mx.array, seed: mx.array) -> dict:
     except Exception as err:  # a build or launch failure leaves MLX's graph in place
         KERNEL["reason"] = f"kernel failed: {type(err).__name__}: {err}"
         return KERNEL
-    KERNEL.update(elements=x.size, differing=differing, kernel_s=_seconds(lambda: _kernel_pack(x, seed, True, False)),
-                  mlx_s=_seconds(lambda: reference(False)))
+    KERNEL.update(elements=x.size, differing=differing, mlx_s=best_seconds(lambda: reference(False)),
+                  kernel_s=best_seconds(lambda: _kernel_pack(x, seed, True, False)))
     if differing:
         KERNEL["reason"] = f"{differing} codes, scales or biases differ from MLX's packing"
     elif KERNEL["kernel_s"] < KERNEL["mlx_s"]:

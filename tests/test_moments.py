@@ -29,7 +29,7 @@ def test_noisy_packing_is_unbiased_and_off_cuda_uses_mlx():
     step = (x.reshape(4, 2, 64).max(-1) - x.reshape(4, 2, 64).min(-1)) / 255
     assert (mx.abs(draws - x).max(0).reshape(4, 2, 64) <= step[..., None] * 1.01).all().item()  # within a code
     assert (mx.abs(draws.mean(0) - x).reshape(4, 2, 64) < step[..., None] * 0.15).all().item()  # unbiased
-    assert moments.KERNEL["choice"] == "mlx" and moments.KERNEL["reason"] == "not the CUDA backend"
+    assert moments.probe(x, mx.array(1, dtype=mx.uint32)) == {"choice": "mlx", "reason": "not the CUDA backend"}
     seed = mx.array(7, dtype=mx.uint32)
     ref = pack_moment(x, 1 - moment_noise(x.shape, seed))
     got = pack_moment_noisy(x, seed, flip=True)
