@@ -44,7 +44,7 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lfm_mlx import dequant_kernel
+from lfm_mlx import dequant_kernel, moments
 from lfm_mlx.checkpoint import (
     config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
 )
@@ -1376,6 +1376,8 @@ class GroupedMoETrainer:
         record = {"kind": "group_end", "step": state["global_step"], "epoch": epoch, "phase": phase,
                   "group": index, "layers": layers, "retention": retention, "valid_loss": valid,
                   "seconds": time.perf_counter() - phase_start}
+        if cfg.optimizer_state == "int8":
+            record["moment_kernel"] = dict(moments.KERNEL)  # how the int8 moments were packed
         self._log(record)
         state["history"].append({k: record[k] for k in ("phase", "group", "layers", "valid_loss", "retention")})
         state["layers_done"] = sorted(set(state["layers_done"]) | set(layers))

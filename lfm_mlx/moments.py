@@ -114,8 +114,9 @@ _SOURCE = """
 """
 
 _kernel = None
-KERNEL = {"choice": None}  # the probe's record; "kernel" once it chose the CUDA kernel
 PROBE_ELEMENTS = 1 << 20  # the probe waits for a moment this large: small ones time launch costs
+# The probe's record; choice "kernel" once it chose the CUDA kernel.
+KERNEL = {"choice": None, "reason": f"not probed yet: MLX's packing until a moment of {PROBE_ELEMENTS} elements"}
 
 
 def _kernel_pack(x: mx.array, seed: mx.array, noise: bool, flip: bool) -> dict[str, mx.array]:

@@ -267,6 +267,9 @@ def test_hard_stop_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(
     assert (resumed.model_dir / "model.safetensors").read_bytes() == (reference.model_dir / "model.safetensors").read_bytes()
     kinds = [r["kind"] for r in read_metrics(tmp_path / "run")]
     assert kinds.count("step") == 6 and "resume" in kinds  # records after the checkpoint were not duplicated
+    ends = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "group_end"]
+    if "optimizer_state" in optimizer:  # how the moments were packed (tiny moments: never probed)
+        assert all(e["moment_kernel"]["choice"] in (None, "mlx") for e in ends)
 
 
 def test_cli_exits_with_the_hard_stop_code_and_leaves_a_checkpoint(tiny_moe_mixed_dir, rows_path, tmp_path, capsys):
