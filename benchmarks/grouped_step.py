@@ -306,7 +306,6 @@ def run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: s
 def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: str, changes: dict, path: str,
                  flops: dict | None) -> dict:
     cfg = train_config(changes, args.warmup + args.steps)
-    path = STRAIGHTFORWARD_PATH if name == "straightforward" else path
     runner = GroupStep(model, layers, cfg, path, args.warmup + args.steps, straightforward=name == "straightforward")
     losses, times = [], []
     for i in range(args.warmup + args.steps):
@@ -655,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     results["mlx"] = {}
     for name in variants:
         changes = VARIANTS[name]
-        path = changes.get("frozen_path", chosen)
+        path = STRAIGHTFORWARD_PATH if name == "straightforward" else changes.get("frozen_path", chosen)
         print(f"[grouped_step] mlx {name} ({path}) ...", flush=True)
         try:
             results["mlx"][name] = run_variant(model, layers, batch, args, name, changes, path,

@@ -9,9 +9,10 @@ both gradients run on the backend's dense matmul.
 
 The math is unchanged: padding rows copy a real token, their outputs are never read, so their
 gradients are exactly zero and they add nothing to the weight gradients. The cost is the padding
-(the largest expert's count over the mean; about 1.2-1.5x at 2,048 tokens and 32 experts) and one
-host read per call (the capacity), which is why the trainer measures this path against the
-others at start-up rather than assuming it.
+(the largest expert's count over the mean: 288-304 rows against 256, measured at 2,048 tokens,
+32 experts, top 4) and one host read per call (the capacity), which is why the trainer measures
+this path against the others at start-up rather than assuming it. Measured on an H200 at the
+LFM2.5-8B-A1B shapes: one frozen block's forward + input gradient 3.5 ms against 6.6 ms.
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ class BatchedSwitchGLU(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         indices = mx.stop_gradient(indices)
-        dims = x.shape[-1]
-        source_token, block_row, capacity = expert_layout(indices, self.num_experts())
-        blocks = x.reshape(-1, dims)[source_token].reshape(self.num_experts(), capacity, dims)
+        dims, experts = x.shape[-1], self.num_experts()
+        source_token, block_row, capacity = expert_layout(indices, experts)
+        blocks = x.reshape(-1, dims)[source_token].reshape(experts, capacity, dims)
         hidden = self.activation(_apply(self.up_proj, blocks), _apply(self.gate_proj, blocks))
         out = _apply(self.down_proj, hidden)
         return out.reshape(-1, dims)[block_row].reshape(*indices.shape, dims)

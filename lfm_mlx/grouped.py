@@ -306,10 +306,9 @@ class DequantSwitchLinear(QuantizedSwitchLinear):
                             sorted_indices=sorted_indices)
 
 
-# Expert paths: the frozen experts' module, and whether every MoE block runs as padded expert
-# blocks through batched matmuls (`expert_batch`; trainable experts included) or through gather_mm.
+# Expert paths -> the frozen experts' module. On "batched" every MoE block (trained experts
+# included) runs as padded expert blocks through batched matmuls (`expert_batch`), else gather_mm.
 FROZEN_CLASSES = {"qmm": QuantizedSwitchLinear, "dequant": DequantSwitchLinear, "batched": DequantSwitchLinear}
-BATCHED_PATHS = ("batched",)
 
 
 def make_quantized(cls: type, weight: mx.array, scales: mx.array, biases: mx.array | None,
@@ -349,9 +348,9 @@ def set_frozen_path(model: nn.Module, path: str, skip: list[int] = ()) -> None:
     cls = FROZEN_CLASSES[path]
     for i in moe_layers(model):
         ff = _ff(model, i)
-        if path in BATCHED_PATHS and not isinstance(ff.switch_mlp, BatchedSwitchGLU):
+        if path == "batched" and not isinstance(ff.switch_mlp, BatchedSwitchGLU):
             ff.switch_mlp = BatchedSwitchGLU(ff.switch_mlp)
-        elif path not in BATCHED_PATHS and isinstance(ff.switch_mlp, BatchedSwitchGLU):
+        elif path != "batched" and isinstance(ff.switch_mlp, BatchedSwitchGLU):
             ff.switch_mlp = ff.switch_mlp.unbatched()
         if i in skip:
             continue

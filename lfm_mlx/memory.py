@@ -214,8 +214,9 @@ def estimate_peak(
     quantization group (elements per scale/bias pair). The worst case is assumed: the group sits at
     the first MoE layer, so backward runs through every layer from there to the top.
     `frozen_path`: "qmm" (frozen experts through int8 gather_qmm), "dequant" (dequantized just in
-    time) or "batched" (dequantized just in time, padded expert blocks: the same weights' memory). `attention`: "materialized" (scores held as fp32 B*H*S*S, as MLX's sdpa backward does on
-    CPU) or "fused". `optimizer_state_bytes`: 4 for fp32 state, 2 when the optimizer keeps state in
+    time) or "batched" (dequantized just in time, padded expert blocks: the same weights' memory).
+    `attention`: "materialized" (scores held as fp32 B*H*S*S, as MLX's sdpa backward does on CPU)
+    or "fused". `optimizer_state_bytes`: 4 for fp32 state, 2 when the optimizer keeps state in
     a bf16 parameter's dtype. `baseline`: the runtime's bytes before any weight (`runtime_baseline()`).
 
     The grouped trainer's settings, when given (None keeps the older description through
