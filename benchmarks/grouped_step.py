@@ -47,6 +47,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 import lfm_mlx.grouped as grouped
@@ -56,7 +57,7 @@ from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
     PROBE_TOKENS, TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config,
     global_norm, lean_gradients, make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params,
-    probe_dequant_kernel, requantize_group, set_frozen_path,
+    probe_dequant_kernel, probe_row_gather, requantize_group, set_frozen_path,
 )
 from lfm_mlx.mixed import parameter_bytes, quantize_experts
 from lfm_mlx.models import build_model, cast_floats, compute_dtype
@@ -215,20 +216,27 @@ class GroupStep:
     def step(self, batch: Batch) -> float:
         """One optimizer step; records the backward and update peaks and the gradients' bytes."""
         mlx_sync_reset()
+        ticks = [time.perf_counter()]  # each phase ends in a host read or an evaluation: wall time is device time
         if self.straightforward:  # as the trainer ran it: mean gradients, a norm for the log, clip
             loss_sum, trained, grads = accumulate_gradients(self.model, self.loss_and_grad, [batch])
             backward, grad_bytes = mx.get_peak_memory(), tree_bytes(grads)
+            ticks.append(time.perf_counter())
             norm = global_norm(grads)
+            ticks.append(time.perf_counter())
             mx.reset_peak_memory()
             apply_update(self.model, self.optimizer, grads, self.cfg.grad_clip)
         else:  # as the trainer runs it now: summed-loss gradients, 1 / tokens folded into the update
             loss_sum, trained, grads = accumulate_gradients(self.model, self.loss_and_grad, [batch], mean=False)
             backward, grad_bytes = mx.get_peak_memory(), tree_bytes(grads)  # a fused update consumes them
+            ticks.append(time.perf_counter())
             norm = global_norm(grads) / trained
+            ticks.append(time.perf_counter())
             mx.reset_peak_memory()
             apply_update(self.model, self.optimizer, grads, self.cfg.grad_clip, scale=1 / trained, norm=norm)
+        ticks.append(time.perf_counter())
         update = mx.get_peak_memory()
-        self.phases = {"backward_peak": backward, "update_peak": update, "gradients": grad_bytes, "grad_norm": norm}
+        self.phases = {"backward_peak": backward, "update_peak": update, "gradients": grad_bytes, "grad_norm": norm,
+                       "seconds": dict(zip(("gradients", "norm", "update"), np.diff(ticks).tolist()))}
         del grads
         return loss_sum / trained
 
@@ -307,13 +315,16 @@ def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: 
                  flops: dict | None) -> dict:
     cfg = train_config(changes, args.warmup + args.steps)
     runner = GroupStep(model, layers, cfg, path, args.warmup + args.steps, straightforward=name == "straightforward")
-    losses, times = [], []
+    losses, times, phases = [], [], []
     for i in range(args.warmup + args.steps):
         tick = time.perf_counter()
         losses.append(runner.step(batch))
         if i >= args.warmup:
             times.append(time.perf_counter() - tick)
-    result = {"step_s": statistics.median(times), "step_s_all": times, "loss_first": losses[0],
+            phases.append(runner.phases["seconds"])
+    result = {"step_s": statistics.median(times), "step_s_all": times,
+              "phase_s": {name: statistics.median(p[name] for p in phases) for name in phases[0]},
+              "loss_first": losses[0],
               "loss_last": losses[-1], "expert_path": path,
               "settings": {k: v for k, v in cfg.model_dump().items()
                            if k in ("master_dtype", "optimizer", "fused_update", "loss_chunk",
@@ -643,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     # What the trainer does at start-up (PROBE_TOKENS, or fewer), and the same at the full length.
     probe_len = min(PROBE_TOKENS, args.seq)
     results["dequant_kernel"] = probe_dequant_kernel(model, layers[0])
+    results["row_gather_kernel"] = probe_row_gather(model, args.seq)
     probe = _section(results, "expert_path_probe", out, lambda: {
         "seq_len": probe_len, "seconds": measure_frozen_paths(model, layers[0], probe_len, dtype, args.seed)})
     _section(results, "block_timings_full_seq", out, lambda: {

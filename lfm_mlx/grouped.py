@@ -44,7 +44,7 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lfm_mlx import dequant_kernel, moments
+from lfm_mlx import dequant_kernel, moments, row_gather
 from lfm_mlx.checkpoint import (
     config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
 )
@@ -657,32 +657,44 @@ def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, ma
     """((loss sum, trained tokens), grads) like `nn.value_and_grad` of the summed masked loss, by
     walking the layers: a forward pass that keeps only each layer's input from `first_active` up,
     then the backward pass one layer at a time, top down, each layer's forward recomputed in its
-    own `mx.vjp` and evaluated before the next.
+    own `mx.vjp` and evaluated before the next. Expert blocks (`BatchedSwitchGLU`) keep their
+    forward layout for the recomputation: no host read in the backward pass.
 
     The math is per-layer gradient checkpointing, but MLX evaluates one layer's work at a time:
     one graph for the whole step lets its breadth-first evaluation start the recomputation (and
     dequantization) of many layers at once, which held 17.7 GB beyond the weights at the 8B shapes
     (2,048 tokens, group 4). Layers below `first_active` hold nothing trainable: the walk stops there."""
     inner = model.model
-    h = inner.embed_tokens(inputs)
-    masks = {True: create_attention_mask(h, None), False: create_ssm_mask(h, None)}
-    kept, in_flight = {}, None
-    for i, layer in enumerate(inner.layers):
-        if i >= first_active:
-            kept[i] = h
-        h = _one_ahead(layer(h, masks[layer.is_attention_layer]), in_flight)
-        in_flight = h
-    (loss,), (cotangent,) = mx.vjp(lambda x: _head_loss(model, x, targets, mask, loss_chunk)[0], [h],
-                                   [mx.array(1.0, dtype=mx.float32)])
-    trained = mask.astype(mx.bool_).sum()
-    mx.eval(loss, trained, cotangent)
-    flat = {}
-    for i in range(len(inner.layers) - 1, first_active - 1, -1):
-        layer = inner.layers[i]
-        previous = cotangent
-        cotangent, grads = _layer_vjp(layer, kept.pop(i), masks[layer.is_attention_layer], cotangent)
-        _one_ahead([cotangent, grads], previous)
-        flat.update({f"model.layers.{i}.{name}": g for name, g in grads.items()})
+    walked = range(first_active, len(inner.layers))
+    blocks = {i: inner.layers[i].feed_forward.switch_mlp for i in walked
+              if isinstance(getattr(inner.layers[i].feed_forward, "switch_mlp", None), BatchedSwitchGLU)}
+    try:
+        for switch in blocks.values():
+            switch.keep_layout = True
+        h = inner.embed_tokens(inputs)
+        masks = {True: create_attention_mask(h, None), False: create_ssm_mask(h, None)}
+        kept, in_flight = {}, None
+        for i, layer in enumerate(inner.layers):
+            if i >= first_active:
+                kept[i] = h
+            h = _one_ahead(layer(h, masks[layer.is_attention_layer]), in_flight)
+            in_flight = h
+        (loss,), (cotangent,) = mx.vjp(lambda x: _head_loss(model, x, targets, mask, loss_chunk)[0], [h],
+                                       [mx.array(1.0, dtype=mx.float32)])
+        trained = mask.astype(mx.bool_).sum()
+        mx.eval(loss, trained, cotangent)
+        flat = {}
+        for i in reversed(walked):
+            layer = inner.layers[i]
+            previous = cotangent
+            cotangent, grads = _layer_vjp(layer, kept.pop(i), masks[layer.is_attention_layer], cotangent)
+            if i in blocks:
+                blocks[i].kept_layout = None  # the graph holds it now
+            _one_ahead([cotangent, grads], previous)
+            flat.update({f"model.layers.{i}.{name}": g for name, g in grads.items()})
+    finally:
+        for switch in blocks.values():
+            switch.keep_layout, switch.kept_layout = False, None
     return (loss, trained), tree_map_with_path(lambda path, _: flat[path], model.trainable_parameters())
 
 
@@ -922,6 +934,15 @@ def probe_dequant_kernel(model: nn.Module, layer: int) -> dict:
     if not isinstance(q, QuantizedSwitchLinear):
         return {"choice": "mx.dequantize", "reason": f"layer {layer}'s experts are not quantized"}
     return dequant_kernel.probe(q.weight, q.scales, q.get("biases"), q.group_size, q.bits, q.mode)
+
+
+def probe_row_gather(model: nn.Module, tokens: int) -> dict:
+    """`row_gather.probe` at this model's expert-block shapes for `tokens` tokens: whether the
+    rows move between tokens and expert blocks through the CUDA kernels or MLX's gather."""
+    args = model.model.args
+    choices = args.num_experts_per_tok
+    return row_gather.probe(tokens, choices, tokens * choices * 3 // 2, args.hidden_size,
+                            model.model.embed_tokens.weight.dtype)
 
 
 def measure_frozen_paths(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype,
@@ -1176,20 +1197,19 @@ class GroupedMoETrainer:
         """The recorded choice on resume (bit-exact replay); else forced, or measured."""
         cfg = self.config
         # Bit-identical either way, so a resumed run may probe again.
-        kernel = probe_dequant_kernel(self.model, self.schedule.groups[0][0])
-        if resumed is not None:
-            return {"choice": resumed["frozen_path"], "reason": "recorded when the run started",
-                    "dequant_kernel": kernel}
-        if cfg.frozen_path != "auto":
-            return {"choice": cfg.frozen_path, "reason": "set in the config", "dequant_kernel": kernel}
         # Long enough that the kernels' launch costs weigh as in a real step; capped so the probe stays short.
         seq = min(PROBE_TOKENS, max(e.n_tokens for e in self.dataset.train))
+        kernels = {"dequant_kernel": probe_dequant_kernel(self.model, self.schedule.groups[0][0]),
+                   "row_gather_kernel": probe_row_gather(self.model, seq)}
+        if resumed is not None:
+            return {"choice": resumed["frozen_path"], "reason": "recorded when the run started"} | kernels
+        if cfg.frozen_path != "auto":
+            return {"choice": cfg.frozen_path, "reason": "set in the config"} | kernels
         layer = self.schedule.groups[0][0]
         times = measure_frozen_paths(self.model, layer, seq, self.dtype, cfg.seed)
         choice = min(times, key=times.get)
         record = {"choice": choice, "reason": "faster forward+backward of one MoE block",
-                  "seconds": times, "seq_len": seq, "layer": layer, "device": str(mx.default_device()),
-                  "dequant_kernel": kernel}
+                  "seconds": times, "seq_len": seq, "layer": layer, "device": str(mx.default_device())} | kernels
         if choice != "qmm":
             try:
                 record[f"estimate_{choice}"] = self._admit(model_config, choice)

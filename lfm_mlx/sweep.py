@@ -57,7 +57,7 @@ from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
     TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config, global_norm, lean_gradients,
     make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params, probe_dequant_kernel,
-    requantize_group, set_frozen_path,
+    probe_row_gather, requantize_group, set_frozen_path,
 )
 from lfm_mlx.memory import (
     BACKWARD, GB, PERSISTENT, UPDATE, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop,
@@ -511,13 +511,14 @@ def prepare(cfg: SweepConfig, log=print) -> _Setup:
     build_s = time.perf_counter() - tick
     moe = moe_layers(model)
     kernel = probe_dequant_kernel(model, moe[0])
+    gather_kernel = probe_row_gather(model, batch.inputs.shape[1])
     if cfg.frozen_path == "auto":
         times = measure_frozen_paths(model, moe[0], min(256, batch.inputs.shape[1]), dtype, cfg.seed)
         frozen = {"choice": min(times, key=times.get), "reason": "faster forward+backward of one MoE block",
                   "seconds": times}
     else:
         frozen = {"choice": cfg.frozen_path, "reason": "set on the command line"}
-    frozen["dequant_kernel"] = kernel
+    frozen["dequant_kernel"], frozen["row_gather_kernel"] = kernel, gather_kernel
     set_frozen_path(model, frozen["choice"])
     gc.collect()
     mx.clear_cache()

@@ -9,30 +9,93 @@ import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 from test_grouped_speed_math import as_np, tiny_model, token_batch
 
-from lfm_mlx import dequant_kernel
+from lfm_mlx import dequant_kernel, expert_batch
 from lfm_mlx.expert_batch import CAPACITY_MULTIPLE, BatchedSwitchGLU, expert_layout
+from lfm_mlx.row_gather import MISSING, gather_rows, probe, sum_rows
 from lfm_mlx.grouped import (
-    DequantSwitchLinear, TrainableSwitchLinear, activate_group, moe_params, probe_dequant_kernel, requantize_group,
-    set_frozen_path, walk_loss_and_grad,
+    DequantSwitchLinear, TrainableSwitchLinear, activate_group, moe_layers, moe_params, probe_dequant_kernel,
+    requantize_group, set_frozen_path, walk_loss_and_grad,
 )
+
+
+def _check_layout(indices, experts, k, tokens):
+    layout = expert_layout(indices, experts)
+    flat = np.array(indices).reshape(-1)
+    capacity = layout.capacity
+    source_token, block_row = np.array(layout.source_token), np.array(layout.block_row).reshape(-1)
+    block_choice = np.array(layout.block_choice)
+    counts = np.bincount(flat, minlength=experts)
+    assert capacity % CAPACITY_MULTIPLE == 0 and counts.max() <= capacity < counts.max() + CAPACITY_MULTIPLE
+    assert source_token.shape == (experts * capacity,) and block_row.shape == flat.shape
+    assert len(set(block_row.tolist())) == flat.size  # no two choices share a row
+    for choice, row in enumerate(block_row):
+        assert row // capacity == flat[choice]  # in its expert's block
+        assert source_token[row] == choice // k  # fed by its own token
+        assert block_choice[row] == choice  # and the way back
+    assert (block_choice == MISSING).sum() == block_choice.size - flat.size  # every other row is spare
+    assert source_token.max() < tokens  # spare rows repeat real tokens
+    return layout
 
 
 def test_expert_layout_puts_every_choice_in_its_experts_block():
     experts, k = 8, 3
     logits = mx.random.normal((2, 37, experts), key=mx.random.key(4))
     indices = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
-    source_token, block_row, capacity = expert_layout(indices, experts)
+    _check_layout(indices, experts, k, 2 * 37)
 
-    flat = np.array(indices).reshape(-1)
-    counts = np.bincount(flat, minlength=experts)
-    assert capacity % CAPACITY_MULTIPLE == 0 and counts.max() <= capacity < counts.max() + CAPACITY_MULTIPLE
-    source_token, block_row = np.array(source_token), np.array(block_row)
-    assert source_token.shape == (experts * capacity,) and block_row.shape == flat.shape
-    assert len(set(block_row.tolist())) == flat.size  # no two choices share a row
-    for choice, row in enumerate(block_row):
-        assert row // capacity == flat[choice]  # in its expert's block
-        assert source_token[row] == choice // k  # fed by its own token
-    assert source_token.max() < 2 * 37  # spare rows repeat real tokens
+
+def test_a_skewed_routing_gives_the_gather_outputs_and_gradients():
+    """The batched block against mlx-lm's SwitchGLU when one expert takes every token (most rows
+    spare): output, input gradient and every weight gradient, float32."""
+    experts, k, tokens, dims, hidden = 6, 2, 400, 16, 24
+    glu = SwitchGLU(dims, hidden, experts)
+    x = mx.random.normal((tokens, dims), key=mx.random.key(1))
+    second = 1 + np.arange(tokens) % (experts - 1)
+    indices = mx.array(np.stack([np.zeros(tokens, dtype=np.int64), second], axis=1).astype(np.uint32))
+    batched = BatchedSwitchGLU(glu)
+    assert expert_layout(indices, experts).capacity == 400  # the case under test: 5 of 6 blocks mostly spare
+    cotangent = mx.random.normal((tokens, k, dims), key=mx.random.key(2))
+
+    def grads(block):
+        def run(x, params):
+            block.update(params)
+            out = block(x, indices)
+            return (out * cotangent).sum(), out
+        (_, out), grads = mx.value_and_grad(run, argnums=(0, 1))(x, block.trainable_parameters())
+        return out, grads
+
+    ref_out, ref = grads(glu)
+    out, got = grads(batched)
+    np.testing.assert_allclose(np.array(out), np.array(ref_out), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(got[0]), np.array(ref[0]), rtol=1e-5, atol=1e-5)
+    got_w, ref_w = as_np(got[1]), as_np(ref[1])
+    assert sorted(got_w) == sorted(ref_w) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+    for name in ref_w:
+        np.testing.assert_allclose(got_w[name], ref_w[name], rtol=1e-5, atol=1e-5)
+
+
+def test_the_walk_reuses_the_forward_layout_and_forgets_it_after():
+    """In the layer walk each block computes its layout once (forward pass) and the backward's
+    recomputation reuses it; nothing is kept afterwards, so later calls route afresh."""
+    model = tiny_model()
+    set_frozen_path(model, "batched")
+    activate_group(model, [2, 3], mx.float32)
+    calls = []
+    real = expert_batch.expert_layout
+    expert_batch.expert_layout = lambda *a: calls.append(1) or real(*a)
+    try:
+        inputs, targets, mask = token_batch(29, seed=6)
+        walk_loss_and_grad(model, inputs, targets, mask, 2)
+        walked = len(calls)
+        model(inputs)
+    finally:
+        expert_batch.expert_layout = real
+    blocks = moe_layers(model)
+    assert walked == len(blocks)  # once per block, the recomputation read nothing back
+    assert len(calls) == 2 * len(blocks)
+    for i in blocks:
+        switch = model.model.layers[i].feed_forward.switch_mlp
+        assert switch.kept_layout is None and not switch.keep_layout
 
 
 @pytest.mark.parametrize("frozen", ["dequant", "qmm"])
@@ -91,3 +154,15 @@ def test_the_dequantization_kernel_stays_off_outside_cuda():
     assert not dequant_kernel._fits(w, bf16, bf16, 64, 4, "affine")
     assert not dequant_kernel._fits(w, bf16.astype(mx.float32), bf16, 64, 8, "affine")
     assert not dequant_kernel._fits(w, bf16, None, 64, 8, "affine")
+
+
+def test_row_gathers_off_cuda():
+    """The MLX ops behind the row gathers (the CUDA kernels are probed against them bit for bit)."""
+    src = mx.random.normal((5, 8), key=mx.random.key(3))
+    index = mx.array([4, MISSING, 0, 4], dtype=mx.uint32)
+    want = np.array(src)[[4, 0, 0, 4]]
+    want[1] = 0
+    np.testing.assert_array_equal(np.array(gather_rows(src, index)), want)
+    picks = mx.array([[0, 1], [2, 2], [4, 3]], dtype=mx.uint32)
+    np.testing.assert_allclose(np.array(sum_rows(src, picks)), np.array(src)[np.array(picks)].sum(axis=1), rtol=1e-6)
+    assert probe(8, 2, 24, 16, mx.bfloat16) == {"choice": "mlx", "reason": "not the CUDA backend"}
