@@ -86,8 +86,11 @@ VARIANTS: dict[str, dict] = {
     "adafactor": dict(optimizer="adafactor"),
     # AdamW's moments as int8 codes (other math, its loss checked): 8 GB less at group 4, 8B shapes.
     "int8-moments": dict(optimizer_state="int8"),
+    # bf16 trained copies whose updates are rounded stochastically (unbiased), alone and with int8 moments.
+    "stochastic-master": dict(master_dtype="compute-stochastic"),
+    "frugal": dict(master_dtype="compute-stochastic", optimizer_state="int8"),
 }
-OTHER_MATH = ("master-compute", "int8-moments")  # loss curves beside the straightforward one
+OTHER_MATH = ("master-compute", "int8-moments", "stochastic-master", "frugal")  # loss curves beside the straightforward one
 MID = {  # 8B widths, 4 layers (2 MoE), small vocabulary: memory and kernels at full width on a CPU
     "model_type": "lfm2_moe", "vocab_size": 8192, "hidden_size": 2048, "intermediate_size": 7168,
     "moe_intermediate_size": 1792, "num_hidden_layers": 4, "attention_layers": [2],
@@ -688,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ours = results["mlx"].get("default", {})
     ratios = {}
-    for mine in ("default", "int8-moments"):
+    for mine in ("default", "int8-moments", "frugal"):
         measured = results["mlx"].get(mine, {})
         for base in baselines + ["straightforward"]:
             theirs = results["mlx"].get(base, {}) if base == "straightforward" else results.get(base, {})

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -55,7 +56,9 @@ from lfm_mlx.memory import (
     GB, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop, MemoryReading, MemoryWatchdog,
     estimate_peak,
 )
-from lfm_mlx.moments import MOMENT_GROUP, V_FLOOR, pack_codes, pack_moment, pack_moment_noisy, unpack_moment
+from lfm_mlx.moments import (
+    MOMENT_GROUP, V_FLOOR, WEIGHT_STREAM, pack_codes, pack_moment, pack_moment_noisy, round_to_bfloat16, unpack_moment,
+)
 from lfm_mlx.models import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
 from lfm_mlx.schedule import GroupSchedule
 
@@ -122,7 +125,10 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0)
     # numerics
     train_routers: bool = True
-    master_dtype: Literal["float32", "compute"] = "float32"
+    master_dtype: Literal["float32", "compute", "compute-stochastic"] = Field(
+        "float32", description="the trained experts' and routers' copies; compute: in the compute dtype; "
+                               "compute-stochastic: there too, each update rounded stochastically to bfloat16 "
+                               "(unbiased, half a float32 master's memory; other math, fused AdamW only)")
     optimizer_state: Literal["float32", "int8"] = Field("float32", description="AdamW moments of the fused update; "
                                                         "int8: 1.125 bytes an element instead of 4 (other math)")
     fused_update: bool = Field(True, description="AdamW as one compiled kernel per tensor, float32 moments "
@@ -166,6 +172,10 @@ class TrainConfig(BaseModel):
         if self.optimizer_state == "int8" and not (self.optimizer == "adamw" and self.fused_update):
             problems.append(f"optimizer_state='int8' needs the fused AdamW (optimizer=adamw, fused_update=true), "
                             f"not optimizer={self.optimizer}, fused_update={str(self.fused_update).lower()}")
+        if self.master_dtype == "compute-stochastic" and not (self.optimizer == "adamw" and self.fused_update):
+            problems.append(f"master_dtype='compute-stochastic' needs the fused AdamW (optimizer=adamw, "
+                            f"fused_update=true), not optimizer={self.optimizer}, "
+                            f"fused_update={str(self.fused_update).lower()}")
         if not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas={list(self.betas)} must lie in [0, 1)")
         if problems:
@@ -787,25 +797,36 @@ def _adamw_dense(g, p, m, v, lr, scale, b1, b2, eps, wd):
     return p32.astype(p.dtype), m32.astype(m.dtype), v32.astype(v.dtype)
 
 
-def _adamw_int8_math(g, p, m, v, lr, scale, b1, b2, eps, wd):
-    """_adamw_math on int8 moments: the new weights, the new first moment and the logarithm of
-    the new second moment (float32), for `_adamw_int8_state` to pack."""
+def _adamw_dense_rounded(g, p, m, v, lr, scale, seed, b1, b2, eps, wd):
+    """_adamw_dense with the new bfloat16 weights rounded stochastically (`round_to_bfloat16`)."""
+    p32, m32, v32 = _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd)
+    return round_to_bfloat16(p32, seed + WEIGHT_STREAM), m32.astype(m.dtype), v32.astype(v.dtype)
+
+
+def _adamw_int8_math(g, p, m, v, lr, scale, seed, b1, b2, eps, wd, rounded):
+    """_adamw_math on int8 moments: the new weights (bfloat16 rounded stochastically when
+    `rounded`), the new first moment and the logarithm of the new second moment (float32), for
+    `_adamw_int8_state` to pack."""
     p32, m32, v32 = _adamw_math(g, p, unpack_moment(m), mx.exp(unpack_moment(v)) - V_FLOOR, lr, scale,
                                 b1, b2, eps, wd)
-    return p32.astype(p.dtype), m32, mx.log(v32 + V_FLOOR)
+    p = round_to_bfloat16(p32, seed + WEIGHT_STREAM) if rounded else p32.astype(p.dtype)
+    return p, m32, mx.log(v32 + V_FLOOR)
 
 
-def _adamw_int8_state(g, p, m, v, lr, scale, seed, b1, b2, eps, wd):
+def _adamw_int8_state(g, p, m, v, lr, scale, seed, b1, b2, eps, wd, rounded=False):
     """_adamw_math on int8 moments, each stored rounded stochastically (unbiased): the first
     moment linearly, the second as its logarithm (its values span orders of magnitude within a
     group; a linear code would round small ones to zero and blow their step up). One noise draw
     serves both, as u and 1 - u: each moment's rounding is still unbiased, at half the draws."""
-    p, m32, log_v32 = _adamw_int8_kernel(g, p, m, v, lr, scale, b1, b2, eps, wd)
+    kernel = _adamw_int8_rounded_kernel if rounded else _adamw_int8_kernel
+    p, m32, log_v32 = kernel(g, p, m, v, lr, scale, seed, b1, b2, eps, wd)
     return p, pack_moment_noisy(m32, seed), pack_moment_noisy(log_v32, seed, flip=True)
 
 
 _adamw_kernel = mx.compile(_adamw_dense)
-_adamw_int8_kernel = mx.compile(_adamw_int8_math)
+_adamw_rounded_kernel = mx.compile(_adamw_dense_rounded)
+_adamw_int8_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=False))
+_adamw_int8_rounded_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=True))
 
 
 def _leaves(tree, path: tuple = ()):
@@ -845,13 +866,14 @@ class FusedAdamW(optim.Optimizer):
     elements (whole rows of the first axis) at a time."""
 
     def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 state_bits: int = 32):
+                 state_bits: int = 32, stochastic_weights: bool = False):
         super().__init__()
         if state_bits not in (8, 32):
             raise ValueError(f"state_bits={state_bits}: use 32 (float32 moments) or 8 (int8 moments)")
         self._maybe_schedule("learning_rate", learning_rate)
         self.betas, self.eps, self.weight_decay = (float(betas[0]), float(betas[1])), float(eps), float(weight_decay)
         self.state_bits = state_bits
+        self.stochastic_weights = stochastic_weights
         self.grad_scale = mx.array(1.0, dtype=mx.float32)
 
     def init_single(self, parameter: mx.array, state: dict):
@@ -904,13 +926,18 @@ class FusedAdamW(optim.Optimizer):
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         lr = self.learning_rate.astype(mx.float32)
         (b1, b2), eps, wd = self.betas, self.eps, self.weight_decay
-        if isinstance(state["m"], dict):
+        rounded = self.stochastic_weights and parameter.dtype == mx.bfloat16
+        if isinstance(state["m"], dict) or rounded:
             seed = mx.random.randint(0, 1 << 31, (1,)).astype(mx.uint32)  # from the step's seeded RNG
+        if isinstance(state["m"], dict):
             p, state["m"], state["v"] = _adamw_int8_state(gradient, parameter, state["m"], state["v"], lr,
-                                                          self.grad_scale, seed, b1, b2, eps, wd)
-            return p
-        p, state["m"], state["v"] = _adamw_kernel(gradient, parameter, state["m"], state["v"], lr,
-                                                  self.grad_scale, b1, b2, eps, wd)
+                                                          self.grad_scale, seed, b1, b2, eps, wd, rounded)
+        elif rounded:
+            p, state["m"], state["v"] = _adamw_rounded_kernel(gradient, parameter, state["m"], state["v"], lr,
+                                                              self.grad_scale, seed, b1, b2, eps, wd)
+        else:
+            p, state["m"], state["v"] = _adamw_kernel(gradient, parameter, state["m"], state["v"], lr,
+                                                      self.grad_scale, b1, b2, eps, wd)
         return p
 
 
@@ -1047,7 +1074,8 @@ def make_optimizer(config: TrainConfig, steps: int) -> optim.Optimizer:
     schedule = lr_schedule(config, steps)
     if config.optimizer == "adamw" and config.fused_update:
         return FusedAdamW(learning_rate=schedule, betas=config.betas, eps=config.eps,
-                          weight_decay=config.weight_decay, state_bits=8 if config.optimizer_state == "int8" else 32)
+                          weight_decay=config.weight_decay, state_bits=8 if config.optimizer_state == "int8" else 32,
+                          stochastic_weights=config.master_dtype == "compute-stochastic")
     if config.optimizer == "adamw":
         return optim.AdamW(learning_rate=schedule, betas=list(config.betas), eps=config.eps,
                            weight_decay=config.weight_decay)

@@ -221,7 +221,8 @@ def estimate_peak(
 
     The grouped trainer's settings, when given (None keeps the older description through
     `compute_dtype_bytes`, `optimizer_state_bytes` and `scales`):
-    `master` "float32" / "compute" (a master copy of the group's experts and routers in that dtype);
+    `master` "float32" / "compute" / "compute-stochastic" (a master copy of the group's experts and
+    routers in float32 or the compute dtype);
     `fused_update` the grouped trainer's FusedAdamW (float32 moments, one tensor updated at a time);
     `lean_gradients` the experts' gradients in the compute dtype, whatever the master's;
     `loss_chunk` tokens per cross-entropy chunk (0: all logits at once);
@@ -232,8 +233,8 @@ def estimate_peak(
         problems.append(f"optimizer={optimizer!r}: use 'adamw' or 'adafactor'")
     if frozen_path not in ("qmm", "dequant", "batched"):
         problems.append(f"frozen_path={frozen_path!r}: use 'qmm', 'dequant' or 'batched'")
-    if master not in (None, "float32", "compute"):
-        problems.append(f"master={master!r}: use 'float32' or 'compute'")
+    if master not in (None, "float32", "compute", "compute-stochastic"):
+        problems.append(f"master={master!r}: use 'float32', 'compute' or 'compute-stochastic'")
     if moment_bits not in (8, 32):
         problems.append(f"moment_bits={moment_bits}: use 32 (float32 moments) or 8 (int8 moments)")
     if loss_chunk < 0:

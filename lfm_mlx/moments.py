@@ -40,6 +40,22 @@ def moment_noise(shape: tuple[int, ...], seed: mx.array) -> mx.array:
     return bits.astype(mx.float32) * (1.0 / (1 << 24))
 
 
+WEIGHT_STREAM = 0x9E3779B9  # added to a seed for the weights' rounding noise: not the moments' bits
+
+
+def round_to_bfloat16(x: mx.array, seed: mx.array) -> mx.array:
+    """float32 `x` rounded stochastically to bfloat16: up with probability equal to the distance
+    to the lower neighbour over the gap, so the result is unbiased (its expectation is x).
+
+    bfloat16 keeps the top 16 bits of the float32 encoding; adding 16 random bits (a hash of each
+    element's index and `seed`) to the 16 dropped ones carries into the kept part with exactly that
+    probability, for either sign (the encoding is sign and magnitude)."""
+    index = mx.arange(x.size, dtype=mx.uint32).reshape(x.shape)
+    noise = _mix(_mix(index ^ seed) + seed) >> 16
+    kept = (x.astype(mx.float32).view(mx.uint32) + noise) & mx.array(0xFFFF0000, dtype=mx.uint32)
+    return kept.view(mx.float32).astype(mx.bfloat16)  # exact: the dropped bits are zero
+
+
 def pack_codes(codes: mx.array, bits: int) -> mx.array:
     """Pack unsigned codes along the last axis into uint32 words, as mx.quantize lays them out."""
     per = 32 // bits

@@ -113,8 +113,8 @@ class SweepConfig:
             problems.append(f"--steps {self.steps} must be >= 1 (the first is a warm-up when there are more)")
         if self.optimizer not in ("adamw", "adafactor"):
             problems.append(f"--optimizer {self.optimizer!r}: use adamw or adafactor")
-        if self.master_dtype not in ("float32", "compute"):
-            problems.append(f"--master-dtype {self.master_dtype!r}: use float32 or compute")
+        if self.master_dtype not in ("float32", "compute", "compute-stochastic"):
+            problems.append(f"--master-dtype {self.master_dtype!r}: use float32, compute or compute-stochastic")
         if self.frozen_path not in ("auto", "qmm", "dequant", "batched"):
             problems.append(f"--frozen-path {self.frozen_path!r}: use auto, qmm, dequant or batched")
         if self.calibrate not in ("fit", "none"):
@@ -827,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-sizes", type=_sizes, default=list(DEFAULT_SIZES), help="default 1,2,4,6,8,11")
     parser.add_argument("--steps", type=int, default=3, help="steps per size; the first is a warm-up (default 3)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
-    parser.add_argument("--master-dtype", default="float32", choices=["float32", "compute"])
+    parser.add_argument("--master-dtype", default="float32", choices=["float32", "compute", "compute-stochastic"])
     parser.add_argument("--frozen-path", default="auto", choices=["auto", "qmm", "dequant", "batched"])
     parser.add_argument("--calibrate", default="fit", help="fit (each size from the smaller ones measured before "
                         "it; the first calibrates itself), none, or a global factor (default fit)")

@@ -245,8 +245,9 @@ class GrowingReader:
         return MemoryReading(active=used, peak=used, cache=0, rss=used)
 
 
-@pytest.mark.parametrize("optimizer", [dict(optimizer="adafactor"), dict(optimizer_state="int8")],
-                         ids=["adafactor", "adamw-int8-moments"])  # int8: its packed moments and random rounding resume too
+@pytest.mark.parametrize("optimizer", [dict(optimizer="adafactor"), dict(optimizer_state="int8"),
+                                       dict(optimizer_state="int8", master_dtype="compute-stochastic")],
+                         ids=["adafactor", "adamw-int8-moments", "frugal"])  # random rounding resumes too
 def test_hard_stop_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tiny_moe_mixed_dir, rows_path, tmp_path,
                                                                                  optimizer):
     common = dict(**optimizer, steps_per_group=3, stochastic_rounding=True)

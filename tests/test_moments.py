@@ -34,3 +34,34 @@ def test_noisy_packing_is_unbiased_and_off_cuda_uses_mlx():
     ref = pack_moment(x, 1 - moment_noise(x.shape, seed))
     got = pack_moment_noisy(x, seed, flip=True)
     assert all(mx.array_equal(got[k], ref[k]).item() for k in ref)
+
+
+def test_stochastic_bfloat16_rounding_is_unbiased_and_lands_on_a_neighbour():
+    from lfm_mlx.moments import round_to_bfloat16
+    x = mx.random.normal((64, 64), key=mx.random.key(7)) * 0.02  # weights' scale
+    draws = mx.stack([round_to_bfloat16(x, mx.array(s, dtype=mx.uint32)) for s in range(600)])
+    assert draws.dtype == mx.bfloat16
+    exact, values = np.array(x), np.array(draws.astype(mx.float32))
+    step = 2.0 ** (np.floor(np.log2(np.abs(exact))) - 7)  # bf16's spacing around each value
+    assert (np.abs(values - exact) < step).all() and (np.sign(values) == np.sign(exact)).all()
+    assert (np.unique(values.reshape(600, -1), axis=0).shape[0]) > 1  # the draws differ
+    nearest = np.abs(np.array(x.astype(mx.bfloat16).astype(mx.float32)) - exact).mean()
+    assert np.abs(values.mean(0) - exact).mean() < 0.1 * nearest  # unbiased: the mean converges on x
+
+
+def test_stochastic_weights_keep_updates_smaller_than_a_bfloat16_step():
+    """bf16 weights of 1.0 moving ~1e-4 to 6e-4 a step (bf16's step there is 2^-7): nearest rounding
+    never moves them, stochastic rounding follows a float32 master on average."""
+    from lfm_mlx.grouped import FusedAdamW
+    moved = {}
+    for name, dtype, stochastic in (("nearest", mx.bfloat16, False), ("stochastic", mx.bfloat16, True),
+                                    ("float32", mx.float32, False)):
+        mx.random.seed(0)
+        weights = {"w": mx.ones((4096,), dtype=dtype)}
+        opt = FusedAdamW(learning_rate=1e-4, stochastic_weights=stochastic)
+        for _ in range(20):
+            opt.update(weights, {"w": mx.ones((4096,), dtype=mx.bfloat16)})
+        assert weights["w"].dtype == dtype
+        moved[name] = 1.0 - np.array(weights["w"].astype(mx.float32)).astype(np.float64).mean()
+    assert moved["nearest"] == 0.0 and moved["float32"] > 0.005
+    assert abs(moved["stochastic"] - moved["float32"]) < 0.03 * moved["float32"]
