@@ -23,7 +23,7 @@ VECTOR_BYTES = 16  # one uint4 per thread
 
 _GATHER_SOURCE = """
     const size_t item = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (item >= ROWS * ROW_VECTORS) {
+    if (item >= rows[0] * (size_t)ROW_VECTORS) {
         return;
     }
     const size_t row = item / ROW_VECTORS, column = item % ROW_VECTORS;
@@ -37,7 +37,7 @@ _GATHER_SOURCE = """
 
 _SUM_SOURCE = """
     const size_t item = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (item >= ROWS * ROW_VECTORS) {
+    if (item >= rows[0] * (size_t)ROW_VECTORS) {
         return;
     }
     const size_t row = item / ROW_VECTORS, column = item % ROW_VECTORS;
@@ -64,15 +64,17 @@ KERNEL = {"choice": "mlx", "reason": "not probed"}  # set by `probe`
 
 def _kernel(name: str, source: str):
     if name not in _kernels:
-        _kernels[name] = mx.fast.cuda_kernel(name=f"lfm_{name}", input_names=["src", "index"],
+        _kernels[name] = mx.fast.cuda_kernel(name=f"lfm_{name}", input_names=["src", "index", "rows"],
                                              output_names=["out"], source=source)
     return _kernels[name]
 
 
 def _launch(name: str, source: str, src: mx.array, index: mx.array, rows: int, template: list) -> mx.array:
+    """The row count goes in as an array, not a template value: the blocks' capacity changes from
+    call to call, and each template value is a kernel compilation (measured: a 6 s first step)."""
     row_vectors = src.shape[-1] * src.dtype.size // VECTOR_BYTES
-    (out,) = _kernel(name, source)(inputs=[src, index], template=[("ROWS", rows), ("ROW_VECTORS", row_vectors),
-                                                                  *template],
+    (out,) = _kernel(name, source)(inputs=[src, index, mx.array([rows], dtype=mx.uint32)],
+                                   template=[("ROW_VECTORS", row_vectors), *template],
                                    grid=(rows * row_vectors, 1, 1), threadgroup=(256, 1, 1),
                                    output_shapes=[(rows, src.shape[-1])], output_dtypes=[src.dtype])
     return out
