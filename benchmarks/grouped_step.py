@@ -681,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
             mx.clear_cache()
         atomic_write_json(out, results)
 
+    results["speculated_capacities"] = dict(grouped.SPECULATION)  # forward passes on guessed capacities, redone
     results["moment_kernel"] = dict(moments.KERNEL)  # decided at the int8 moments' first update, if any ran
     if args.loss_steps:
         _section(results, "loss_comparison", out, loss_comparison, model, layers, dtype, args, chosen)

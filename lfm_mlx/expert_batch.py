@@ -11,10 +11,14 @@ The math is unchanged: padding rows copy a real token, their outputs are never r
 gradients are exactly zero and they add nothing to the weight gradients. The rows move between
 tokens and blocks through `row_gather` (CUDA kernels where they are faster than MLX's gather).
 
-The layout is computed on the host from the routing, which costs one read of the expert indices
-per call; the layer walk keeps each block's layout from the forward pass (`keep_layout`), so its
-recomputation in the backward pass reads nothing back. Measured on an H200 at the LFM2.5-8B-A1B
-shapes (2,048 tokens, group 4), the walk went from 163 to 139 ms with the kernels and kept layouts.
+A layout needs the busiest expert's count before the matmuls can be shaped. Called plainly, a
+block computes it on the host (`expert_layout`: one read of the expert indices, which waits for
+every layer before it). In the trainer's layer walk nothing is read back: the forward pass lays
+each block out on the device for a capacity guessed from the last step (`speculative_layout`),
+checked once at the pass's end, and the backward pass reuses the forward's layouts
+(`keep_layout`). Measured on an H200 at the LFM2.5-8B-A1B shapes (2,048 tokens, group 4): the walk
+went from 163 to 139 ms with the row kernels and kept layouts, and the step's gradients from 135
+to 97-115 ms with the guessed capacities.
 
 The padding is what this costs: the largest expert's count over the mean was 1.2-4.2x across the
 layers of a random-weight 8B model. Overflow blocks for the busiest experts (copies of their
@@ -34,6 +38,14 @@ from lfm_mlx.dequant_kernel import dequantize
 from lfm_mlx.row_gather import MISSING, gather_rows, sum_rows
 
 CAPACITY_MULTIPLE = 16  # capacity rounded up to this: fewer distinct matmul shapes, aligned tiles
+# A speculated capacity is the last need times this: routing drifts between steps (the routers
+# train), and a guess that falls short costs the walk's forward pass again; a few rows more cost
+# only matmul work (1.125 measured redone passes on an H200: steps of 215-245 ms against 130).
+SPECULATION_HEADROOM = 1.25
+
+
+def _round_up(rows: int) -> int:
+    return -(-max(rows, 1) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,7 @@ def expert_layout(indices: mx.array, num_experts: int) -> ExpertLayout:
     order = np.argsort(flat, kind="stable")  # choice ids, grouped by expert
     counts = np.bincount(flat, minlength=num_experts)
     starts = np.cumsum(counts) - counts
-    capacity = -(-max(int(counts.max()), 1) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+    capacity = _round_up(int(counts.max()))
 
     sorted_experts = flat[order]
     block_row = np.empty(n, dtype=np.int64)
@@ -89,6 +101,29 @@ def expert_layout(indices: mx.array, num_experts: int) -> ExpertLayout:
     block_choice[block_row] = np.arange(n)
     return ExpertLayout(mx.array((order[position] // k).astype(np.uint32)),
                         mx.array(block_row.reshape(-1, k).astype(np.uint32)), mx.array(block_choice), capacity)
+
+
+def speculative_layout(indices: mx.array, num_experts: int, capacity: int) -> tuple[ExpertLayout, mx.array]:
+    """`expert_layout` computed on the device for a capacity guessed in advance: no host read, so
+    the device need not finish the layers before it first. Returns the layout and the rows the
+    busiest expert needed (lazy); when that exceeds `capacity` the layout is wrong (choices past the
+    capacity land in the next expert's block) and the caller must discard it."""
+    k = indices.shape[-1]
+    flat = indices.reshape(-1).astype(mx.uint32)
+    n = flat.size
+    order = mx.argsort(flat)  # choice ids, grouped by expert
+    counts = (mx.expand_dims(flat, 1) == mx.arange(num_experts, dtype=mx.uint32)).sum(axis=0)
+    starts = mx.cumsum(counts) - counts
+    sorted_experts = flat[order]
+    row_sorted = sorted_experts * capacity + mx.arange(n) - starts[sorted_experts]
+    block_row = mx.minimum(row_sorted[mx.argsort(order)], num_experts * capacity - 1)  # in range even when wrong
+    slot = mx.arange(capacity)
+    rows = mx.minimum(mx.expand_dims(slot, 0), mx.expand_dims(mx.maximum(counts - 1, 0), 1))
+    choice = order[mx.minimum(mx.expand_dims(starts, 1) + rows, n - 1)]
+    block_choice = mx.where(mx.expand_dims(slot, 0) < mx.expand_dims(counts, 1), choice, MISSING)
+    layout = ExpertLayout((choice // k).reshape(-1).astype(mx.uint32), block_row.reshape(-1, k).astype(mx.uint32),
+                          block_choice.reshape(-1).astype(mx.uint32), capacity)
+    return layout, counts.max()
 
 
 def expert_weight(projection: nn.Module, dtype: mx.Dtype, like: mx.array) -> mx.array:
@@ -119,23 +154,37 @@ class BatchedSwitchGLU(nn.Module):
 
     `keep_layout`: remember the next call's layout (`kept_layout`) and reuse it on later calls
     until `kept_layout` is cleared: the walk's recomputation routes as its forward pass did
-    without reading the indices back."""
+    without reading the indices back.
+    `speculate`: lay out on the device for `capacity_hint` rows per expert (the last call's need
+    with SPECULATION_HEADROOM) instead of reading the indices back; `needed` then holds the rows
+    the busiest expert needed (lazy), which the caller checks before trusting the result."""
 
     def __init__(self, glu: SwitchGLU):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = glu.gate_proj, glu.up_proj, glu.down_proj
         self.activation = glu.activation
-        self.keep_layout = False
+        self.keep_layout, self.speculate = False, False
         self.kept_layout: ExpertLayout | None = None
+        self.capacity_hint: int | None = None
+        self.needed: mx.array | None = None
 
     def num_experts(self) -> int:
         return self.gate_proj["weight"].shape[0]
+
+    def hint_from(self, needed: int) -> None:
+        """The capacity to guess next time, from the rows the busiest expert needed this time."""
+        self.capacity_hint = _round_up(int(needed * SPECULATION_HEADROOM))
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         dims, experts = x.shape[-1], self.num_experts()
         layout = self.kept_layout
         if layout is None:
-            layout = expert_layout(mx.stop_gradient(indices), experts)
+            indices = mx.stop_gradient(indices)
+            if self.speculate and self.capacity_hint:
+                layout, self.needed = speculative_layout(indices, experts, self.capacity_hint)
+            else:
+                layout = expert_layout(indices, experts)
+                self.hint_from(layout.capacity)
             if self.keep_layout:
                 self.kept_layout = layout
         blocks = layout.to_blocks(x.reshape(-1, dims)).reshape(experts, layout.capacity, dims)

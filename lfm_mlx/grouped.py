@@ -662,13 +662,34 @@ def _one_ahead(work, in_flight):
     return work
 
 
+SPECULATION = {"passes": 0, "redone": 0}  # the walk's forward passes on guessed capacities, and how many fell short
+
+
+def _speculation_held(switches: dict[int, BatchedSwitchGLU]) -> bool:
+    """After a forward pass with speculated capacities, already evaluated: whether every guess held.
+    One host read for all blocks; each block's next guess follows what it needed."""
+    guessed = [switch for switch in switches.values() if switch.needed is not None]
+    if not guessed:
+        return True
+    needs = mx.stack([switch.needed for switch in guessed]).tolist()
+    held = all(need <= switch.capacity_hint for switch, need in zip(guessed, needs))
+    for switch, need in zip(guessed, needs):
+        switch.hint_from(need)
+    SPECULATION["passes"] += 1
+    SPECULATION["redone"] += not held
+    return held
+
+
 def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array, first_active: int,
                        loss_chunk: int = 0) -> tuple[tuple[mx.array, mx.array], dict]:
     """((loss sum, trained tokens), grads) like `nn.value_and_grad` of the summed masked loss, by
     walking the layers: a forward pass that keeps only each layer's input from `first_active` up,
     then the backward pass one layer at a time, top down, each layer's forward recomputed in its
-    own `mx.vjp` and evaluated before the next. Expert blocks (`BatchedSwitchGLU`) keep their
-    forward layout for the recomputation: no host read in the backward pass.
+    own `mx.vjp` and evaluated before the next.
+
+    Expert blocks (`BatchedSwitchGLU`) read nothing back: the forward pass lays them out for the
+    capacity each needed last step (with headroom), checked once at its end (the pass is redone
+    with exact layouts when a guess fell short), and the recomputation reuses those layouts.
 
     The math is per-layer gradient checkpointing, but MLX evaluates one layer's work at a time:
     one graph for the whole step lets its breadth-first evaluation start the recomputation (and
@@ -676,35 +697,40 @@ def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, ma
     (2,048 tokens, group 4). Layers below `first_active` hold nothing trainable: the walk stops there."""
     inner = model.model
     walked = range(first_active, len(inner.layers))
-    blocks = {i: inner.layers[i].feed_forward.switch_mlp for i in walked
-              if isinstance(getattr(inner.layers[i].feed_forward, "switch_mlp", None), BatchedSwitchGLU)}
+    switches = {i: layer.feed_forward.switch_mlp for i, layer in enumerate(inner.layers)
+                if isinstance(getattr(layer.feed_forward, "switch_mlp", None), BatchedSwitchGLU)}
     try:
-        for switch in blocks.values():
-            switch.keep_layout = True
-        h = inner.embed_tokens(inputs)
-        masks = {True: create_attention_mask(h, None), False: create_ssm_mask(h, None)}
-        kept, in_flight = {}, None
-        for i, layer in enumerate(inner.layers):
-            if i >= first_active:
-                kept[i] = h
-            h = _one_ahead(layer(h, masks[layer.is_attention_layer]), in_flight)
-            in_flight = h
-        (loss,), (cotangent,) = mx.vjp(lambda x: _head_loss(model, x, targets, mask, loss_chunk)[0], [h],
-                                       [mx.array(1.0, dtype=mx.float32)])
-        trained = mask.astype(mx.bool_).sum()
-        mx.eval(loss, trained, cotangent)
+        for i, switch in switches.items():
+            switch.keep_layout = i >= first_active
+        for speculate in (True, False):
+            for switch in switches.values():
+                switch.speculate, switch.needed, switch.kept_layout = speculate, None, None
+            h = inner.embed_tokens(inputs)
+            masks = {True: create_attention_mask(h, None), False: create_ssm_mask(h, None)}
+            kept, in_flight = {}, None
+            for i, layer in enumerate(inner.layers):
+                if i >= first_active:
+                    kept[i] = h
+                h = _one_ahead(layer(h, masks[layer.is_attention_layer]), in_flight)
+                in_flight = h
+            (loss,), (cotangent,) = mx.vjp(lambda x: _head_loss(model, x, targets, mask, loss_chunk)[0], [h],
+                                           [mx.array(1.0, dtype=mx.float32)])
+            trained = mask.astype(mx.bool_).sum()
+            mx.eval(loss, trained, cotangent)
+            if _speculation_held(switches):
+                break
         flat = {}
         for i in reversed(walked):
             layer = inner.layers[i]
             previous = cotangent
             cotangent, grads = _layer_vjp(layer, kept.pop(i), masks[layer.is_attention_layer], cotangent)
-            if i in blocks:
-                blocks[i].kept_layout = None  # the graph holds it now
+            if i in switches:
+                switches[i].kept_layout = None  # the graph holds it now
             _one_ahead([cotangent, grads], previous)
             flat.update({f"model.layers.{i}.{name}": g for name, g in grads.items()})
     finally:
-        for switch in blocks.values():
-            switch.keep_layout, switch.kept_layout = False, None
+        for switch in switches.values():
+            switch.keep_layout, switch.speculate, switch.kept_layout, switch.needed = False, False, None, None
     return (loss, trained), tree_map_with_path(lambda path, _: flat[path], model.trainable_parameters())
 
 
@@ -779,7 +805,7 @@ def apply_update(model: nn.Module, optimizer: optim.Optimizer, grads: dict, grad
 # ---------------------------------------------------------------- fused AdamW
 
 
-UPDATE_CHUNK = 1 << 25  # elements of one tensor updated at a time (the float32 temporaries scale with it)
+UPDATE_CHUNK = 1 << 25  # elements of one tensor updated at a time with int8 moments (their float32 copies scale with it)
 
 
 def _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd):
@@ -862,7 +888,7 @@ class FusedAdamW(optim.Optimizer):
 
     `state_bits=8` (other math, checked against the float32 step's loss by the benchmark) keeps
     both moments as int8 codes (`pack_moment`; 1.125 bytes an element instead of 4) for tensors
-    whose last axis is a multiple of MOMENT_GROUP. Large tensors are updated UPDATE_CHUNK
+    whose last axis is a multiple of MOMENT_GROUP; large tensors then go UPDATE_CHUNK
     elements (whole rows of the first axis) at a time."""
 
     def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -904,7 +930,10 @@ class FusedAdamW(optim.Optimizer):
         """The new weights of one tensor (its moments replaced in `state`), a block of rows at a time."""
         rows = parameter.shape[0] if parameter.ndim > 1 else 1  # a vector is one row
         per_block = max(1, UPDATE_CHUNK // max(parameter.size // rows, 1))
-        if rows <= per_block:
+        # Float32 moments: the compiled update holds nothing beyond its outputs, so the whole tensor
+        # goes at once (blocks and their concatenation moved the data twice). Int8 moments unpack
+        # to float32 first, and that temporary scales with the block.
+        if rows <= per_block or not isinstance(state["m"], dict):
             new = self.apply_single(gradient, parameter, state)
             mx.eval(new, state)
             return new

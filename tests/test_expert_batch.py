@@ -166,3 +166,48 @@ def test_row_gathers_off_cuda():
     picks = mx.array([[0, 1], [2, 2], [4, 3]], dtype=mx.uint32)
     np.testing.assert_allclose(np.array(sum_rows(src, picks)), np.array(src)[np.array(picks)].sum(axis=1), rtol=1e-6)
     assert probe(8, 2, 24, 16, mx.bfloat16) == {"choice": "mlx", "reason": "not the CUDA backend"}
+
+
+def test_a_speculated_layout_routes_like_the_host_layout_and_reports_its_need():
+    experts, k = 8, 3
+    logits = mx.random.normal((2, 37, experts), key=mx.random.key(4))
+    indices = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
+    exact = expert_layout(indices, experts)
+    layout, needed = expert_batch.speculative_layout(indices, experts, exact.capacity + 16)
+    counts = np.bincount(np.array(indices).reshape(-1), minlength=experts)
+    assert needed.item() == counts.max()
+    flat = np.array(indices).reshape(-1)
+    rows, source, choice = (np.array(layout.block_row).reshape(-1), np.array(layout.source_token),
+                            np.array(layout.block_choice))
+    assert len(set(rows.tolist())) == flat.size and (rows // layout.capacity == flat).all()
+    assert (source[rows] == np.arange(flat.size) // k).all() and (choice[rows] == np.arange(flat.size)).all()
+    assert (choice == MISSING).sum() == choice.size - flat.size
+
+
+def test_the_walk_speculates_capacities_and_redoes_a_pass_whose_guess_fell_short():
+    """Step 1 lays out on the host and notes each block's need; step 2 guesses from it (no host
+    read); a guess forced too small is caught at the end of the forward pass and the pass redone.
+    All three give the exact walk's loss and gradients."""
+    model = tiny_model()
+    set_frozen_path(model, "batched")
+    activate_group(model, [2, 3], mx.float32)
+    inputs, targets, mask = token_batch(29, seed=6)
+    calls = []
+    real = expert_batch.expert_layout
+    expert_batch.expert_layout = lambda *a: calls.append(1) or real(*a)
+    try:
+        results = []
+        for case in ("host", "guessed", "too small"):
+            if case == "too small":
+                model.model.layers[4].feed_forward.switch_mlp.capacity_hint = 16
+            calls.clear()
+            (loss, _), grads = walk_loss_and_grad(model, inputs, targets, mask, 2)
+            results.append((loss.item(), as_np(grads), len(calls)))
+    finally:
+        expert_batch.expert_layout = real
+    blocks = len(moe_layers(model))
+    assert [r[2] for r in results] == [blocks, 0, blocks]  # host reads: step 1, none, the redone pass
+    for loss, grads, _ in results[1:]:
+        assert loss == results[0][0]
+        for name, value in grads.items():
+            np.testing.assert_array_equal(value, results[0][1][name])
