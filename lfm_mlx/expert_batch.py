@@ -40,8 +40,9 @@ from lfm_mlx.row_gather import MISSING, gather_rows, sum_rows
 CAPACITY_MULTIPLE = 16  # capacity rounded up to this: fewer distinct matmul shapes, aligned tiles
 # A speculated capacity is the last need times this: routing drifts between steps (the routers
 # train), and a guess that falls short costs the walk's forward pass again; a few rows more cost
-# only matmul work (1.125 measured redone passes on an H200: steps of 215-245 ms against 130).
+# only matmul work (on an H200, 1.125 and then 1.25 without the slow shrink redid 10 of 47 passes).
 SPECULATION_HEADROOM = 1.25
+SPECULATION_SHRINK = 0.9  # the most a guess shrinks in one step
 
 
 def _round_up(rows: int) -> int:
@@ -172,8 +173,11 @@ class BatchedSwitchGLU(nn.Module):
         return self.gate_proj["weight"].shape[0]
 
     def hint_from(self, needed: int) -> None:
-        """The capacity to guess next time, from the rows the busiest expert needed this time."""
-        self.capacity_hint = _round_up(int(needed * SPECULATION_HEADROOM))
+        """The capacity to guess next time: the rows the busiest expert needed this time with
+        headroom, shrinking by at most a tenth a step (a block whose need swings between steps
+        keeps the larger guess instead of falling short every other step)."""
+        shrunk = int(self.capacity_hint * SPECULATION_SHRINK) if self.capacity_hint else 0
+        self.capacity_hint = _round_up(max(int(needed * SPECULATION_HEADROOM), shrunk))
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         dims, experts = x.shape[-1], self.num_experts()
