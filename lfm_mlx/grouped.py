@@ -776,9 +776,14 @@ def global_norm(grads: dict) -> float:
     at a time left the device idle between them (8-10 ms of a 0.25 s step at the 8B shapes)."""
     total, in_flight = mx.array(0.0, dtype=mx.float32), None
     for _, g in tree_flatten(grads):
-        total = total + g.astype(mx.float32).square().sum()
+        total = total + _square_sum(g)
         in_flight = _one_ahead(total, in_flight)
     return math.sqrt(total.item())
+
+
+# Compiled: the same value, 3.8 ms instead of 6.5 for 12 expert-stack gradients on an H200 (the
+# float32 squares are still written: all tensors in one graph peaked 4.2 GB higher).
+_square_sum = mx.compile(lambda g: g.astype(mx.float32).square().sum())
 
 
 def apply_update(model: nn.Module, optimizer: optim.Optimizer, grads: dict, grad_clip: float | None,
