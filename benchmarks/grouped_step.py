@@ -51,7 +51,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 import lfm_mlx.grouped as grouped
-from lfm_mlx import dequant_kernel, moments
+from lfm_mlx import adamw_kernel, dequant_kernel, moments
 from lfm_mlx.data import Batch, masked_loss
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
@@ -683,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["speculated_capacities"] = dict(grouped.SPECULATION)  # forward passes on guessed capacities, redone
     results["moment_kernel"] = dict(moments.KERNEL)  # decided at the int8 moments' first update, if any ran
+    results["adamw_kernel"] = dict(adamw_kernel.KERNEL)  # decided at the first large float32 update
     if args.loss_steps:
         _section(results, "loss_comparison", out, loss_comparison, model, layers, dtype, args, chosen)
     if args.long_seq:

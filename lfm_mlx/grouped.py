@@ -45,7 +45,7 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lfm_mlx import dequant_kernel, moments, row_gather
+from lfm_mlx import adamw_kernel, dequant_kernel, moments, row_gather
 from lfm_mlx.checkpoint import (
     config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
 )
@@ -970,8 +970,8 @@ class FusedAdamW(optim.Optimizer):
             p, state["m"], state["v"] = _adamw_rounded_kernel(gradient, parameter, state["m"], state["v"], lr,
                                                               self.grad_scale, seed, b1, b2, eps, wd)
         else:
-            p, state["m"], state["v"] = _adamw_kernel(gradient, parameter, state["m"], state["v"], lr,
-                                                      self.grad_scale, b1, b2, eps, wd)
+            p, state["m"], state["v"] = adamw_kernel.update(_adamw_kernel, gradient, parameter, state["m"], state["v"],
+                                                            lr, self.grad_scale, b1, b2, eps, wd)
         return p
 
 
@@ -1459,6 +1459,8 @@ class GroupedMoETrainer:
                   "seconds": time.perf_counter() - phase_start}
         if cfg.optimizer_state == "int8":
             record["moment_kernel"] = dict(moments.KERNEL)  # how the int8 moments were packed
+        elif cfg.optimizer == "adamw" and cfg.fused_update:
+            record["adamw_kernel"] = dict(adamw_kernel.KERNEL)  # how the float32 update ran
         self._log(record)
         state["history"].append({k: record[k] for k in ("phase", "group", "layers", "valid_loss", "retention")})
         state["layers_done"] = sorted(set(state["layers_done"]) | set(layers))
