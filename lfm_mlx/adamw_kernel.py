@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from lfm_mlx.dequant_kernel import best_seconds
+from lfm_mlx.kernel_probe import best_seconds, choose
 
 PROBE_ELEMENTS = 1 << 20  # the probe waits for a tensor this large: small ones time launch costs
 
@@ -102,10 +102,4 @@ def probe(reference, g, p, m, v, lr, scale, b1, b2, eps, wd) -> dict:
     KERNEL.update(elements=p.size, differing=differing,
                   mlx_s=best_seconds(lambda: reference(g, p, m, v, lr, scale, b1, b2, eps, wd)),
                   kernel_s=best_seconds(lambda: _launch(g, p, m, v, lr, scale, b1, b2, eps, wd)))
-    if differing:
-        KERNEL["reason"] = f"{differing} elements of the new weights and moments differ from MLX's update"
-    elif KERNEL["kernel_s"] < KERNEL["mlx_s"]:
-        KERNEL.update(choice="kernel", reason="bit-identical, faster")
-    else:
-        KERNEL["reason"] = "bit-identical, not faster"
-    return KERNEL
+    return choose(KERNEL, differing, "elements of the new weights and moments")

@@ -16,9 +16,9 @@ other backend, dtype or bit width, and whenever the kernel cannot be built.
 
 from __future__ import annotations
 
-import time
-
 import mlx.core as mx
+
+from lfm_mlx.kernel_probe import best_seconds
 
 CODES_PER_THREAD = 16  # one 16-byte load of packed 8-bit codes
 
@@ -77,17 +77,6 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_siz
     if _enabled and _fits(w, scales, biases, group_size, bits, mode):
         return _kernel_dequantize(w, scales, biases, group_size)
     return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
-
-
-def best_seconds(fn, repeats: int = 5) -> float:
-    """The fastest of `repeats` timed evaluations of `fn()`, after one untimed (kernel builds)."""
-    mx.eval(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def probe(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,

@@ -17,7 +17,7 @@ import math
 
 import mlx.core as mx
 
-from lfm_mlx.dequant_kernel import best_seconds
+from lfm_mlx.kernel_probe import best_seconds, choose
 
 MOMENT_GROUP = 64  # elements per scale / bias pair of an int8 moment
 V_FLOOR = 1e-20  # added to the second moment before its logarithm: sqrt(1e-20) is 1e-10, far under eps
@@ -192,10 +192,5 @@ def probe(x: mx.array, seed: mx.array) -> dict:
         return KERNEL
     KERNEL.update(elements=x.size, differing=differing, mlx_s=best_seconds(lambda: reference(False)),
                   kernel_s=best_seconds(lambda: _kernel_pack(x, seed, False)))
-    if differing:
-        KERNEL["reason"] = f"{differing} codes, scales or biases differ from MLX's packing"
-    elif KERNEL["kernel_s"] < KERNEL["mlx_s"]:
-        KERNEL.update(choice="kernel", reason="bit-identical, faster")
-    else:
-        KERNEL["reason"] = "bit-identical, not faster"
+    choose(KERNEL, differing, "codes, scales or biases")
     return KERNEL

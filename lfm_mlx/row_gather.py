@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from lfm_mlx.dequant_kernel import best_seconds
+from lfm_mlx.kernel_probe import best_seconds, choose
 
 MISSING = 0xFFFFFFFF  # an index that gathers a zero row
 VECTOR_BYTES = 16  # one uint4 per thread
@@ -145,11 +145,7 @@ def probe(tokens: int, choices: int, rows: int, dims: int, dtype: mx.Dtype) -> d
     except Exception as err:  # a build or launch failure leaves MLX's ops in place
         KERNEL["reason"] = f"kernel failed: {type(err).__name__}: {err}"
         return dict(KERNEL)
-    KERNEL.update(record)
-    if record["gather_differing"] or record["sum_differing"]:
-        KERNEL["reason"] = "outputs differ from MLX's ops"
-    elif record["gather_kernel_s"] + record["sum_kernel_s"] < record["gather_mlx_s"] + record["sum_mlx_s"]:
-        KERNEL.update(choice="kernel", reason="bit-identical, faster")
-    else:
-        KERNEL["reason"] = "bit-identical, not faster"
+    record.update(kernel_s=record["gather_kernel_s"] + record["sum_kernel_s"],
+                  mlx_s=record["gather_mlx_s"] + record["sum_mlx_s"])
+    KERNEL.update(choose(record, record["gather_differing"] + record["sum_differing"], "rows"))
     return dict(KERNEL)

@@ -65,3 +65,12 @@ def test_stochastic_weights_keep_updates_smaller_than_a_bfloat16_step():
         moved[name] = 1.0 - np.array(weights["w"].astype(mx.float32)).astype(np.float64).mean()
     assert moved["nearest"] == 0.0 and moved["float32"] > 0.005
     assert abs(moved["stochastic"] - moved["float32"]) < 0.03 * moved["float32"]
+
+
+def test_a_kernel_is_chosen_only_when_identical_and_faster():
+    from lfm_mlx.kernel_probe import choose
+    assert choose({"kernel_s": 1.0, "mlx_s": 2.0}, 0, "rows")["choice"] == "kernel"
+    slower = choose({"kernel_s": 2.0, "mlx_s": 1.0}, 0, "rows")
+    assert slower["choice"] == "mlx" and slower["reason"] == "bit-identical, not faster"
+    wrong = choose({"kernel_s": 1.0, "mlx_s": 2.0}, 3, "rows")
+    assert wrong["choice"] == "mlx" and wrong["reason"] == "3 rows differ from MLX's"
