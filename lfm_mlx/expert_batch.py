@@ -40,7 +40,7 @@ from lfm_mlx.row_gather import MISSING, gather_rows, sum_rows
 CAPACITY_MULTIPLE = 16  # capacity rounded up to this: fewer distinct matmul shapes, aligned tiles
 # A speculated capacity is the last need times this: routing drifts between steps (the routers
 # train), and a guess that falls short costs the walk's forward pass again; a few rows more cost
-# only matmul work (on an H200, 1.125 and then 1.25 without the slow shrink redid 10 of 47 passes).
+# only matmul work (H200 benchmark runs: 1.25 without the slow shrink redid 10 of 47 passes, with it 5 of 61).
 SPECULATION_HEADROOM = 1.25
 SPECULATION_SHRINK = 0.9  # the most a guess shrinks in one step
 
