@@ -74,11 +74,12 @@ def test_training_raises_the_held_out_pass_rate_and_fusion_keeps_it(demo):
     base = summary["metrics"]["base"]["per_category"]
     assert all(base[c]["pass_rate"] == 0 for c in ("browser", "terminal", "file", "apps")), base
     # Measured on this box: 8% -> 27% -> 33%, fused 33%; after the grouped step's summation order
-    # changed (padded expert blocks), 8% -> 27% -> 35%, fused 38%: one case of 48 either way.
+    # changed (padded expert blocks), 8% -> 27% -> 35%, fused 38%; after the row gathers' gradient
+    # became a gather-sum, 8% -> 27% -> 33%, fused 35%: one case of 48 either way.
     assert rates["base"] < rates["trained"] < rates["repaired"], rates
     assert rates["trained"] >= rates["base"] + 0.1, rates
     one_case = 1 / summary["metrics"]["repaired"]["cases"]
-    assert abs(rates["fused 8-bit"] - rates["repaired"]) <= one_case + 1e-9, rates
+    assert abs(rates["fused 8-bit"] - rates["repaired"]) <= one_case + 1e-4, rates  # rates: 4 decimals
 
 
 @pytest.mark.slow
@@ -107,7 +108,8 @@ def test_mlx_lm_server_serves_the_fused_model_with_structured_tool_calls(demo, t
         assert got["failure"] != "error", got["detail"]  # every request, tool history included, was accepted
         if got["structured_calls"]:
             calls += 1  # a call comes back in message.tool_calls, not as text
-            assert got["finish_reason"] == "tool_calls" and not got["leaked_calls"], (case["id"], got)
+            # "length" when the model went on after its call until max_tokens (as OpenAI reports it)
+            assert got["finish_reason"] in ("tool_calls", "length") and not got["leaked_calls"], (case["id"], got)
         elif got["finish_reason"] == "tool_calls":
             continue  # the model began a call the server's pythonic parser could not read: no calls, no text
         elif got["finish_reason"] == "length" and not got["content"]:
