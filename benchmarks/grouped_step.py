@@ -76,7 +76,11 @@ VARIANTS: dict[str, dict] = {
     "no-checkpoint": dict(grad_checkpoint=False),  # exact too; more memory
     "one-graph": {},  # the default, the step as one graph (checkpointed by recompute_in_backward), no layer walk
     "mx-checkpoint": {},  # one-graph, checkpointed with plain mx.checkpoint (see `mx_checkpointed`)
-    "float32-gradients": {},  # the default, the experts' gradients cast back to the float32 master's dtype
+    "float32-gradients": dict(master_dtype="float32"),  # a float32 master, its gradients cast back to float32
+    # A float32 master array cast to bf16 at every use (the default splits it: bf16 weights + low bits).
+    "float32-master": dict(master_dtype="float32"),
+    # Frozen expert blocks keep their gate/up projections from the forward pass (no recomputation).
+    "keep-activations": dict(keep_expert_activations=True),
     # The expert paths, forced (the default takes the start-up probe's choice): gather_mm over
     # just-in-time dequantized experts, and padded expert blocks through batched matmuls.
     "gather-experts": dict(frozen_path="dequant"),
@@ -208,12 +212,13 @@ class GroupStep:
         self.start = moe_params(model, layers)
         dtype = model.model.embed_tokens.weight.dtype  # the compute dtype the model was cast to
         tick = time.perf_counter()
-        activate_group(model, layers, master_of(cfg, dtype), cfg.train_routers, lean_gradients(cfg))
+        activate_group(model, layers, master_of(cfg, dtype), cfg.train_routers, lean_gradients(cfg),
+                       grouped.router_master_of(cfg, dtype))
         mx.eval(model.parameters())
         self.activate_s = time.perf_counter() - tick
         self.optimizer = make_optimizer(cfg, steps)
         self.loss_and_grad = make_loss_and_grad(model, layers[0], cfg.grad_checkpoint, cfg.stop_gradient,
-                                                cfg.loss_chunk)
+                                                cfg.loss_chunk, keep_expert_activations=cfg.keep_expert_activations)
         self.phases: dict = {}
 
     def step(self, batch: Batch) -> float:
@@ -245,6 +250,8 @@ class GroupStep:
 
     def finish(self) -> dict:
         tick = time.perf_counter()
+        if isinstance(self.optimizer, grouped.FusedAdamW):
+            self.optimizer.merge_masters(self.model)
         retention = requantize_group(self.model, self.layers, self.start, self.path)
         out = {"activate_s": self.activate_s, "requantize_s": time.perf_counter() - tick,
                "retention": retention["experts"]["retention"]}
@@ -331,7 +338,7 @@ def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: 
               "loss_last": losses[-1], "expert_path": path,
               "settings": {k: v for k, v in cfg.model_dump().items()
                            if k in ("master_dtype", "optimizer", "fused_update", "loss_chunk",
-                                    "grad_checkpoint", "optimizer_state")},
+                                    "grad_checkpoint", "optimizer_state", "keep_expert_activations")},
               "peak_memory_gb": max(runner.phases["backward_peak"], runner.phases["update_peak"]) / GB,
               "memory": memory_breakdown(model, runner.optimizer, runner.phases)}
     result["tokens_per_s"] = batch.inputs.size / result["step_s"]
@@ -683,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["speculated_capacities"] = dict(grouped.SPECULATION)  # forward passes on guessed capacities, redone
     results["moment_kernel"] = dict(moments.KERNEL)  # decided at the int8 moments' first update, if any ran
-    results["adamw_kernel"] = dict(adamw_kernel.KERNEL)  # decided at the first large float32 update
+    results["adamw_kernel"] = {layout: dict(record) for layout, record in adamw_kernel.KERNELS.items()}  # per master layout
     if args.loss_steps:
         _section(results, "loss_comparison", out, loss_comparison, model, layers, dtype, args, chosen)
     if args.long_seq:

@@ -158,14 +158,19 @@ class BatchedSwitchGLU(nn.Module):
     without reading the indices back.
     `speculate`: lay out on the device for `capacity_hint` rows per expert (the last call's need
     with SPECULATION_HEADROOM) instead of reading the indices back; `needed` then holds the rows
-    the busiest expert needed (lazy), which the caller checks before trusting the result."""
+    the busiest expert needed (lazy), which the caller checks before trusting the result.
+    `keep_activations` (frozen projections only, with `keep_layout`): also remember the call's
+    gate and up projections and its output (`kept_activations`); later calls return that output
+    and their gradient is the backward pass alone (`_replay`): the walk's recomputation skips the
+    block's forward matmuls."""
 
     def __init__(self, glu: SwitchGLU):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = glu.gate_proj, glu.up_proj, glu.down_proj
         self.activation = glu.activation
-        self.keep_layout, self.speculate = False, False
+        self.keep_layout, self.speculate, self.keep_activations = False, False, False
         self.kept_layout: ExpertLayout | None = None
+        self.kept_activations: tuple[mx.array, mx.array, mx.array] | None = None
         self.capacity_hint: int | None = None
         self.needed: mx.array | None = None
 
@@ -179,8 +184,14 @@ class BatchedSwitchGLU(nn.Module):
         shrunk = int(self.capacity_hint * SPECULATION_SHRINK) if self.capacity_hint else 0
         self.capacity_hint = _round_up(max(int(needed * SPECULATION_HEADROOM), shrunk))
 
+    def forget(self) -> None:
+        """Drop what earlier calls kept (the layout and activations)."""
+        self.kept_layout, self.kept_activations = None, None
+
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         dims, experts = x.shape[-1], self.num_experts()
+        if self.kept_activations is not None:
+            return self._replay(x)
         layout = self.kept_layout
         if layout is None:
             indices = mx.stop_gradient(indices)
@@ -192,9 +203,31 @@ class BatchedSwitchGLU(nn.Module):
             if self.keep_layout:
                 self.kept_layout = layout
         blocks = layout.to_blocks(x.reshape(-1, dims)).reshape(experts, layout.capacity, dims)
-        hidden = self.activation(_apply(self.up_proj, blocks), _apply(self.gate_proj, blocks))
-        out = _apply(self.down_proj, hidden)
-        return layout.from_blocks(out.reshape(-1, dims)).reshape(*indices.shape, dims)
+        up, gate = _apply(self.up_proj, blocks), _apply(self.gate_proj, blocks)
+        out = _apply(self.down_proj, self.activation(up, gate))
+        out = layout.from_blocks(out.reshape(-1, dims)).reshape(*indices.shape, dims)
+        if self.keep_activations and self.keep_layout:
+            self.kept_activations = (up, gate, out)
+        return out
+
+    def _replay(self, x: mx.array) -> mx.array:
+        """The kept output, as a function of `x` whose gradient is computed from the kept gate and
+        up projections: the same operations as autodiff of `__call__` on frozen projections, less
+        the forward matmuls (each weight is dequantized once, just in time for its gradient)."""
+        up, gate, out = self.kept_activations
+        layout, dims = self.kept_layout, x.shape[-1]
+        replay = mx.custom_function(lambda v: out)
+
+        @replay.vjp
+        def backward(primals, cotangent, output):
+            d_out = gather_rows(cotangent.reshape(-1, dims), layout.block_choice).reshape(*up.shape[:-1], dims)
+            d_hidden = d_out @ expert_weight(self.down_proj, d_out.dtype, d_out)
+            _, (d_up, d_gate) = mx.vjp(self.activation, [up, gate], [d_hidden])
+            d_blocks = (d_up @ expert_weight(self.up_proj, d_up.dtype, d_up)
+                        + d_gate @ expert_weight(self.gate_proj, d_gate.dtype, d_gate))
+            return sum_rows(d_blocks.reshape(-1, dims), layout.block_row).reshape(x.shape)
+
+        return replay(x)
 
     def unbatched(self) -> SwitchGLU:
         """The same projections back in a plain SwitchGLU."""

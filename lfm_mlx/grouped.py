@@ -51,6 +51,7 @@ from lfm_mlx.checkpoint import (
 )
 from lfm_mlx.data import Batch, Example, batch_order, build_dataset, make_batch, masked_loss
 from lfm_mlx.expert_batch import BatchedSwitchGLU
+from lfm_mlx.master_bits import join_master, split_master
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from lfm_mlx.memory import (
     GB, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop, MemoryReading, MemoryWatchdog,
@@ -125,10 +126,13 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0)
     # numerics
     train_routers: bool = True
-    master_dtype: Literal["float32", "compute", "compute-stochastic"] = Field(
-        "float32", description="the trained experts' and routers' copies; compute: in the compute dtype; "
-                               "compute-stochastic: there too, each update rounded stochastically to bfloat16 "
-                               "(unbiased, half a float32 master's memory; other math, fused AdamW only)")
+    master_dtype: Literal["split", "float32", "compute", "compute-stochastic"] = Field(
+        "split", description="the trained experts' and routers' copies; split: a float32 master held as the "
+                             "bfloat16 weights the model computes with plus their 16 low bits in the optimizer "
+                             "(float32's math and memory, no casts; with the fused AdamW and bf16 compute, else "
+                             "float32); compute: in the compute dtype; compute-stochastic: there too, each update "
+                             "rounded stochastically to bfloat16 (unbiased, half a float32 master's memory; other "
+                             "math, fused AdamW only)")
     optimizer_state: Literal["float32", "int8"] = Field("float32", description="AdamW moments of the fused update; "
                                                         "int8: 1.125 bytes an element instead of 4 (other math)")
     fused_update: bool = Field(True, description="AdamW as one compiled kernel per tensor, float32 moments "
@@ -136,6 +140,9 @@ class TrainConfig(BaseModel):
     loss_chunk: int = Field(1024, ge=0, description="tokens per cross-entropy chunk (logits recomputed in the "
                                                     "backward pass); 0: the whole batch's logits at once")
     grad_checkpoint: bool = True
+    keep_expert_activations: bool = Field(False, description="frozen expert blocks above the group keep their "
+                                          "gate and up projections from the forward pass, so the backward pass "
+                                          "skips their recomputation (padded-block path, layer walk; more memory)")
     frozen_path: Literal["auto", "qmm", "dequant", "batched"] = "auto"
     stop_gradient: bool = True
     stochastic_rounding: bool = False
@@ -373,8 +380,9 @@ def set_frozen_path(model: nn.Module, path: str, skip: list[int] = ()) -> None:
 
 
 def activate_group(model: nn.Module, layers: list[int], master: mx.Dtype, train_routers: bool = True,
-                   lean_gradients: bool = False) -> None:
-    """Dequantize the group's experts into trainable weights; freeze all else but them (and routers).
+                   lean_gradients: bool = False, router_master: mx.Dtype | None = None) -> None:
+    """Dequantize the group's experts into trainable weights of dtype `master`; freeze all else but
+    them (and the routers, in `router_master`, default `master`).
     `lean_gradients`: the experts' gradients come in the compute dtype (see `lean_gradients`)."""
     for i in layers:
         switch = _ff(model, i).switch_mlp
@@ -392,7 +400,7 @@ def activate_group(model: nn.Module, layers: list[int], master: mx.Dtype, train_
         for proj in PROJECTIONS:
             getattr(ff.switch_mlp, proj).unfreeze()
         if train_routers:
-            ff.gate.weight = ff.gate.weight.astype(master)  # same master precision as the experts
+            ff.gate.weight = ff.gate.weight.astype(router_master or master)
             ff.gate.unfreeze()  # expert_bias stays frozen: it is selection-only, not trained by gradient
 
 
@@ -681,7 +689,7 @@ def _speculation_held(switches: dict[int, BatchedSwitchGLU]) -> bool:
 
 
 def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array, first_active: int,
-                       loss_chunk: int = 0) -> tuple[tuple[mx.array, mx.array], dict]:
+                       loss_chunk: int = 0, keep_expert_activations: bool = False) -> tuple[tuple[mx.array, mx.array], dict]:
     """((loss sum, trained tokens), grads) like `nn.value_and_grad` of the summed masked loss, by
     walking the layers: a forward pass that keeps only each layer's input from `first_active` up,
     then the backward pass one layer at a time, top down, each layer's forward recomputed in its
@@ -690,6 +698,8 @@ def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, ma
     Expert blocks (`BatchedSwitchGLU`) read nothing back: the forward pass lays them out for the
     capacity each needed last step (with headroom), checked once at its end (the pass is redone
     with exact layouts when a guess fell short), and the recomputation reuses those layouts.
+    `keep_expert_activations`: frozen expert blocks above `first_active` also keep their gate and up
+    projections from the forward pass, and the recomputation runs only their backward matmuls.
 
     The math is per-layer gradient checkpointing, but MLX evaluates one layer's work at a time:
     one graph for the whole step lets its breadth-first evaluation start the recomputation (and
@@ -702,9 +712,11 @@ def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, ma
     try:
         for i, switch in switches.items():
             switch.keep_layout = i >= first_active
+            switch.keep_activations = keep_expert_activations and not tree_flatten(switch.trainable_parameters())
         for speculate in (True, False):
             for switch in switches.values():
-                switch.speculate, switch.needed, switch.kept_layout = speculate, None, None
+                switch.speculate, switch.needed = speculate, None
+                switch.forget()
             h = inner.embed_tokens(inputs)
             masks = {True: create_attention_mask(h, None), False: create_ssm_mask(h, None)}
             kept, in_flight = {}, None
@@ -725,24 +737,27 @@ def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, ma
             previous = cotangent
             cotangent, grads = _layer_vjp(layer, kept.pop(i), masks[layer.is_attention_layer], cotangent)
             if i in switches:
-                switches[i].kept_layout = None  # the graph holds it now
+                switches[i].forget()  # the graph holds what it needs now
             _one_ahead([cotangent, grads], previous)
             flat.update({f"model.layers.{i}.{name}": g for name, g in grads.items()})
     finally:
         for switch in switches.values():
-            switch.keep_layout, switch.speculate, switch.kept_layout, switch.needed = False, False, None, None
+            switch.keep_layout, switch.speculate, switch.keep_activations, switch.needed = False, False, False, None
+            switch.forget()
     return (loss, trained), tree_map_with_path(lambda path, _: flat[path], model.trainable_parameters())
 
 
 def make_loss_and_grad(model: nn.Module, first_active: int, grad_checkpoint: bool = True,
-                       stop_gradient: bool = True, loss_chunk: int = 0, walk: bool = True) -> Callable:
+                       stop_gradient: bool = True, loss_chunk: int = 0, walk: bool = True,
+                       keep_expert_activations: bool = False) -> Callable:
     """value_and_grad of the summed masked loss over the model's trainable parameters:
     f(model, inputs, targets, mask) -> ((loss sum, trained tokens), grads).
     `loss_chunk` > 0 computes the cross-entropy that many tokens at a time (`chunked_masked_loss`).
     With `grad_checkpoint` (and `stop_gradient`) the gradients come from `walk_loss_and_grad`;
     `walk=False` builds one graph for the step instead (checkpointed by `recompute_in_backward`)."""
     if grad_checkpoint and stop_gradient and walk:
-        return lambda m, inputs, targets, mask: walk_loss_and_grad(m, inputs, targets, mask, first_active, loss_chunk)
+        return lambda m, inputs, targets, mask: walk_loss_and_grad(m, inputs, targets, mask, first_active, loss_chunk,
+                                                                   keep_expert_activations)
 
     def loss_fn(m, inputs, targets, mask):
         if loss_chunk:
@@ -758,11 +773,12 @@ def accumulate_gradients(model: nn.Module, loss_and_grad: Callable, batches: lis
     """Gradients of several micro-batches, token-weighted: (loss sum, trained tokens, grads), the
     grads of the mean loss, or with `mean=False` of the summed loss (divide by the trained tokens
     later, e.g. inside the fused update, which saves a pass over them).
-    Each micro-batch is evaluated before the next, so memory holds one batch's activations."""
+    Each micro-batch is evaluated before the next, so memory holds one batch's activations.
+    Sums are float32 (bfloat16 gradients of split masters included)."""
     grads, loss_sum, trained = None, 0.0, 0
     for batch in batches:
         (loss, n), g = loss_and_grad(model, batch.inputs, batch.targets, batch.loss_mask)
-        grads = g if grads is None else tree_map(mx.add, grads, g)
+        grads = g if grads is None else tree_map(lambda a, b: a.astype(mx.float32) + b, grads, g)
         mx.eval(grads, loss, n)
         loss_sum, trained = loss_sum + loss.item(), trained + n.item()
     if not mean:
@@ -828,6 +844,13 @@ def _adamw_dense(g, p, m, v, lr, scale, b1, b2, eps, wd):
     return p32.astype(p.dtype), m32.astype(m.dtype), v32.astype(v.dtype)
 
 
+def _adamw_split(g, high, low, m, v, lr, scale, b1, b2, eps, wd):
+    """_adamw_dense on a master split into bfloat16 weights and their low bits (`master_bits`):
+    the float32 master's update, bit for bit, and the new halves."""
+    p32, m32, v32 = _adamw_math(g, join_master(high, low), m, v, lr, scale, b1, b2, eps, wd)
+    return (*split_master(p32), m32, v32)
+
+
 def _adamw_dense_rounded(g, p, m, v, lr, scale, seed, b1, b2, eps, wd):
     """_adamw_dense with the new bfloat16 weights rounded stochastically (`round_to_bfloat16`)."""
     p32, m32, v32 = _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd)
@@ -855,6 +878,7 @@ def _adamw_int8_state(g, p, m, v, lr, scale, seed, b1, b2, eps, wd, rounded=Fals
 
 
 _adamw_kernel = mx.compile(_adamw_dense)
+_adamw_split_kernel = mx.compile(_adamw_split)
 _adamw_rounded_kernel = mx.compile(_adamw_dense_rounded)
 _adamw_int8_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=False))
 _adamw_int8_rounded_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=True))
@@ -891,13 +915,16 @@ class FusedAdamW(optim.Optimizer):
     gradient's scale (mean over tokens, clipping) folded in through `grad_scale`. Moments are
     float32 whatever the parameters' dtype (mlx.optimizers keep them in the parameters' dtype).
 
+    `split_master`: a bfloat16 parameter is the upper half of a float32 master whose 16 low bits
+    the optimizer holds (state "low", `master_bits`): the update is the float32 master's, bit for
+    bit, and `merge_masters` writes the whole masters back into the model.
     `state_bits=8` (other math, checked against the float32 step's loss by the benchmark) keeps
     both moments as int8 codes (`pack_moment`; 1.125 bytes an element instead of 4) for tensors
     whose last axis is a multiple of MOMENT_GROUP; large tensors then go UPDATE_CHUNK
     elements (whole rows of the first axis) at a time."""
 
     def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 state_bits: int = 32, stochastic_weights: bool = False):
+                 state_bits: int = 32, stochastic_weights: bool = False, split_master: bool = False):
         super().__init__()
         if state_bits not in (8, 32):
             raise ValueError(f"state_bits={state_bits}: use 32 (float32 moments) or 8 (int8 moments)")
@@ -905,6 +932,7 @@ class FusedAdamW(optim.Optimizer):
         self.betas, self.eps, self.weight_decay = (float(betas[0]), float(betas[1])), float(eps), float(weight_decay)
         self.state_bits = state_bits
         self.stochastic_weights = stochastic_weights
+        self.split_master = split_master
         self.grad_scale = mx.array(1.0, dtype=mx.float32)
 
     def init_single(self, parameter: mx.array, state: dict):
@@ -914,6 +942,15 @@ class FusedAdamW(optim.Optimizer):
             state["v"] = pack_moment(mx.log(zeros + V_FLOOR))
         else:
             state["m"], state["v"] = zeros, mx.zeros(parameter.shape, dtype=mx.float32)
+        if self.split_master and parameter.dtype == mx.bfloat16:
+            state["low"] = mx.zeros(parameter.shape, dtype=mx.uint16)  # the master starts at the weights
+
+    def merge_masters(self, model: nn.Module) -> None:
+        """Replace every split parameter in `model` by its whole float32 master (after the last
+        step, before the group is requantized from it); the low bits leave the state."""
+        for path, holder, key in list(_leaves(self.state)):
+            if key == "low":
+                _set(model, path[:-1], join_master(_at(model, path[:-1]), holder.pop(key)))
 
     def update(self, model: nn.Module, gradients: dict) -> None:
         """As Optimizer.update, but one tensor at a time, each evaluated before the next, and each
@@ -942,14 +979,14 @@ class FusedAdamW(optim.Optimizer):
             new = self.apply_single(gradient, parameter, state)
             mx.eval(new, state)
             return new
-        pieces, moments = [], {"m": [], "v": []}
+        pieces, moments = [], {name: [] for name in state}  # m, v (and a split master's low bits)
         for start in range(0, rows, per_block):
             end = min(start + per_block, rows)
-            part = {"m": _rows(state["m"], start, end), "v": _rows(state["v"], start, end)}
+            part = {name: _rows(value, start, end) for name, value in state.items()}
             pieces.append(self.apply_single(gradient[start:end], parameter[start:end], part))
             mx.eval(pieces[-1], part)
-            moments["m"].append(part["m"])
-            moments["v"].append(part["v"])
+            for name in moments:
+                moments[name].append(part[name])
         for name, parts in moments.items():
             state[name] = (mx.concatenate(parts) if isinstance(parts[0], mx.array)
                            else {k: mx.concatenate([p[k] for p in parts]) for k in parts[0]})
@@ -963,15 +1000,23 @@ class FusedAdamW(optim.Optimizer):
         rounded = self.stochastic_weights and parameter.dtype == mx.bfloat16
         if isinstance(state["m"], dict) or rounded:
             seed = mx.random.randint(0, 1 << 31, (1,)).astype(mx.uint32)  # from the step's seeded RNG
-        if isinstance(state["m"], dict):
+        if "low" in state and isinstance(state["m"], dict):  # int8 moments on the whole master, split again
+            p, state["m"], state["v"] = _adamw_int8_state(gradient, join_master(parameter, state["low"]), state["m"],
+                                                          state["v"], lr, self.grad_scale, seed, b1, b2, eps, wd)
+            p, state["low"] = split_master(p)
+        elif "low" in state:
+            p, state["low"], state["m"], state["v"] = adamw_kernel.update(
+                _adamw_split_kernel, gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale,
+                b1, b2, eps, wd)
+        elif isinstance(state["m"], dict):
             p, state["m"], state["v"] = _adamw_int8_state(gradient, parameter, state["m"], state["v"], lr,
                                                           self.grad_scale, seed, b1, b2, eps, wd, rounded)
         elif rounded:
             p, state["m"], state["v"] = _adamw_rounded_kernel(gradient, parameter, state["m"], state["v"], lr,
                                                               self.grad_scale, seed, b1, b2, eps, wd)
         else:
-            p, state["m"], state["v"] = adamw_kernel.update(_adamw_kernel, gradient, parameter, state["m"], state["v"],
-                                                            lr, self.grad_scale, b1, b2, eps, wd)
+            p, state["m"], state["v"] = adamw_kernel.update(_adamw_kernel, gradient, (parameter,), state["m"],
+                                                            state["v"], lr, self.grad_scale, b1, b2, eps, wd)
         return p
 
 
@@ -1031,8 +1076,23 @@ def lean_gradients(config: TrainConfig) -> bool:
     return config.optimizer == "adamw" and config.fused_update and config.grad_accumulation == 1
 
 
+def split_master_in_use(config: TrainConfig, compute: mx.Dtype) -> bool:
+    """Whether master_dtype "split" applies: the fused AdamW holds the low bits, and a bfloat16
+    compute dtype has low bits to hold (float32 compute: the weights are the float32 master)."""
+    return config.master_dtype == "split" and config.optimizer == "adamw" and config.fused_update and \
+        compute == mx.bfloat16
+
+
+def router_master_of(config: TrainConfig, compute: mx.Dtype) -> mx.Dtype:
+    """The dtype of the group's trained routers: float32 with a float32 or split master (a router
+    is small, and its scores are then computed in float32 as with a float32 master), else compute."""
+    return mx.float32 if config.master_dtype in ("float32", "split") else compute
+
+
 def master_of(config: TrainConfig, compute: mx.Dtype) -> mx.Dtype:
-    """The dtype of the group's trained copies (`activate_group`) for a config's master_dtype."""
+    """The dtype of the group's trained experts (`activate_group`) for a config's master_dtype."""
+    if config.master_dtype == "split":
+        return compute if split_master_in_use(config, compute) else mx.float32
     return mx.float32 if config.master_dtype == "float32" else compute
 
 
@@ -1051,6 +1111,7 @@ def estimate_for_config(model_config: dict, config: TrainConfig, frozen: str, se
         grad_accumulation=config.grad_accumulation, master=config.master_dtype,
         fused_update=fused, lean_gradients=lean_gradients(config), loss_chunk=config.loss_chunk,
         moment_bits=8 if fused and config.optimizer_state == "int8" else 32,
+        keep_expert_activations=config.keep_expert_activations,
     )
 
 
@@ -1109,7 +1170,8 @@ def make_optimizer(config: TrainConfig, steps: int) -> optim.Optimizer:
     if config.optimizer == "adamw" and config.fused_update:
         return FusedAdamW(learning_rate=schedule, betas=config.betas, eps=config.eps,
                           weight_decay=config.weight_decay, state_bits=8 if config.optimizer_state == "int8" else 32,
-                          stochastic_weights=config.master_dtype == "compute-stochastic")
+                          stochastic_weights=config.master_dtype == "compute-stochastic",
+                          split_master=config.master_dtype == "split")
     if config.optimizer == "adamw":
         return optim.AdamW(learning_rate=schedule, betas=list(config.betas), eps=config.eps,
                            weight_decay=config.weight_decay)
@@ -1369,7 +1431,8 @@ class GroupedMoETrainer:
         epoch, index = divmod(phase, len(groups))
         layers = groups[index]
         start = moe_params(self.model, layers)
-        activate_group(self.model, layers, self.master, cfg.train_routers, lean_gradients(cfg))
+        activate_group(self.model, layers, self.master, cfg.train_routers, lean_gradients(cfg),
+                       router_master_of(cfg, self.dtype))
         optimizer = self.optimizer = make_optimizer(cfg, self.spg)
         first = 0
         if resume is not None and state["step_in_phase"]:
@@ -1384,7 +1447,7 @@ class GroupedMoETrainer:
             raise ConfigError(f"{resume.path}: the data order of phase {phase} differs from the checkpoint's; "
                               "the training data or its split changed; use a new run_dir")
         loss_and_grad = make_loss_and_grad(self.model, layers[0], cfg.grad_checkpoint, cfg.stop_gradient,
-                                           cfg.loss_chunk)
+                                           cfg.loss_chunk, keep_expert_activations=cfg.keep_expert_activations)
         phase_start = time.perf_counter()
 
         def snapshot(step_in_phase: int) -> dict:
@@ -1451,6 +1514,8 @@ class GroupedMoETrainer:
             def key_fn(name: str) -> mx.array:
                 digest = hashlib.sha256(f"{cfg.seed}/{phase}/{name}".encode()).digest()
                 return mx.random.key(int.from_bytes(digest[:4], "little"))
+        if isinstance(optimizer, FusedAdamW):
+            optimizer.merge_masters(self.model)  # requantized from the whole float32 masters
         retention = requantize_group(self.model, layers, start, self.frozen, key_fn)
         valid = evaluate_loss(self.model, self.dataset.valid, cfg.batch_size, self.pad_id) if (
             cfg.eval_each_group and self.dataset.valid) else None
@@ -1460,7 +1525,7 @@ class GroupedMoETrainer:
         if cfg.optimizer_state == "int8":
             record["moment_kernel"] = dict(moments.KERNEL)  # how the int8 moments were packed
         elif cfg.optimizer == "adamw" and cfg.fused_update:
-            record["adamw_kernel"] = dict(adamw_kernel.KERNEL)  # how the float32 update ran
+            record["adamw_kernel"] = {layout: dict(kernel) for layout, kernel in adamw_kernel.KERNELS.items()}
         self._log(record)
         state["history"].append({k: record[k] for k in ("phase", "group", "layers", "valid_loss", "retention")})
         state["layers_done"] = sorted(set(state["layers_done"]) | set(layers))

@@ -212,6 +212,7 @@ def estimate_peak(
     lean_gradients: bool = False,
     loss_chunk: int = 0,
     moment_bits: int = 32,
+    keep_expert_activations: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one grouped-training step.
 
@@ -232,15 +233,18 @@ def estimate_peak(
     `fused_update` the grouped trainer's FusedAdamW (float32 moments, one tensor updated at a time);
     `lean_gradients` the experts' gradients in the compute dtype, whatever the master's;
     `loss_chunk` tokens per cross-entropy chunk (0: all logits at once);
-    `moment_bits` 8 for the fused update's int8 moments (1.125 bytes an element with their scales).
+    `moment_bits` 8 for the fused update's int8 moments (1.125 bytes an element with their scales);
+    `keep_expert_activations` the frozen expert blocks keep their gate and up projections and
+    output for the backward pass (batched path, checkpointed).
+    `master` "split" (bfloat16 weights and their 16 low bits) counts as float32: the same bytes.
     """
     problems = []
     if optimizer not in ("adamw", "adafactor"):
         problems.append(f"optimizer={optimizer!r}: use 'adamw' or 'adafactor'")
     if frozen_path not in ("qmm", "dequant", "batched"):
         problems.append(f"frozen_path={frozen_path!r}: use 'qmm', 'dequant' or 'batched'")
-    if master not in (None, "float32", "compute", "compute-stochastic"):
-        problems.append(f"master={master!r}: use 'float32', 'compute' or 'compute-stochastic'")
+    if master not in (None, "split", "float32", "compute", "compute-stochastic"):
+        problems.append(f"master={master!r}: use 'split', 'float32', 'compute' or 'compute-stochastic'")
     if moment_bits not in (8, 32):
         problems.append(f"moment_bits={moment_bits}: use 32 (float32 moments) or 8 (int8 moments)")
     if loss_chunk < 0:
@@ -293,6 +297,10 @@ def estimate_peak(
         # Padded expert blocks: every expert's rows padded to the busiest one's (guessed with
         # headroom), for the two layers in flight: the rows beyond those `ffn` counts.
         act_elems += 2 * k * (D + 3 * M) * (BLOCK_PADDING - 1)
+    frozen_moe = max(len(window) - g, 0)
+    if keep_expert_activations and frozen_path == "batched" and grad_checkpoint:
+        # Every frozen layer's gate and up blocks (padded) and its per-choice output, until its backward.
+        act_elems += frozen_moe * k * (2 * M * BLOCK_PADDING + D)
     activations = tokens * act_elems * cb
 
     # LM head + cross-entropy over the vocabulary: logits (plus an fp32 copy for the loss), then
@@ -310,7 +318,6 @@ def estimate_peak(
     attention_bytes = scores * (saved_scores + 2) if attention == "materialized" and n_attn else 0
 
     per_layer_experts = E * 3 * D * M * cb
-    frozen_moe = max(len(window) - g, 0)
     frozen = 0
     if frozen_path in ("dequant", "batched") and frozen_moe:
         # Checkpointed, the grouped trainer walks the layers (`walk_loss_and_grad`) with at most two
@@ -326,7 +333,7 @@ def estimate_peak(
     optimizer_state = state_elems * optimizer_state_bytes
     optimizer_update = trainable * cb
     if master is not None:
-        master_bytes = 4 if master == "float32" else cb
+        master_bytes = 4 if master in ("float32", "split") else cb
         group_dequant = trainable * master_bytes
         gradients = group_dequant * (2 if grad_accumulation > 1 else 1)
         if lean_gradients:
@@ -351,7 +358,7 @@ def estimate_peak(
         frozen_path=frozen_path, attention=attention, optimizer_state_bytes=optimizer_state_bytes,
         grad_accumulation=grad_accumulation, baseline=baseline, config=dict(config), master=master,
         fused_update=fused_update, lean_gradients=lean_gradients,
-        loss_chunk=loss_chunk, moment_bits=moment_bits,
+        loss_chunk=loss_chunk, moment_bits=moment_bits, keep_expert_activations=keep_expert_activations,
     )
     return MemoryEstimate(
         # The group's int8 copy stays in `weights`: it is the reference for update retention.

@@ -55,9 +55,9 @@ from mlx.utils import tree_flatten
 from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
-    TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config, global_norm, lean_gradients,
-    make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params, probe_dequant_kernel,
-    probe_row_gather, requantize_group, set_frozen_path,
+    FusedAdamW, TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config, global_norm,
+    lean_gradients, make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params,
+    probe_dequant_kernel, probe_row_gather, requantize_group, router_master_of, set_frozen_path,
 )
 from lfm_mlx.memory import (
     BACKWARD, GB, PERSISTENT, UPDATE, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop,
@@ -85,7 +85,7 @@ class SweepConfig:
     group_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
     steps: int = 3
     optimizer: str = "adamw"
-    master_dtype: str = "float32"
+    master_dtype: str = "split"
     frozen_path: str = "auto"
     calibrate: str = "fit"  # "fit", "none" or a factor such as "0.9"
     budget: MemoryBudget = field(default_factory=MemoryBudget)
@@ -113,8 +113,9 @@ class SweepConfig:
             problems.append(f"--steps {self.steps} must be >= 1 (the first is a warm-up when there are more)")
         if self.optimizer not in ("adamw", "adafactor"):
             problems.append(f"--optimizer {self.optimizer!r}: use adamw or adafactor")
-        if self.master_dtype not in ("float32", "compute", "compute-stochastic"):
-            problems.append(f"--master-dtype {self.master_dtype!r}: use float32, compute or compute-stochastic")
+        if self.master_dtype not in ("split", "float32", "compute", "compute-stochastic"):
+            problems.append(f"--master-dtype {self.master_dtype!r}: use split, float32, compute or "
+                            "compute-stochastic")
         if self.frozen_path not in ("auto", "qmm", "dequant", "batched"):
             problems.append(f"--frozen-path {self.frozen_path!r}: use auto, qmm, dequant or batched")
         if self.calibrate not in ("fit", "none"):
@@ -368,10 +369,11 @@ def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConf
     Returns per-step seconds and memory samples. Raises MemoryHardStop (with the samples taken so
     far in `err.sweep_samples`). The group is requantized afterwards, so the model is as before."""
     start = moe_params(model, layers)
-    activate_group(model, layers, master, train.train_routers, lean_gradients(train))
+    activate_group(model, layers, master, train.train_routers, lean_gradients(train),
+                   router_master_of(train, model.model.embed_tokens.weight.dtype))
     optimizer = make_optimizer(train, steps)
     loss_and_grad = make_loss_and_grad(model, layers[0], train.grad_checkpoint, train.stop_gradient,
-                                       train.loss_chunk)
+                                       train.loss_chunk, keep_expert_activations=train.keep_expert_activations)
     mx.eval(model.parameters())
     samples = []
     try:
@@ -395,6 +397,8 @@ def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConf
                 raise
             samples.append({**record, **sample.to_dict(), **reader.last})
     finally:
+        if isinstance(optimizer, FusedAdamW):
+            optimizer.merge_masters(model)
         del optimizer
         requantize_group(model, layers, start, frozen)
         gc.collect()
@@ -827,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-sizes", type=_sizes, default=list(DEFAULT_SIZES), help="default 1,2,4,6,8,11")
     parser.add_argument("--steps", type=int, default=3, help="steps per size; the first is a warm-up (default 3)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
-    parser.add_argument("--master-dtype", default="float32", choices=["float32", "compute", "compute-stochastic"])
+    parser.add_argument("--master-dtype", default="split", choices=["split", "float32", "compute", "compute-stochastic"])
     parser.add_argument("--frozen-path", default="auto", choices=["auto", "qmm", "dequant", "batched"])
     parser.add_argument("--calibrate", default="fit", help="fit (each size from the smaller ones measured before "
                         "it; the first calibrates itself), none, or a global factor (default fit)")

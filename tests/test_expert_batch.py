@@ -211,3 +211,35 @@ def test_the_walk_speculates_capacities_and_redoes_a_pass_whose_guess_fell_short
         assert loss == results[0][0]
         for name, value in grads.items():
             np.testing.assert_array_equal(value, results[0][1][name])
+
+
+def test_kept_expert_activations_give_the_walks_gradients_without_recomputing_frozen_blocks():
+    """With `keep_expert_activations` the frozen blocks above the group return their forward
+    output in the backward pass and run only the backward matmuls (`_replay`): the same loss and
+    gradients as recomputing them, also when a short capacity guess redoes the forward pass; the
+    trained blocks recompute as before, and nothing stays kept after the walk."""
+    model = tiny_model()
+    set_frozen_path(model, "batched")
+    activate_group(model, [2, 3], mx.float32)
+    inputs, targets, mask = token_batch(29, seed=6)
+    (ref_loss, _), ref = walk_loss_and_grad(model, inputs, targets, mask, 2)
+    replays = []
+    real = BatchedSwitchGLU._replay
+    BatchedSwitchGLU._replay = lambda self, x: replays.append(self) or real(self, x)
+    try:
+        for short_guess in (False, True):
+            if short_guess:
+                model.model.layers[4].feed_forward.switch_mlp.capacity_hint = 16
+            replays.clear()
+            (loss, _), got = walk_loss_and_grad(model, inputs, targets, mask, 2, keep_expert_activations=True)
+            assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+            got_np, ref_np = as_np(got), as_np(ref)
+            for name in ref_np:
+                np.testing.assert_allclose(got_np[name], ref_np[name], rtol=1e-5, atol=1e-7)
+            frozen = [i for i in moe_layers(model) if i > 3]
+            assert {id(s) for s in replays} == {id(model.model.layers[i].feed_forward.switch_mlp) for i in frozen}
+    finally:
+        BatchedSwitchGLU._replay = real
+    for i in moe_layers(model):
+        switch = model.model.layers[i].feed_forward.switch_mlp
+        assert switch.kept_activations is None and switch.kept_layout is None and not switch.keep_activations
