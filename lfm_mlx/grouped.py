@@ -867,14 +867,25 @@ def _adamw_int8_math(g, p, m, v, lr, scale, seed, b1, b2, eps, wd, rounded):
     return p, m32, mx.log(v32 + V_FLOOR)
 
 
-def _adamw_int8_state(g, p, m, v, lr, scale, seed, b1, b2, eps, wd, rounded=False):
+def _adamw_int8_split_math(g, high, low, m, v, lr, scale, seed, b1, b2, eps, wd):
+    """_adamw_int8_math on a split master: its new halves, then the moments for packing."""
+    p32, m32, log_v32 = _adamw_int8_math(g, join_master(high, low), m, v, lr, scale, seed, b1, b2, eps, wd, False)
+    return (*split_master(p32), m32, log_v32)
+
+
+def _adamw_int8_state(g, master: tuple, m, v, lr, scale, seed, b1, b2, eps, wd, rounded=False) -> tuple:
     """_adamw_math on int8 moments, each stored rounded stochastically (unbiased): the first
     moment linearly, the second as its logarithm (its values span orders of magnitude within a
     group; a linear code would round small ones to zero and blow their step up). One noise draw
-    serves both, as u and 1 - u: each moment's rounding is still unbiased, at half the draws."""
-    kernel = _adamw_int8_rounded_kernel if rounded else _adamw_int8_kernel
-    p, m32, log_v32 = kernel(g, p, m, v, lr, scale, seed, b1, b2, eps, wd)
-    return p, pack_moment_noisy(m32, seed), pack_moment_noisy(log_v32, seed, flip=True)
+    serves both, as u and 1 - u: each moment's rounding is still unbiased, at half the draws.
+    `master`: (weights,) or a split master's (bfloat16 weights, low bits); returns the new master's
+    arrays, then the packed moments."""
+    if len(master) == 2:
+        kernel = _adamw_int8_split_kernel
+    else:
+        kernel = _adamw_int8_rounded_kernel if rounded else _adamw_int8_kernel
+    *new_master, m32, log_v32 = kernel(g, *master, m, v, lr, scale, seed, b1, b2, eps, wd)
+    return (*new_master, pack_moment_noisy(m32, seed), pack_moment_noisy(log_v32, seed, flip=True))
 
 
 _adamw_kernel = mx.compile(_adamw_dense)
@@ -882,6 +893,8 @@ _adamw_split_kernel = mx.compile(_adamw_split)
 _adamw_rounded_kernel = mx.compile(_adamw_dense_rounded)
 _adamw_int8_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=False))
 _adamw_int8_rounded_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=True))
+_adamw_int8_split_kernel = mx.compile(_adamw_int8_split_math)
+_join_kernel = mx.compile(join_master)
 
 
 def _leaves(tree, path: tuple = ()):
@@ -950,7 +963,7 @@ class FusedAdamW(optim.Optimizer):
         step, before the group is requantized from it); the low bits leave the state."""
         for path, holder, key in list(_leaves(self.state)):
             if key == "low":
-                _set(model, path[:-1], join_master(_at(model, path[:-1]), holder.pop(key)))
+                _set(model, path[:-1], _join_kernel(_at(model, path[:-1]), holder.pop(key)))
 
     def update(self, model: nn.Module, gradients: dict) -> None:
         """As Optimizer.update, but one tensor at a time, each evaluated before the next, and each
@@ -1000,16 +1013,15 @@ class FusedAdamW(optim.Optimizer):
         rounded = self.stochastic_weights and parameter.dtype == mx.bfloat16
         if isinstance(state["m"], dict) or rounded:
             seed = mx.random.randint(0, 1 << 31, (1,)).astype(mx.uint32)  # from the step's seeded RNG
-        if "low" in state and isinstance(state["m"], dict):  # int8 moments on the whole master, split again
-            p, state["m"], state["v"] = _adamw_int8_state(gradient, join_master(parameter, state["low"]), state["m"],
-                                                          state["v"], lr, self.grad_scale, seed, b1, b2, eps, wd)
-            p, state["low"] = split_master(p)
+        if "low" in state and isinstance(state["m"], dict):
+            p, state["low"], state["m"], state["v"] = _adamw_int8_state(
+                gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale, seed, b1, b2, eps, wd)
         elif "low" in state:
             p, state["low"], state["m"], state["v"] = adamw_kernel.update(
                 _adamw_split_kernel, gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale,
                 b1, b2, eps, wd)
         elif isinstance(state["m"], dict):
-            p, state["m"], state["v"] = _adamw_int8_state(gradient, parameter, state["m"], state["v"], lr,
+            p, state["m"], state["v"] = _adamw_int8_state(gradient, (parameter,), state["m"], state["v"], lr,
                                                           self.grad_scale, seed, b1, b2, eps, wd, rounded)
         elif rounded:
             p, state["m"], state["v"] = _adamw_rounded_kernel(gradient, parameter, state["m"], state["v"], lr,
