@@ -537,7 +537,7 @@ def prepare(cfg: SweepConfig, log=print) -> _Setup:
         "machine": machine,
         "model": {"source": cfg.model or f"preset:{cfg.preset}", "moe_layers": moe,
                   "weights_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
-                  "compute_dtype": str(dtype), "master_dtype": str(master), "build_s": build_s,
+                  "compute_dtype": str(dtype), "master_dtype": str(master), "master": cfg.master_dtype, "build_s": build_s,
                   "shapes": {k: config[k] for k in ("vocab_size", "hidden_size", "moe_intermediate_size",
                                                      "num_hidden_layers", "num_experts", "num_experts_per_tok")},
                   "quantization": {k: config["quantization"][k] for k in ("bits", "group_size")}},

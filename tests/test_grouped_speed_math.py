@@ -33,12 +33,12 @@ from lfm_mlx.models import build_model, cast_floats
 from lfm_mlx.synthetic import hf_config
 
 
-def tiny_model() -> nn.Module:
-    """tiny-moe with fixed random weights, experts int8, float32 compute (the CPU dtype)."""
+def tiny_model(dtype: mx.Dtype = mx.float32) -> nn.Module:
+    """tiny-moe with fixed random weights, experts int8, float32 compute (the CPU dtype) unless `dtype`."""
     mx.random.seed(0)
     config = hf_config("tiny-moe")
     model = build_model(config)
-    cast_floats(model, mx.float32)
+    cast_floats(model, dtype)
     quantize_experts(model, config, bits=8, group_size=64)
     mx.eval(model.parameters())
     return model

@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from test_grouped_speed_math import token_batch
+from test_grouped_speed_math import tiny_model, token_batch
 
 import lfm_mlx.grouped as grouped
 from lfm_mlx.grouped import (
@@ -15,9 +15,6 @@ from lfm_mlx.grouped import (
     moe_params, router_master_of, set_frozen_path,
 )
 from lfm_mlx.master_bits import join_master, split_master
-from lfm_mlx.mixed import quantize_experts
-from lfm_mlx.models import build_model, cast_floats
-from lfm_mlx.synthetic import hf_config
 
 
 def test_the_split_is_lossless_and_rounds_to_nearest():
@@ -67,20 +64,10 @@ def test_the_split_masters_update_is_the_float32_masters_bit_for_bit(state_bits,
     assert "low" not in split_opt.state["w"]
 
 
-def _bf16_model() -> nn.Module:
-    mx.random.seed(0)
-    config = hf_config("tiny-moe")
-    model = build_model(config)
-    cast_floats(model, mx.bfloat16)
-    quantize_experts(model, config, bits=8, group_size=64)
-    mx.eval(model.parameters())
-    return model
-
-
 def _train(master_dtype: str, steps: int = 20, learning_rate: float = 1e-4) -> dict[str, np.ndarray]:
     """`steps` trainer steps on group [2, 3] of a bf16 tiny-moe (padded expert blocks: the CPU's
     bf16 matmuls); the update of each trained expert stack (float32 master minus start)."""
-    model = _bf16_model()
+    model = tiny_model(mx.bfloat16)
     inputs, targets, mask = token_batch(24, seed=4)
     config = TrainConfig(model="-", data=["-"], run_dir="-", learning_rate=learning_rate, warmup_steps=0,
                          steps_per_group=steps, master_dtype=master_dtype)
