@@ -40,6 +40,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -53,6 +54,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 import lfm_mlx.grouped as grouped
 from lfm_mlx import adamw_kernel, dequant_kernel, moments
 from lfm_mlx.data import Batch, masked_loss
+from lfm_mlx.checkpoint import ParkedArrays
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
     PROBE_TOKENS, TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config,
@@ -64,10 +66,11 @@ from lfm_mlx.models import build_model, cast_floats, compute_dtype
 from lfm_mlx.synthetic import hf_config
 
 GB = 1e9
+PARKING = Path(tempfile.mkdtemp(prefix="grouped_step-"))  # where a group's start copy waits (removed after each group)
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM datasheet, dense bf16 tensor-core peak
 
 # name -> settings changed from TrainConfig's defaults
-STRAIGHTFORWARD = dict(master_dtype="float32", fused_update=False, loss_chunk=0)
+STRAIGHTFORWARD = dict(master_dtype="float32", fused_update=False, loss_chunk=0, offload_group_start=False)
 VARIANTS: dict[str, dict] = {
     "straightforward": STRAIGHTFORWARD,
     "default": {},
@@ -79,6 +82,8 @@ VARIANTS: dict[str, dict] = {
     "float32-gradients": dict(master_dtype="float32"),  # a float32 master, its gradients cast back to float32
     # A float32 master array cast to bf16 at every use (the default splits it: bf16 weights + low bits).
     "float32-master": dict(master_dtype="float32"),
+    # The group's int8 start copy held in memory while it trains (the default parks it in a file).
+    "start-in-memory": dict(offload_group_start=False),
     # Frozen expert blocks keep their gate/up projections from the forward pass (no recomputation).
     "keep-activations": dict(keep_expert_activations=True),
     # The expert paths, forced (the default takes the start-up probe's choice): gather_mm over
@@ -215,6 +220,8 @@ class GroupStep:
         activate_group(model, layers, master_of(cfg, dtype), cfg.train_routers, lean_gradients(cfg),
                        grouped.router_master_of(cfg, dtype))
         mx.eval(model.parameters())
+        # As the trainer: the group's int8 start copy waits in a file (offload_group_start).
+        self.start = ParkedArrays(self.start, PARKING / grouped.GROUP_START if cfg.offload_group_start else None)
         self.activate_s = time.perf_counter() - tick
         self.optimizer = make_optimizer(cfg, steps)
         self.loss_and_grad = make_loss_and_grad(model, layers[0], cfg.grad_checkpoint, cfg.stop_gradient,
@@ -252,7 +259,8 @@ class GroupStep:
         tick = time.perf_counter()
         if isinstance(self.optimizer, grouped.FusedAdamW):
             self.optimizer.merge_masters(self.model)
-        retention = requantize_group(self.model, self.layers, self.start, self.path)
+        retention = requantize_group(self.model, self.layers, self.start.load(), self.path)
+        self.start.discard()
         out = {"activate_s": self.activate_s, "requantize_s": time.perf_counter() - tick,
                "retention": retention["experts"]["retention"]}
         del self.optimizer, self.loss_and_grad, self.start
@@ -338,7 +346,8 @@ def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: 
               "loss_last": losses[-1], "expert_path": path,
               "settings": {k: v for k, v in cfg.model_dump().items()
                            if k in ("master_dtype", "optimizer", "fused_update", "loss_chunk",
-                                    "grad_checkpoint", "optimizer_state", "keep_expert_activations")},
+                                    "grad_checkpoint", "optimizer_state", "keep_expert_activations",
+                                    "offload_group_start")},
               "peak_memory_gb": max(runner.phases["backward_peak"], runner.phases["update_peak"]) / GB,
               "memory": memory_breakdown(model, runner.optimizer, runner.phases)}
     result["tokens_per_s"] = batch.inputs.size / result["step_s"]

@@ -47,12 +47,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lfm_mlx import adamw_kernel, dequant_kernel, moments, row_gather
 from lfm_mlx.checkpoint import (
-    config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
+    ParkedArrays, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
 )
 from lfm_mlx.data import Batch, Example, batch_order, build_dataset, make_batch, masked_loss
 from lfm_mlx.expert_batch import BatchedSwitchGLU
-from lfm_mlx.master_bits import join_master, split_master
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from lfm_mlx.master_bits import join_master, split_master
 from lfm_mlx.memory import (
     GB, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop, MemoryReading, MemoryWatchdog,
     estimate_peak,
@@ -66,6 +66,7 @@ from lfm_mlx.schedule import GroupSchedule
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 STORAGE_DTYPE = mx.bfloat16  # what save_model_dir writes for scales, biases and routers
 EXIT_CONFIG, EXIT_OVER_BUDGET = 2, 3
+GROUP_START = "group_start.safetensors"  # in the run dir: the training group's int8 start copy (offload_group_start)
 
 
 # ---------------------------------------------------------------- config
@@ -140,6 +141,9 @@ class TrainConfig(BaseModel):
     loss_chunk: int = Field(1024, ge=0, description="tokens per cross-entropy chunk (logits recomputed in the "
                                                     "backward pass); 0: the whole batch's logits at once")
     grad_checkpoint: bool = True
+    offload_group_start: bool = Field(True, description=f"keep the group's int8 start copy (requantization's "
+                                      f"and retention's reference) in run_dir/{GROUP_START} while the group trains, "
+                                      "not in memory (1.5 GB at group 4 of the 8B)")
     keep_expert_activations: bool = Field(False, description="frozen expert blocks above the group keep their "
                                           "gate and up projections from the forward pass, so the backward pass "
                                           "skips their recomputation (padded-block path, layer walk; more memory)")
@@ -1123,7 +1127,7 @@ def estimate_for_config(model_config: dict, config: TrainConfig, frozen: str, se
         grad_accumulation=config.grad_accumulation, master=config.master_dtype,
         fused_update=fused, lean_gradients=lean_gradients(config), loss_chunk=config.loss_chunk,
         moment_bits=8 if fused and config.optimizer_state == "int8" else 32,
-        keep_expert_activations=config.keep_expert_activations,
+        keep_expert_activations=config.keep_expert_activations, offload_group_start=config.offload_group_start,
     )
 
 
@@ -1454,6 +1458,8 @@ class GroupedMoETrainer:
             optimizer.state = restore_tree(optimizer.state, resume.optimizer or {}, f"{resume.path}/optimizer")
             first = state["step_in_phase"]
         mx.eval(self.model.parameters())
+        # The int8 start copy waits on disk until the group ends (requantization, retention, checkpoints).
+        start = ParkedArrays(start, self.run_dir / GROUP_START if cfg.offload_group_start else None)
         order = self._micro_ids(phase)
         if resume is not None and state["step_in_phase"] and resume.state.get("data_order") != order:
             raise ConfigError(f"{resume.path}: the data order of phase {phase} differs from the checkpoint's; "
@@ -1492,7 +1498,7 @@ class GroupedMoETrainer:
                 self._log({"kind": "skipped", "step": global_step + 1, "phase": phase, "row_ids": ids,
                            "loss": loss if math.isfinite(loss) else str(loss), "grad_norm": str(norm)})
                 if state["consecutive_skips"] >= cfg.max_consecutive_skips:
-                    self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
+                    self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start.load(), optimizer)
                     raise NonFiniteStop(global_step + 1, state["consecutive_skips"], ids)
                 progress.update(1)
                 continue
@@ -1515,11 +1521,11 @@ class GroupedMoETrainer:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", group=f"{index}/{len(self.schedule)}", epoch=epoch)
             if stop is not None:  # the step is done and logged: save it, then stop before memory runs out
-                self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
+                self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start.load(), optimizer)
                 raise stop
             last = step == self.spg - 1
             if cfg.checkpoint_every and (global_step + 1) % cfg.checkpoint_every == 0 and not last:
-                self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
+                self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start.load(), optimizer)
 
         key_fn = None
         if cfg.stochastic_rounding:
@@ -1528,7 +1534,8 @@ class GroupedMoETrainer:
                 return mx.random.key(int.from_bytes(digest[:4], "little"))
         if isinstance(optimizer, FusedAdamW):
             optimizer.merge_masters(self.model)  # requantized from the whole float32 masters
-        retention = requantize_group(self.model, layers, start, self.frozen, key_fn)
+        retention = requantize_group(self.model, layers, start.load(), self.frozen, key_fn)
+        start.discard()
         valid = evaluate_loss(self.model, self.dataset.valid, cfg.batch_size, self.pad_id) if (
             cfg.eval_each_group and self.dataset.valid) else None
         record = {"kind": "group_end", "step": state["global_step"], "epoch": epoch, "phase": phase,

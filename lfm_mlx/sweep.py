@@ -54,8 +54,9 @@ from mlx.utils import tree_flatten
 
 from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
+from lfm_mlx.checkpoint import ParkedArrays
 from lfm_mlx.grouped import (
-    FusedAdamW, TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config, global_norm,
+    GROUP_START, FusedAdamW, TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config, global_norm,
     lean_gradients, make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params,
     probe_dequant_kernel, probe_row_gather, requantize_group, router_master_of, set_frozen_path,
 )
@@ -375,6 +376,7 @@ def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConf
     loss_and_grad = make_loss_and_grad(model, layers[0], train.grad_checkpoint, train.stop_gradient,
                                        train.loss_chunk, keep_expert_activations=train.keep_expert_activations)
     mx.eval(model.parameters())
+    start = ParkedArrays(start, Path(train.run_dir) / GROUP_START if train.offload_group_start else None)  # as the trainer
     samples = []
     try:
         for step in range(steps):
@@ -400,7 +402,8 @@ def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConf
         if isinstance(optimizer, FusedAdamW):
             optimizer.merge_masters(model)
         del optimizer
-        requantize_group(model, layers, start, frozen)
+        requantize_group(model, layers, start.load(), frozen)
+        start.discard()
         gc.collect()
         mx.clear_cache()
     return {"samples": samples}

@@ -10,7 +10,7 @@ import mlx.optimizers as optim
 import pytest
 
 from lfm_mlx.checkpoint import (
-    checkpoint_name, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree,
+    ParkedArrays, checkpoint_name, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree,
     save_checkpoint,
 )
 
@@ -100,3 +100,24 @@ def test_config_hash_is_order_independent_and_sensitive():
     a = config_hash({"lr": 1e-5, "groups": [[2, 3]], "seed": 0})
     assert a == config_hash({"seed": 0, "groups": [[2, 3]], "lr": 1e-5})
     assert a != config_hash({"seed": 0, "groups": [[2, 3]], "lr": 2e-5})
+
+
+def test_parked_arrays_leave_memory_and_come_back_exactly(tmp_path):
+    """The group's start copy parked in a file: its memory is freed while parked, `load` gives
+    the same bits (packed codes, bf16 scales), `discard` removes the file; unparked, nothing is written."""
+    codes = mx.random.randint(0, 1 << 30, (64, 1024), key=mx.random.key(1)).astype(mx.uint32)
+    scales = mx.random.normal((64, 64), key=mx.random.key(2)).astype(mx.bfloat16)
+    mx.eval(codes, scales)
+    expected = {"w": mx.array(codes), "s": mx.array(scales)}  # copies kept by the test
+    mx.eval(expected)
+    before = mx.get_active_memory()
+    parked = ParkedArrays({"w": codes, "s": scales}, tmp_path / "start.safetensors")
+    del codes, scales
+    assert mx.get_active_memory() <= before - 64 * 1024 * 4  # the codes' bytes left memory
+    back = parked.load()
+    assert sorted(back) == ["s", "w"] and all(back[k].dtype == expected[k].dtype for k in back)
+    assert all(mx.array_equal(back[k], expected[k]).item() for k in back)
+    parked.discard()
+    assert not (tmp_path / "start.safetensors").exists()
+    kept = ParkedArrays(expected)
+    assert kept.load() is expected and list(tmp_path.iterdir()) == []

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from lfm_mlx.data import build_dataset
 from lfm_mlx.grouped import (
-    ConfigError, DequantSwitchLinear, GroupedMoETrainer, NonFiniteStop, TrainConfig, activate_group,
+    GROUP_START, ConfigError, DequantSwitchLinear, GroupedMoETrainer, NonFiniteStop, TrainConfig, activate_group,
     evaluate_loss, forward_logits, main, pack_codes, unpack_codes, quantize_affine, requantize_group, moe_params,
     set_frozen_path, summarize_stats, update_stats,
 )
@@ -103,6 +103,7 @@ def test_training_lowers_loss_and_saves_a_loadable_mixed_model(tiny_moe_mixed_di
         experts = end["retention"]["experts"]
         assert 0.5 < experts["retention"] <= 1.5 and 0 < experts["codes_changed"] <= 1
     assert result.final_valid_loss < result.initial_valid_loss
+    assert not (tmp_path / "run" / GROUP_START).exists()  # each group's parked start copy went at its end
 
     # The frozen-path measurement and the resolved config are recorded in the run directory.
     frozen = json.loads((tmp_path / "run" / "frozen_path.json").read_text())
