@@ -243,3 +243,22 @@ def test_kept_expert_activations_give_the_walks_gradients_without_recomputing_fr
     for i in moe_layers(model):
         switch = model.model.layers[i].feed_forward.switch_mlp
         assert switch.kept_activations is None and switch.kept_layout is None and not switch.keep_activations
+
+
+def test_the_path_probe_times_the_blocks_as_the_walk_runs_them():
+    """The start-up probe lays the padded blocks out once (its untimed call) and times calls that
+    reuse the layout, as the walk's backward does; it leaves nothing kept and every path timed."""
+    from lfm_mlx.grouped import measure_frozen_paths
+
+    model = tiny_model()
+    calls = []
+    real = expert_batch.expert_layout
+    expert_batch.expert_layout = lambda *a: calls.append(1) or real(*a)
+    try:
+        times = measure_frozen_paths(model, 4, 32, mx.float32)
+    finally:
+        expert_batch.expert_layout = real
+    assert set(times) == {"qmm", "dequant", "batched"} and all(t > 0 for t in times.values())
+    assert len(calls) == 1  # one host layout for the warm-up and the three timed calls
+    switch = model.model.layers[4].feed_forward.switch_mlp
+    assert isinstance(switch, BatchedSwitchGLU) and switch.kept_layout is None and not switch.keep_layout

@@ -208,10 +208,7 @@ def test_the_fused_update_and_chunked_loss_lower_the_memory_estimate():
 
     assert gradients(True) < 0.51 * gradients(False)  # the experts' gradients in bf16
     assert after["logits"] < 0.6 * before["logits"]  # one 1024-token chunk of 2048
-    from lfm_mlx.models import compute_dtype
-    cb = 2 if compute_dtype(big) == mx.bfloat16 else 4  # scales, biases and routers in the compute dtype
-    group_int8 = 4 * (32 * 3 * 2048 * 1792 * (1 + 2 * cb / 64) + 32 * 2048 * cb)  # 4 layers' experts and routers
-    assert before["weights"] - after["weights"] == group_int8  # the start copy parked on disk
+    assert after["weights"] == before["weights"]  # a parked start copy still counts (see estimate_peak)
 
 
 # ---------------------------------------------------------------- together: loss after 50 steps
