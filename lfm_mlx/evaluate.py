@@ -154,11 +154,12 @@ class LlamaCppBackend:
     """
 
     def __init__(self, gguf_path: str | Path, tokenizer_dir: str | Path, n_ctx: int = 2048, seed: int = 0) -> None:
-        from llama_cpp import Llama
         from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+        from lfm_mlx.gguf import open_gguf
+
         self.gguf_path, self.tokenizer_dir = str(gguf_path), str(tokenizer_dir)
-        self.llm = Llama(model_path=self.gguf_path, n_ctx=n_ctx, seed=seed, verbose=False)
+        self.llm = open_gguf(self.gguf_path, n_ctx=n_ctx, seed=seed, verbose=False)
         self.tokenizer = load_tokenizer(Path(tokenizer_dir))
 
     def describe(self) -> dict:

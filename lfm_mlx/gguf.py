@@ -519,7 +519,29 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "bf1
     }
 
 
-# ---------------------------------------------------------------- llama.cpp quantizer
+# ---------------------------------------------------------------- llama.cpp
+
+
+def open_gguf(path: str | Path, **kwargs):
+    """`llama_cpp.Llama(path, **kwargs)` with llama.cpp's CPU weight repacking off (its "extra
+    buffer types"). On an AMX CPU the repacked path of llama-cpp-python 0.3.35 and 0.3.36 crashed
+    (in ggml_backend_amx_mul_mat) on the tiny models' Q8_0 experts and moved their F16 logits off
+    the plain kernels' rounding; the plain CPU kernels are the reference this project checks
+    against. llama-cpp-python's Llama takes no such argument, so its default model parameters are
+    swapped for the call."""
+    low_level = _llama_cpp().llama_cpp
+    defaults = low_level.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = without_repacking
+    try:
+        return _llama_cpp().Llama(model_path=str(path), **kwargs)
+    finally:
+        low_level.llama_model_default_params = defaults
 
 
 def _llama_cpp():
@@ -527,7 +549,7 @@ def _llama_cpp():
         import llama_cpp
     except ImportError:
         raise ImportError(
-            "quantized GGUF variants use llama.cpp's own quantizer through llama-cpp-python; "
+            "quantized GGUF variants and runs in llama.cpp go through llama-cpp-python; "
             "install it with `pip install llama-cpp-python` (it builds llama.cpp, ~6 minutes)"
         ) from None
     return llama_cpp

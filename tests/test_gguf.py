@@ -18,6 +18,7 @@ from lfm_mlx.gguf import (
     export_gguf,
     gguf_tensor_types,
     main,
+    open_gguf,
     portable_chat_template,
     quantize_gguf,
 )
@@ -307,9 +308,15 @@ def test_interrupted_export_leaves_nothing(dirs, tmp_path):
 
 
 def llama(path: Path):
+    pytest.importorskip("llama_cpp")
+    return open_gguf(path, n_ctx=1024, n_batch=1024, n_ubatch=1024, n_threads=2, logits_all=True, verbose=False)
+
+
+def test_open_gguf_turns_repacking_off_for_its_call_only(exports):
     llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(str(path), n_ctx=1024, n_batch=1024, n_ubatch=1024, n_threads=2, logits_all=True,
-                           verbose=False)
+    llm = open_gguf(exports["moe", "f32"], n_ctx=64, verbose=False)
+    assert llm.model_params.use_extra_bufts is False and llm.n_vocab() == 1024
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True  # restored
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:
