@@ -2,9 +2,11 @@
 
 The model is a mixed checkpoint: experts int8 (affine), everything else bf16. Training walks a
 `GroupSchedule` of consecutive MoE layers. For the active group the experts are dequantized into
-trainable `SwitchLinear` weights (float32 master weights by default), the group's routers are
-made trainable, everything else is frozen; after the group's steps the experts are requantized
-to int8 (same bits and group size) and the next group starts with a fresh optimizer.
+trainable `SwitchLinear` weights (float32 master weights by default: on bf16 compute held as the
+bf16 weights plus their low bits in the optimizer, `master_bits`), the group's routers are made
+trainable, everything else is frozen (the group's int8 start copy waits on disk); after the
+group's steps the experts are requantized to int8 (same bits and group size) and the next group
+starts with a fresh optimizer.
 
 How steps map to groups. Training runs `epochs x len(groups)` phases: each epoch walks every
 group once, in schedule order. Every phase runs the same number of optimizer steps
