@@ -54,12 +54,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 import lfm_mlx.grouped as grouped
 from lfm_mlx import adamw_kernel, dequant_kernel, moments
 from lfm_mlx.data import Batch, masked_loss
-from lfm_mlx.checkpoint import ParkedArrays
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
     PROBE_TOKENS, TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config,
     global_norm, lean_gradients, make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params,
-    probe_dequant_kernel, probe_row_gather, requantize_group, set_frozen_path,
+    probe_dequant_kernel, probe_row_gather, set_frozen_path,
 )
 from lfm_mlx.mixed import parameter_bytes, quantize_experts
 from lfm_mlx.models import build_model, cast_floats, compute_dtype
@@ -221,7 +220,7 @@ class GroupStep:
                        grouped.router_master_of(cfg, dtype))
         mx.eval(model.parameters())
         # As the trainer: the group's int8 start copy waits in a file (offload_group_start).
-        self.start = ParkedArrays(self.start, PARKING / grouped.GROUP_START if cfg.offload_group_start else None)
+        self.start = grouped.park_group_start(self.start, cfg, PARKING)
         self.activate_s = time.perf_counter() - tick
         self.optimizer = make_optimizer(cfg, steps)
         self.loss_and_grad = make_loss_and_grad(model, layers[0], cfg.grad_checkpoint, cfg.stop_gradient,
@@ -257,10 +256,7 @@ class GroupStep:
 
     def finish(self) -> dict:
         tick = time.perf_counter()
-        if isinstance(self.optimizer, grouped.FusedAdamW):
-            self.optimizer.merge_masters(self.model)
-        retention = requantize_group(self.model, self.layers, self.start.load(), self.path)
-        self.start.discard()
+        retention = grouped.end_group(self.model, self.layers, self.start, self.path, self.optimizer)
         out = {"activate_s": self.activate_s, "requantize_s": time.perf_counter() - tick,
                "retention": retention["experts"]["retention"]}
         del self.optimizer, self.loss_and_grad, self.start

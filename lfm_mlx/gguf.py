@@ -529,7 +529,8 @@ def open_gguf(path: str | Path, **kwargs):
     the plain kernels' rounding; the plain CPU kernels are the reference this project checks
     against. llama-cpp-python's Llama takes no such argument, so its default model parameters are
     swapped for the call."""
-    low_level = _llama_cpp().llama_cpp
+    llama_cpp = _llama_cpp()
+    low_level = llama_cpp.llama_cpp
     defaults = low_level.llama_model_default_params
 
     def without_repacking():
@@ -539,7 +540,7 @@ def open_gguf(path: str | Path, **kwargs):
 
     low_level.llama_model_default_params = without_repacking
     try:
-        return _llama_cpp().Llama(model_path=str(path), **kwargs)
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
     finally:
         low_level.llama_model_default_params = defaults
 

@@ -1038,6 +1038,27 @@ class FusedAdamW(optim.Optimizer):
         return p
 
 
+# ---------------------------------------------------------------- a group's start and end
+
+
+def park_group_start(start: dict[str, mx.array], config: TrainConfig, directory: str | Path) -> ParkedArrays:
+    """The group's int8 start copy (`moe_params` before `activate_group`), parked in
+    `directory`/GROUP_START while the group trains when `offload_group_start`, else kept in memory.
+    Call once the activated group is evaluated: its dequantization reads those arrays."""
+    return ParkedArrays(start, Path(directory) / GROUP_START if config.offload_group_start else None)
+
+
+def end_group(model: nn.Module, layers: list[int], start: ParkedArrays, frozen: str,
+              optimizer: optim.Optimizer | None, stochastic_key: Callable[[str], mx.array] | None = None) -> dict:
+    """The group's end: split masters merged back into whole float32 masters, the group requantized
+    from them against its start copy (`requantize_group`, whose retention it returns), the copy dropped."""
+    if isinstance(optimizer, FusedAdamW):
+        optimizer.merge_masters(model)
+    retention = requantize_group(model, layers, start.load(), frozen, stochastic_key)
+    start.discard()
+    return retention
+
+
 # ---------------------------------------------------------------- frozen-path measurement
 
 
@@ -1473,7 +1494,7 @@ class GroupedMoETrainer:
             first = state["step_in_phase"]
         mx.eval(self.model.parameters())
         # The int8 start copy waits on disk until the group ends (requantization, retention, checkpoints).
-        start = ParkedArrays(start, self.run_dir / GROUP_START if cfg.offload_group_start else None)
+        start = park_group_start(start, cfg, self.run_dir)
         order = self._micro_ids(phase)
         if resume is not None and state["step_in_phase"] and resume.state.get("data_order") != order:
             raise ConfigError(f"{resume.path}: the data order of phase {phase} differs from the checkpoint's; "
@@ -1546,10 +1567,7 @@ class GroupedMoETrainer:
             def key_fn(name: str) -> mx.array:
                 digest = hashlib.sha256(f"{cfg.seed}/{phase}/{name}".encode()).digest()
                 return mx.random.key(int.from_bytes(digest[:4], "little"))
-        if isinstance(optimizer, FusedAdamW):
-            optimizer.merge_masters(self.model)  # requantized from the whole float32 masters
-        retention = requantize_group(self.model, layers, start.load(), self.frozen, key_fn)
-        start.discard()
+        retention = end_group(self.model, layers, start, self.frozen, optimizer, key_fn)
         valid = evaluate_loss(self.model, self.dataset.valid, cfg.batch_size, self.pad_id) if (
             cfg.eval_each_group and self.dataset.valid) else None
         record = {"kind": "group_end", "step": state["global_step"], "epoch": epoch, "phase": phase,

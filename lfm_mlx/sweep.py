@@ -6,7 +6,7 @@ For each group size, smallest first, the sweep
    master dtypes), and adds the runtime baseline measured at start;
 2. asks a `MemoryWatchdog` to admit it: an estimate over the hard stop ends the sweep unrun;
 3. runs a few real grouped-training steps (grouped.py's `activate_group`, `make_loss_and_grad`,
-   `accumulate_gradients`, `apply_update`, `requantize_group`) on the FIRST `size` MoE layers, the
+   `accumulate_gradients`, `apply_update`, `end_group`) on the FIRST `size` MoE layers, the
    worst case for the backward pass, with the watchdog checking after every step: a hard stop
    ends the sweep;
 and records MLX peak memory, process RSS, step time and tokens/s against the estimate.
@@ -54,11 +54,10 @@ from mlx.utils import tree_flatten
 
 from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
-from lfm_mlx.checkpoint import ParkedArrays
 from lfm_mlx.grouped import (
-    GROUP_START, FusedAdamW, TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config, global_norm,
+    TrainConfig, accumulate_gradients, activate_group, apply_update, end_group, estimate_for_config, global_norm,
     lean_gradients, make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params,
-    probe_dequant_kernel, probe_row_gather, requantize_group, router_master_of, set_frozen_path,
+    park_group_start, probe_dequant_kernel, probe_row_gather, router_master_of, set_frozen_path,
 )
 from lfm_mlx.memory import (
     BACKWARD, GB, PERSISTENT, UPDATE, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop,
@@ -376,7 +375,7 @@ def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConf
     loss_and_grad = make_loss_and_grad(model, layers[0], train.grad_checkpoint, train.stop_gradient,
                                        train.loss_chunk, keep_expert_activations=train.keep_expert_activations)
     mx.eval(model.parameters())
-    start = ParkedArrays(start, Path(train.run_dir) / GROUP_START if train.offload_group_start else None)  # as the trainer
+    start = park_group_start(start, train, train.run_dir)  # as the trainer
     samples = []
     try:
         for step in range(steps):
@@ -399,11 +398,8 @@ def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConf
                 raise
             samples.append({**record, **sample.to_dict(), **reader.last})
     finally:
-        if isinstance(optimizer, FusedAdamW):
-            optimizer.merge_masters(model)
+        end_group(model, layers, start, frozen, optimizer)
         del optimizer
-        requantize_group(model, layers, start.load(), frozen)
-        start.discard()
         gc.collect()
         mx.clear_cache()
     return {"samples": samples}
