@@ -86,7 +86,6 @@ _kernels: dict[str, object] = {}
 # The probes' records, one per master layout; choice "kernel" once a probe chose the CUDA kernel.
 KERNELS = {layout: {"choice": None, "reason": f"not probed yet: MLX's update until a tensor of {PROBE_ELEMENTS} "
                                               "elements"} for layout in _NAMES}
-KERNEL = KERNELS["float32"]  # the float32 master's record
 
 
 def layout_of(g: mx.array, master: tuple[mx.array, ...], m: mx.array, v: mx.array) -> str | None:
@@ -97,11 +96,6 @@ def layout_of(g: mx.array, master: tuple[mx.array, ...], m: mx.array, v: mx.arra
         return None
     dtypes = tuple(a.dtype for a in master)
     return {(mx.float32,): "float32", (mx.bfloat16, mx.uint16): "split"}.get(dtypes)
-
-
-def fits(g: mx.array, p: mx.array, m: mx.array, v: mx.array) -> bool:
-    """Whether the float32-master kernel handles these arrays."""
-    return layout_of(g, (p,), m, v) == "float32"
 
 
 def _launch(layout, g, master, m, v, lr, scale, b1, b2, eps, wd):

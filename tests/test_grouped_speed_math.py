@@ -259,18 +259,22 @@ def test_the_float32_update_stays_on_mlx_off_cuda():
     """The CUDA AdamW kernel is probed on the first large float32 update; elsewhere MLX's compiled
     update runs and the record says why."""
     from lfm_mlx import adamw_kernel
-    saved = dict(adamw_kernel.KERNEL)
+    record = adamw_kernel.KERNELS["float32"]
+    saved = dict(record)
     try:
-        adamw_kernel.KERNEL.clear()
-        adamw_kernel.KERNEL["choice"] = None
+        record.clear()
+        record["choice"] = None
         weights = {"w": mx.zeros((1024, 1024), dtype=mx.float32)}
         FusedAdamW(learning_rate=1e-3).update(weights, {"w": mx.ones((1024, 1024), dtype=mx.bfloat16)})
-        assert adamw_kernel.KERNEL == {"choice": "mlx", "reason": "not the CUDA backend"}
+        assert record == {"choice": "mlx", "reason": "not the CUDA backend"}
         assert abs(weights["w"][0, 0].item() + 1e-3 * 0.1 / (0.001 ** 0.5 + 1e-8)) < 1e-9  # AdamW's first step
     finally:
-        adamw_kernel.KERNEL.clear()
-        adamw_kernel.KERNEL.update(saved)
+        record.clear()
+        record.update(saved)
     g = mx.zeros((8,), dtype=mx.bfloat16)
-    assert adamw_kernel.fits(g, mx.zeros((8,)), mx.zeros((8,)), mx.zeros((8,)))
-    assert not adamw_kernel.fits(g, mx.zeros((8,), dtype=mx.bfloat16), mx.zeros((8,)), mx.zeros((8,)))
-    assert not adamw_kernel.fits(mx.zeros((6,), dtype=mx.bfloat16), *(mx.zeros((6,)),) * 3)
+    moments = (mx.zeros((8,)), mx.zeros((8,)))
+    assert adamw_kernel.layout_of(g, (mx.zeros((8,)),), *moments) == "float32"
+    assert adamw_kernel.layout_of(g, (mx.zeros((8,), dtype=mx.bfloat16), mx.zeros((8,), dtype=mx.uint16)),
+                                  *moments) == "split"
+    assert adamw_kernel.layout_of(g, (mx.zeros((8,), dtype=mx.bfloat16),), *moments) is None
+    assert adamw_kernel.layout_of(mx.zeros((6,), dtype=mx.bfloat16), (mx.zeros((6,)),), *(mx.zeros((6,)),) * 2) is None
