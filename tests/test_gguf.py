@@ -329,6 +329,29 @@ def mlx_logits(model, ids: list[int]) -> np.ndarray:
     return np.array(model(mx.array(ids)[None])[0].astype(mx.float32))
 
 
+def routing_margins(model, ids: list[int]) -> np.ndarray:
+    """Per position: the smallest gap, over the MoE layers, between the last expert chosen and the
+    first one left out (the sigmoid + bias scores that rank them). Where it is ~1e-5, float32
+    summation order alone can swap the two."""
+    from mlx_lm.models.lfm2_moe import Lfm2MoeSparseMoeBlock
+
+    gaps = []
+    original = Lfm2MoeSparseMoeBlock.__call__
+
+    def recording(block, x):
+        scores = mx.sigmoid(block.gate(x)).astype(mx.float32) + block.expert_bias
+        ranked = mx.sort(scores, axis=-1)[..., ::-1]
+        gaps.append(np.array(ranked[..., block.top_k - 1] - ranked[..., block.top_k])[0])
+        return original(block, x)
+
+    Lfm2MoeSparseMoeBlock.__call__ = recording
+    try:
+        mx.eval(model(mx.array(ids)[None]))
+    finally:
+        Lfm2MoeSparseMoeBlock.__call__ = original
+    return np.min(gaps, axis=0) if gaps else np.full(len(ids), np.inf)
+
+
 def render_all(tokenizer) -> list[str]:
     return [tokenizer.apply_chat_template(m, tools=t, tokenize=False, add_generation_prompt=g) for m, t, g in CHATS]
 
@@ -363,13 +386,21 @@ def test_llama_cpp_matches_mlx(dirs, exports, name):
             assert formatter(messages=messages, tools=tools).prompt == text
 
     # f32: the same float32 weights; differences are summation order and llama.cpp's f16 KV cache.
-    # Those can still flip a top-k routing choice where two experts tie to ~1e-5: the int8 "mixed"
-    # model has one such position (layer 6, margin 7e-6 in MLX's sigmoid + bias scores), which moves
-    # by 0.53 of the logit spread and its next two positions (the conv state) by 0.15 and 0.07, while
-    # the other 1,117 stay below 1.4e-3. So: every position within 5e-3 but at most one short run.
-    f32 = np.concatenate([relative_errors(r, llama_logits(llm, x)) for r, x in zip(ref, ids)])
-    off = np.flatnonzero(f32 >= 5e-3)
-    assert len(off) == 0 or (len(off) <= 4 and off[-1] - off[0] < 4), (off, f32[off])
+    # Those can still swap a top-k routing choice where two experts tie: the int8 "mixed" model has
+    # positions whose last chosen and first left-out expert are 1.2e-7 and 7e-6 apart in MLX's
+    # sigmoid + bias scores (the next smallest gap is 2.4e-5). Whether they swap depends on summation
+    # order (seen: one of the three in one process, all three in the test suite). A swap moves that
+    # position by up to 0.53 of the logit spread and the next two (the conv state) by 0.15 and 0.07,
+    # while every other position stays below 1.4e-3. So: within 5e-3 except where MLX's own
+    # routing gap is below 1e-5 and the conv window after it, and such ties are rare.
+    window = 3  # conv_L_cache: a swapped position reaches the next two through the conv state
+    for reference, x in zip(ref, ids):
+        errors = relative_errors(reference, llama_logits(llm, x))
+        ties = np.flatnonzero(routing_margins(model, x) < 1e-5)
+        explained = {t + j for t in ties for j in range(window)}
+        off = set(np.flatnonzero(errors >= 5e-3).tolist())
+        assert off <= explained, (sorted(off - explained), errors[sorted(off - explained)], ties)
+        assert len(ties) <= 0.01 * len(x), ties
     # bf16 / f16: llama.cpp's CPU kernels also round every matmul input to the weight type, so each
     # logit drifts by a multiple of that type's rounding unit (bf16 2^-8, f16 2^-11): measured
     # medians 3.5-8% (bf16) and 0.4-0.7% (f16) of the logit spread on these random models. Top-k
