@@ -565,11 +565,17 @@ def run_torch(config: dict, layers: list[int], args) -> dict:
                   attn_implementation=getattr(model.config, "_attn_implementation", None),
                   gpu=torch.cuda.get_device_name() if device == "cuda" else None)
     result["tokens_per_s"] = args.batch * args.seq / result["step_s"]
-    del model, opt, params
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return result
+
+
+def release_torch_memory() -> None:
+    """After run_torch has returned (its model and optimizer gone with its frame): hand PyTorch's
+    cached GPU memory back, so that MLX's runs get the whole GPU."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- driver
@@ -650,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "torch" in baselines:  # first, so MLX's buffer cache cannot crowd it out
         _section(results, "torch", out, run_torch, config, layers, args)
+        release_torch_memory()
 
     from lfm_mlx.sweep import probe_attention  # what the trainer's admission measures
 

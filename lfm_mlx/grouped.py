@@ -1562,12 +1562,12 @@ class GroupedMoETrainer:
             if cfg.checkpoint_every and (global_step + 1) % cfg.checkpoint_every == 0 and not last:
                 self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start.load(), optimizer)
 
-        key_fn = None
-        if cfg.stochastic_rounding:
-            def key_fn(name: str) -> mx.array:
-                digest = hashlib.sha256(f"{cfg.seed}/{phase}/{name}".encode()).digest()
-                return mx.random.key(int.from_bytes(digest[:4], "little"))
-        retention = end_group(self.model, layers, start, self.frozen, optimizer, key_fn)
+        def rounding_key(name: str) -> mx.array:  # per tensor and phase: a resumed run draws the same noise
+            digest = hashlib.sha256(f"{cfg.seed}/{phase}/{name}".encode()).digest()
+            return mx.random.key(int.from_bytes(digest[:4], "little"))
+
+        retention = end_group(self.model, layers, start, self.frozen, optimizer,
+                              rounding_key if cfg.stochastic_rounding else None)
         valid = evaluate_loss(self.model, self.dataset.valid, cfg.batch_size, self.pad_id) if (
             cfg.eval_each_group and self.dataset.valid) else None
         record = {"kind": "group_end", "step": state["global_step"], "epoch": epoch, "phase": phase,
