@@ -32,12 +32,14 @@ every part; when the environment variable OUT names a directory (the device tool
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import functools
 import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -66,6 +68,7 @@ from lfm_mlx.synthetic import hf_config
 
 GB = 1e9
 PARKING = Path(tempfile.mkdtemp(prefix="grouped_step-"))  # where a group's start copy waits (removed after each group)
+atexit.register(shutil.rmtree, PARKING, ignore_errors=True)  # and the folder with the run
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM datasheet, dense bf16 tensor-core peak
 
 # name -> settings changed from TrainConfig's defaults

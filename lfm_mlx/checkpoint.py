@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -77,6 +78,19 @@ class ParkedArrays:
         """The arrays (from the file when parked)."""
         return self._arrays if self._arrays is not None else mx.load(str(self.path))
 
+    def write(self, target: Path) -> None:
+        """Save the arrays to `target` as `_save_arrays` does. A parked file is linked (or copied
+        where it cannot be): its bytes are already that file's, and reading them back would hold
+        them in memory again. It is never rewritten in place (`atomic_file` renames), so a link
+        keeps its content when the parked file is later discarded."""
+        if self.path is None:
+            _save_arrays(target, self._arrays)
+            return
+        try:
+            os.link(self.path, target)
+        except OSError:  # another filesystem, or no hard links there
+            shutil.copyfile(self.path, target)
+
     def discard(self) -> None:
         """Forget the arrays and remove the file."""
         self._arrays = None
@@ -85,7 +99,7 @@ class ParkedArrays:
 
 
 def save_checkpoint(run_dir: str | Path, state: dict, weights: dict[str, mx.array],
-                    group_start: dict[str, mx.array] | None = None,
+                    group_start: dict[str, mx.array] | ParkedArrays | None = None,
                     optimizer_state: dict | None = None, keep: int = 2) -> Path:
     """Write a checkpoint atomically and prune all but the newest `keep` (0 keeps all).
 
@@ -97,7 +111,7 @@ def save_checkpoint(run_dir: str | Path, state: dict, weights: dict[str, mx.arra
             raise ValueError(f"checkpoint state needs an integer {key!r}, got {state.get(key)!r}")
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(state["global_step"], state["phase"])
-    arrays = {"weights": weights, "group_start": group_start or {},
+    arrays = {"weights": weights, "group_start": {} if group_start is None else group_start,
               "optimizer": dict(tree_flatten(optimizer_state)) if optimizer_state else None}
     with atomic_dir(final) as tmp:
         files = {}
@@ -105,7 +119,10 @@ def save_checkpoint(run_dir: str | Path, state: dict, weights: dict[str, mx.arra
             if group is None:
                 continue
             target = tmp / f"{name}.safetensors"
-            _save_arrays(target, group)
+            if isinstance(group, ParkedArrays):
+                group.write(target)  # a parked start copy: linked, not read back
+            else:
+                _save_arrays(target, group)
             files[target.name] = target.stat().st_size
         record = {**state, "format": FORMAT, "files": files}
         (tmp / "state.json").write_text(json.dumps(record, indent=2, sort_keys=True))

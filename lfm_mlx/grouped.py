@@ -1295,7 +1295,7 @@ class GroupedMoETrainer:
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
         self.n_records = len(kept)
 
-    def _checkpoint(self, state: dict, layers_done: set[int], active: list[int], start: dict | None,
+    def _checkpoint(self, state: dict, layers_done: set[int], active: list[int], start: ParkedArrays | None,
                     optimizer: optim.Optimizer | None) -> Path:
         state = {**state, "metrics_records": self.n_records}
         touched = sorted(layers_done | set(active))
@@ -1533,7 +1533,7 @@ class GroupedMoETrainer:
                 self._log({"kind": "skipped", "step": global_step + 1, "phase": phase, "row_ids": ids,
                            "loss": loss if math.isfinite(loss) else str(loss), "grad_norm": str(norm)})
                 if state["consecutive_skips"] >= cfg.max_consecutive_skips:
-                    self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start.load(), optimizer)
+                    self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
                     raise NonFiniteStop(global_step + 1, state["consecutive_skips"], ids)
                 progress.update(1)
                 continue
@@ -1556,11 +1556,11 @@ class GroupedMoETrainer:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", group=f"{index}/{len(self.schedule)}", epoch=epoch)
             if stop is not None:  # the step is done and logged: save it, then stop before memory runs out
-                self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start.load(), optimizer)
+                self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
                 raise stop
             last = step == self.spg - 1
             if cfg.checkpoint_every and (global_step + 1) % cfg.checkpoint_every == 0 and not last:
-                self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start.load(), optimizer)
+                self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
 
         def rounding_key(name: str) -> mx.array:  # per tensor and phase: a resumed run draws the same noise
             digest = hashlib.sha256(f"{cfg.seed}/{phase}/{name}".encode()).digest()

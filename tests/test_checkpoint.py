@@ -121,3 +121,23 @@ def test_parked_arrays_leave_memory_and_come_back_exactly(tmp_path):
     assert not (tmp_path / "start.safetensors").exists()
     kept = ParkedArrays(expected)
     assert kept.load() is expected and list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_takes_a_parked_start_copy_without_reading_it_back(tmp_path):
+    """The parked file goes into the checkpoint as it is (a hard link here, a copy where links
+    fail), loads back as the arrays, and outlives the parked file's removal at the group's end;
+    an in-memory start copy is written as before."""
+    start = {"w": mx.arange(4096, dtype=mx.uint32).reshape(64, 64), "s": mx.ones((64, 1), dtype=mx.bfloat16)}
+    mx.eval(start)
+    parked = ParkedArrays(dict(start), tmp_path / "run" / "group_start.safetensors")
+    state = {"global_step": 3, "phase": 0}
+    path = save_checkpoint(tmp_path / "run", state, {"x": mx.zeros((2,))}, group_start=parked)
+    saved = path / "group_start.safetensors"
+    assert saved.stat().st_ino == parked.path.stat().st_ino  # the same file, not a second write
+    parked.discard()
+    back = load_checkpoint(path).group_start
+    assert sorted(back) == ["s", "w"] and all(mx.array_equal(back[k], start[k]).item() for k in start)
+
+    in_memory = save_checkpoint(tmp_path / "run", {"global_step": 4, "phase": 0}, {"x": mx.zeros((2,))},
+                                group_start=ParkedArrays(start))
+    assert all(mx.array_equal(load_checkpoint(in_memory).group_start[k], start[k]).item() for k in start)
