@@ -1,6 +1,6 @@
 """`lfm-mlx demo`: the whole pipeline end to end on a synthetic tiny LFM2-MoE, on CPU in minutes.
 
-base (pre-trained on another tool surface, shipped: lfm_mlx/bases/demo-moe) -> mix (experts int8) -> eval ->
+base (pre-trained on another tool surface, shipped: lfm_mlx/bases/demo-moe-wide) -> mix (experts int8) -> eval ->
 grouped MoE training on the task -> eval -> repair set from the failures -> LoRA repair -> eval ->
 fuse to 8 bits (and to 4 bits, which the fidelity check refuses where it changes the fine-tune's
 answers) -> eval -> GGUF export ->
@@ -13,15 +13,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import resource
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lfm_mlx.fsutil import atomic_write_json, atomic_write_text
 
 STAGES = ("base", "trained", "repaired", "fused 8-bit", "gguf (llama.cpp)")
+TASK_WEIGHTS = {"browser": 1.0, "terminal": 1.0, "file": 1.0, "apps": 1.0, "no_tool": 1.0, "finalization": 1.0}
 
 
 @dataclass
@@ -29,13 +32,19 @@ class DemoConfig:
     """Every knob of the demo (the test suite runs these defaults); `quick()` is a shortened smoke run."""
 
     run_dir: str = "runs/demo"
+    base: str = ""  # a pre-trained LFM2-MoE directory; empty: the shipped lfm_mlx/bases/demo-moe-wide
     seed: int = 0
     task_rows: int = 600
-    cases_per_category: int = 8
+    # The training rows' category mix; answers in words (small talk, answers from tool results) need more rows
+    category_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
+    cases_per_category: int = 16  # 6 categories: 96 held-out cases, one case about a point
     group_size: int = 4
     group_stride: int = 3
     epochs: int = 1  # 2 gave the same held-out pass rate as 1 (21%, H200)
     train_lr: float = 1e-3  # 3e-3 broke the shipped base's call syntax (malformed calls; H200)
+    # Fixed rather than "auto" (timed at start-up): the paths sum in other orders, and a timing
+    # choice could give two runs on one machine other weights.
+    frozen_path: str = "qmm"
     lora_steps: int = 300
     lora_lr: float = 3e-4  # 5e-4 and 1e-3 never lowered the validation loss; 3e-4 raised held-out 31% -> 38% (H200)
     lora_rank: int = 16
@@ -65,25 +74,75 @@ class StageLog:
 def _eval(backend, suite: Path, out_dir: Path, max_tokens: int) -> dict:
     from lfm_mlx.evaluate import evaluate
 
-    return evaluate(backend, [suite], out_dir, max_tokens=max_tokens, progress=False)
+    return evaluate(backend, [suite], out_dir, max_tokens=max_tokens)  # a bar on a terminal only
 
 
-def _eval_stage(backend, task: dict[str, Path], out_dir: Path, max_tokens: int) -> tuple[dict, dict]:
-    """One stage's model on the held-out test suite and on the paraphrase suite (held-out wording)."""
-    return (_eval(backend, task["suite"], out_dir, max_tokens),
-            _eval(backend, task["suite_paraphrase"], out_dir.with_name(out_dir.name + "_paraphrase"), max_tokens))
+def _stage_suites(task: dict[str, Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(suite, report dir) of one stage: the held-out test suite, then the paraphrase suite (held-out wording)."""
+    return [(task["suite"], out_dir), (task["suite_paraphrase"], out_dir.with_name(out_dir.name + "_paraphrase"))]
+
+
+def eval_job(model: Path, adapter: Path | None, jobs: list[tuple[Path, Path]], max_tokens: int) -> tuple[list[dict], float]:
+    """One model on several suites, in the evaluation worker; returns the reports and the seconds taken."""
+    from lfm_mlx import cpu_blas
+    from lfm_mlx.evaluate import MLXBackend, evaluate
+
+    started = time.perf_counter()
+    cpu_blas.set_threads(1)
+    backend = MLXBackend(model, adapter)
+    reports = [evaluate(backend, [suite], out, max_tokens=max_tokens, progress=False) for suite, out in jobs]
+    return reports, time.perf_counter() - started
+
+
+def grouped_config(config: DemoConfig, mixed: Path, train_rows: Path, run_dir: Path, **overrides):
+    """The grouped MoE training stage's TrainConfig (experts and routers of every group, one pass each)."""
+    from lfm_mlx.grouped import TrainConfig
+
+    settings = dict(
+        model=str(mixed), data=[str(train_rows)], run_dir=str(run_dir), max_tokens=1024,
+        splits=(0.95, 0.05, 0.0), group_size=config.group_size, group_stride=config.group_stride,
+        epochs=config.epochs, steps_per_group="epoch", batch_size=4, learning_rate=config.train_lr,
+        warmup_steps=5, checkpoint_every=0, seed=config.seed, frozen_path=config.frozen_path,
+        memory={"total_gb": 24, "soft_gb": 16, "hard_gb": 20},
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def repair_rows(config: DemoConfig, dev_report: Path, task: dict[str, Path], out_dir: Path) -> list[str]:
+    """The LoRA repair's data: a repair set built from the dev suite's failures, plus the task rows."""
+    from lfm_mlx.repair import build_repair_set
+
+    build_repair_set(dev_report, "demo", out_dir, suites=[task["suite_dev"]], seed=config.seed, force=True,
+                     note="failures of the grouped-trained model on the dev suite, plus passing and no-tool cases")
+    return [str(out_dir / "demo" / "train.jsonl"), str(task["train"])]
+
+
+def lora_settings(config: DemoConfig, model: Path, data: list[str], out_dir: Path, **overrides):
+    """The LoRA repair stage's LoraConfig (prompt-masked, every module, the best validation step kept)."""
+    from lfm_mlx.lora import LoraConfig
+
+    settings = dict(
+        model=str(model), data=data, out_dir=str(out_dir), rank=config.lora_rank, learning_rate=config.lora_lr,
+        max_steps=config.lora_steps, batch_size=4, epochs=50, eval_every=max(config.lora_steps // 4, 1), patience=0,
+        save_every=config.lora_steps, splits=[0.95, 0.05, 0.0], max_tokens=1024, seed=config.seed, resume=False,
+    )
+    return LoraConfig(**{**settings, **overrides})
 
 
 def run_demo(config: DemoConfig) -> dict:
-    """Run every stage; return (and write) the summary."""
+    """Run every stage; return (and write) the summary.
+
+    The evaluations of the base, the grouped-trained and the repaired model run in a second process
+    beside the training that follows them (each process on one BLAS thread: the tiny model's matmuls
+    gain nothing from two), which saves minutes on a 2-core machine and changes no result."""
+    from lfm_mlx import cpu_blas
+    from lfm_mlx.evaluate import LlamaCppBackend, MLXBackend
     from lfm_mlx.fuse import FidelityError, fuse
     from lfm_mlx.gguf import export_gguf
-    from lfm_mlx.evaluate import LlamaCppBackend, MLXBackend
-    from lfm_mlx.grouped import GroupedMoETrainer, TrainConfig
-    from lfm_mlx.lora import LoraConfig, train_lora
+    from lfm_mlx.grouped import GroupedMoETrainer
+    from lfm_mlx.lora import train_lora
     from lfm_mlx.mixed import mix
     from lfm_mlx.pretrain import shipped_base
-    from lfm_mlx.repair import build_repair_set
     from lfm_mlx.task import write_task
 
     if importlib.util.find_spec("llama_cpp") is None:  # the last stage runs the GGUF in llama.cpp
@@ -91,87 +150,79 @@ def run_demo(config: DemoConfig) -> dict:
     run = Path(config.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "demo_config.json", asdict(config))
-    log = StageLog()
+    log, started = StageLog(), time.perf_counter()
     evals: dict[str, dict] = {}
     paraphrase: dict[str, dict] = {}
 
+    base = Path(config.base) if config.base else shipped_base()
+    print(f"[demo] {environment_line()}; base {base}", flush=True)
+    cpu_blas.set_threads(1)
     t = time.perf_counter()
-    base = shipped_base()
-    task = write_task(run / "task", rows=config.task_rows, seed=config.seed, per_category=config.cases_per_category)
+    task = write_task(run / "task", rows=config.task_rows, seed=config.seed, per_category=config.cases_per_category,
+                      weights=config.category_weights)
     mixed = run / "mixed"
     mix(base, mixed)
     log.record("task data + mix", t)
 
-    t = time.perf_counter()
-    evals["base"], paraphrase["base"] = _eval_stage(MLXBackend(mixed), task, run / "eval" / "base", config.max_tokens)
-    log.record("eval base", t)
+    def collect(name: str, job) -> None:  # a worker evaluation's reports into the summary
+        (evals[name], paraphrase[name]), seconds = job.result()
+        log.record(f"eval {name} (beside training)", time.perf_counter() - seconds)
 
-    t = time.perf_counter()
-    train_config = TrainConfig(
-        model=str(mixed), data=[str(task["train"])], run_dir=str(run / "grouped"), max_tokens=1024,
-        splits=(0.95, 0.05, 0.0), group_size=config.group_size, group_stride=config.group_stride,
-        epochs=config.epochs, steps_per_group="epoch", batch_size=4, learning_rate=config.train_lr,
-        warmup_steps=5, checkpoint_every=0, seed=config.seed, progress=False,
-        memory={"total_gb": 24, "soft_gb": 16, "hard_gb": 20},
-    )
-    result = GroupedMoETrainer(train_config).train(restart=True)
-    trained = Path(result.model_dir)
-    log.record("grouped MoE training", t, steps=result.steps)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as worker:
+        base_job = worker.submit(eval_job, mixed, None, _stage_suites(task, run / "eval" / "base"), config.max_tokens)
 
-    t = time.perf_counter()
-    trained_backend = MLXBackend(trained)  # one load serves the held-out, paraphrase and dev suites
-    evals["trained"], paraphrase["trained"] = _eval_stage(trained_backend, task, run / "eval" / "trained",
-                                                          config.max_tokens)
-    _eval(trained_backend, task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens)
-    del trained_backend
-    log.record("eval trained (held-out + dev)", t)
+        t = time.perf_counter()
+        result = GroupedMoETrainer(grouped_config(config, mixed, task["train"], run / "grouped")).train(restart=True)
+        trained = Path(result.model_dir)
+        log.record("grouped MoE training", t, steps=result.steps)
+        collect("base", base_job)
 
-    t = time.perf_counter()
-    repair_dir = run / "repair_datasets"
-    build_repair_set(run / "eval" / "trained_dev" / "report.json", "demo", repair_dir,
-                     suites=[task["suite_dev"]], seed=config.seed, force=True,
-                     note="failures of the grouped-trained model on the dev suite, plus passing and no-tool cases")
-    repair_rows = sorted((repair_dir / "demo").glob("*.jsonl"))
-    lora_dir = run / "lora"
-    lora_config = LoraConfig(
-        model=str(trained), data=[str(p) for p in repair_rows if p.stem == "train"] + [str(task["train"])],
-        out_dir=str(lora_dir), rank=config.lora_rank, learning_rate=config.lora_lr, max_steps=config.lora_steps,
-        batch_size=4, epochs=50, eval_every=max(config.lora_steps // 4, 1), patience=0,
-        save_every=config.lora_steps, splits=[0.95, 0.05, 0.0], max_tokens=1024, seed=config.seed,
-        resume=False, progress=False,
-    )
-    lora_summary = train_lora(lora_config)
-    log.record("repair set + LoRA repair", t)
+        trained_job = worker.submit(eval_job, trained, None, _stage_suites(task, run / "eval" / "trained"),
+                                    config.max_tokens)
+        t = time.perf_counter()  # the repair set is built from the dev suite's failures, so it comes first
+        _eval(MLXBackend(trained), task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens)
+        log.record("eval trained (dev suite)", t)
 
-    t = time.perf_counter()
-    evals["repaired"], paraphrase["repaired"] = _eval_stage(MLXBackend(trained, lora_dir), task,
-                                                            run / "eval" / "repaired", config.max_tokens)
-    log.record("eval repaired (adapter)", t)
+        t = time.perf_counter()
+        lora_dir = run / "lora"
+        rows = repair_rows(config, run / "eval" / "trained_dev" / "report.json", task, run / "repair_datasets")
+        lora_summary = train_lora(lora_settings(config, trained, rows, lora_dir))
+        log.record("repair set + LoRA repair", t)
+        collect("trained", trained_job)
 
-    t = time.perf_counter()
-    fused = run / "fused-8bit"
-    fidelity8 = fidelity_summary(fuse(trained, lora_dir, fused, bits=8, suite=task["suite"], progress=False))
-    try:  # the same fine-tune at 4 bits: the gate judges whether it survives
-        fidelity4 = fidelity_summary(fuse(trained, lora_dir, run / "fused-4bit", bits=4, suite=task["suite"],
-                                          progress=False))
-    except FidelityError as err:
-        fidelity4 = {**fidelity_summary(err.report), "reason": str(err).splitlines()[0]}
-    log.record("fuse 8-bit (+ 4-bit check)", t, fused_4bit_refused=not fidelity4["passed"])
+        repaired_job = worker.submit(eval_job, trained, lora_dir, _stage_suites(task, run / "eval" / "repaired"),
+                                     config.max_tokens)
+        t = time.perf_counter()
+        fused = run / "fused-8bit"
+        fidelity8 = fidelity_summary(fuse(trained, lora_dir, fused, bits=8, suite=task["suite"]))
+        try:  # the same fine-tune at 4 bits: the gate judges whether it survives
+            fidelity4 = fidelity_summary(fuse(trained, lora_dir, run / "fused-4bit", bits=4, suite=task["suite"]))
+        except FidelityError as err:
+            fidelity4 = {**fidelity_summary(err.report), "reason": str(err).splitlines()[0]}
+        log.record("fuse 8-bit (+ 4-bit check)", t, fused_4bit_refused=not fidelity4["passed"])
 
-    t = time.perf_counter()
-    evals["fused 8-bit"], paraphrase["fused 8-bit"] = _eval_stage(MLXBackend(fused), task, run / "eval" / "fused8",
-                                                                  config.max_tokens)
-    log.record("eval fused 8-bit", t)
+        t = time.perf_counter()
+        fused_backend = MLXBackend(fused)
+        evals["fused 8-bit"], paraphrase["fused 8-bit"] = [
+            _eval(fused_backend, suite, out, config.max_tokens) for suite, out in _stage_suites(task, run / "eval" / "fused8")]
+        log.record("eval fused 8-bit", t)
 
-    t = time.perf_counter()
-    gguf_path = run / f"model-{config.gguf_outtype}.gguf"
-    export_gguf(fused, gguf_path, outtype=config.gguf_outtype)
-    evals["gguf (llama.cpp)"], paraphrase["gguf (llama.cpp)"] = _eval_stage(
-        LlamaCppBackend(gguf_path, fused), task, run / "eval" / "gguf", config.max_tokens)
-    log.record("GGUF export + eval in llama.cpp", t)
+        t = time.perf_counter()
+        gguf_path = run / f"model-{config.gguf_outtype}.gguf"
+        export_gguf(fused, gguf_path, outtype=config.gguf_outtype)
+        gguf_backend = LlamaCppBackend(gguf_path, fused)
+        evals["gguf (llama.cpp)"], paraphrase["gguf (llama.cpp)"] = [
+            _eval(gguf_backend, suite, out, config.max_tokens) for suite, out in _stage_suites(task, run / "eval" / "gguf")]
+        log.record("GGUF export + eval in llama.cpp", t)
+        collect("repaired", repaired_job)
+    evals = {name: evals[name] for name in STAGES}  # in pipeline order
+    paraphrase = {name: paraphrase[name] for name in STAGES}
 
     summary = {
         "config": asdict(config),
+        "environment": environment_line(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_gb": peak_rss_gb(),
         "stages": log.rows,
         "pass_rates": {name: report["metrics"]["pass_rate"] for name, report in evals.items()},
         "metrics": {name: report["metrics"] for name, report in evals.items()},
@@ -189,12 +240,39 @@ def run_demo(config: DemoConfig) -> dict:
     return summary
 
 
+def peak_rss_gb() -> float:
+    """The larger peak resident memory of this process and of the evaluation worker (after it ended)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    peaks = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return round(max(peaks) * scale / 1e9, 3)
+
+
+def environment_line() -> str:
+    """Where the demo runs: MLX, its device, the BLAS its CPU matmuls use, the cores."""
+    import os
+
+    import mlx.core as mx
+
+    from lfm_mlx import cpu_blas
+
+    return f"MLX {mx.__version__} on {mx.default_device()}, BLAS: {cpu_blas.describe()}, {os.cpu_count()} cores"
+
+
 def fidelity_summary(report: dict) -> dict:
     """What the summary keeps of a fuse's fidelity report: the verdict and the numbers it rests on."""
     fused = report["adapter_vs_fused"]
     return {"passed": report["passed"], "reasons": report["reasons"], "answer_agreement": fused["answer_agreement"],
             "decisive_top1_agreement": fused["decisive_top1_agreement"], "mean_kl": fused["mean_kl"],
             "fine_tune_kept": report["fine_tune_kept"], "min_survival": report["survival"]["min"]}
+
+
+LEGEND = """pass: cases answered as expected (the right tool with the right arguments, or a plain answer that
+  contains the expected words); a column per category: browser, terminal, file, apps (calls to the task's
+  tools), no_tool (small talk and how-to questions that need no call), finalization (answering from a tool result)
+structured: cases expecting a call whose reply holds one inside the tool-call markers (what a server returns
+  as message.tool_calls), whether right or wrong
+false pos.: cases expecting no call (no_tool, finalization) answered with one
+leaks: cases (a count) with a call written as plain text outside the markers, which a server leaves in the content"""
 
 
 def summary_text(summary: dict) -> str:
@@ -210,17 +288,18 @@ def summary_text(summary: dict) -> str:
     percent = {k: ".0%" for k in ["pass", "false pos.", "structured", *categories]}
     timing = text_table(summary["stages"], ["stage", "seconds", "process_peak_gb", "mlx_peak_gb"],
                         {"seconds": ".1f", "process_peak_gb": ".2f", "mlx_peak_gb": ".3f"})
-    total = sum(s["seconds"] for s in summary["stages"])
     fused8, fused4 = summary["fidelity_8bit"], summary["fidelity_4bit"]
     verdict = "passed the gate" if fused4["passed"] else f"refused: {fused4['reasons'][0]}"
     paraphrase = " -> ".join(f"{name} {rate:.0%}" for name, rate in summary["paraphrase_pass_rates"].items())
     return ("held-out suite, pass rate per stage\n"
             + text_table(rows, ["stage", "pass", *categories, "structured", "false pos.", "leaks"], percent)
+            + "\n" + LEGEND
             + f"\n\nparaphrase suite (held-out wording), pass rate: {paraphrase}"
             + (f"\n\nLoRA repair: {summary['lora']['warning']}" if summary["lora"].get("warning") else "")
             + f"\n\nfidelity vs base + adapters: 8-bit answers {fused8['answer_agreement']:.0%}, fine-tune kept "
             f"{fused8['fine_tune_kept']}; 4-bit answers {fused4['answer_agreement']:.0%}, kept {fused4['fine_tune_kept']}"
-            f" -> 4-bit {verdict}\n\nstages (total {total:.0f} s)\n" + timing + "\n")
+            f" -> 4-bit {verdict}\n\n{summary['environment']}\nstages (wall {summary['wall_seconds']:.0f} s, peak RSS "
+            f"{summary['peak_rss_gb']:.2f} GB; the evaluations marked 'beside training' overlap it)\n" + timing + "\n")
 
 
 def make_plots(run_dir: str | Path) -> list[Path]:
@@ -249,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="runs/demo", help="where every report and checkpoint goes")
     parser.add_argument("--quick", action="store_true", help="a shortened smoke run (every stage, fewer steps and cases)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default="", help="another pre-trained LFM2-MoE directory (default: the shipped base)")
     args = parser.parse_args(argv)
     config = DemoConfig.quick(args.run_dir) if args.quick else DemoConfig(args.run_dir)
-    config.seed = args.seed
+    config.seed, config.base = args.seed, args.base
     run_demo(config)
     return 0

@@ -1604,7 +1604,9 @@ class GroupedMoETrainer:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+    # disable=None: a bar on a terminal only; a log file gets no carriage-return refreshes
+    return tqdm(total=total, initial=initial, disable=None if enabled else True, desc="train", unit="step",
+                dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------- command line

@@ -71,6 +71,13 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=4, num_key_value_heads=2, num_dense_layers=1,
         num_experts=8, num_experts_per_tok=2,
     ),
+    # demo-moe at twice the width (head size 32): more room to copy made-up values token for token.
+    "demo-moe-wide": dict(
+        model_type="lfm2_moe", vocab_size=1024, hidden_size=128, intermediate_size=256,
+        moe_intermediate_size=128, num_hidden_layers=6, attention_layers=[0, 1, 3, 4],
+        num_attention_heads=4, num_key_value_heads=2, num_dense_layers=1,
+        num_experts=8, num_experts_per_tok=2,
+    ),
     "tiny-dense": dict(
         model_type="lfm2", vocab_size=1024, hidden_size=64, intermediate_size=128,
         num_hidden_layers=6, attention_layers=[2, 5], num_attention_heads=4, num_key_value_heads=2,

@@ -433,9 +433,20 @@ SIBLING_TOOLS = {name: {**TASK_TOOLS[task_name], "function": {**TASK_TOOLS[task_
                  for task_name, (name, description) in _SIBLINGS.items()}
 
 
+# A sibling's final answer after its tool returns: its own convention, which names what the request
+# said and not the result's value that the task's answer must copy. So the base can answer from tool
+# results (its own tools teach that) but passes no task finalization case before task training.
+_SIBLING_ANSWERS = {
+    "navigate": "Loaded {site}.", "search": "Here is what I found on {query}.", "click": "Pressed {ref}.",
+    "terminal": "Ran it in the shell.", "read": "Printed {path}.", "grep": "Grepped {dir} for {pattern}.",
+    "write": "Stored the text in {path}.", "weather": "Got the forecast for {city}.",
+    "event": "Noted {event} for {date}.", "email": "Mailed {to}.",
+}
+
+
 def _sibling(intent: Intent) -> Intent:
-    """A task intent as the pre-training surface asks it: same training phrasings, its own call."""
-    category = "sibling_" + intent.category  # held-out phrasings stay in suites only, as everywhere
+    """A task intent as the pre-training surface asks it: the same phrasings, its own call and answers."""
+    category = "sibling_" + intent.category
     if intent.name == "howto":
         return replace(intent, category=category, answer="That is a shell job: ask me to run it, or type it yourself.",
                        contains=("shell job",))
@@ -443,7 +454,8 @@ def _sibling(intent: Intent) -> Intent:
         return replace(intent, category=category, answer="Hello! I handle pages, shells and files, and music too.",
                        contains=("music",))
     arguments = {key: "{site}" if spec == "https://{site}" else spec for key, spec in intent.arguments.items()}
-    return replace(intent, category=category, tool=_SIBLINGS[intent.tool][0], arguments=arguments)
+    return replace(intent, category=category, tool=_SIBLINGS[intent.tool][0], arguments=arguments,
+                   answer=_SIBLING_ANSWERS[intent.name], contains=())
 
 
 TASK = Surface("task", "train", TASK_TOOLS, TASK_INTENTS, ("browser", "terminal", "file", "apps", "no_tool", "finalization"))
@@ -491,7 +503,9 @@ def _prompt(intent: Intent, rng: random.Random, slots: dict, split: str) -> tupl
     rows never use, which takes a base that knows what the words mean.
     """
     wrappers, held_wrappers = (WRAPPERS, HELD_WRAPPERS) if intent.wrap else (["{p}"], HELD_CHAT_WRAPPERS)
-    if split == "paraphrase":
+    if split == "known":  # the pre-training surface: every wording, as a real base knows the language
+        phrasing, wrapper = rng.choice(intent.phrasings + intent.held_phrasings), rng.choice(wrappers + held_wrappers)
+    elif split == "paraphrase":
         phrasing, wrapper = rng.choice(intent.held_phrasings), rng.choice(wrappers + held_wrappers)
     elif split == "test":
         phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(held_wrappers)
@@ -536,11 +550,13 @@ def _conversation(intent: Intent, final: bool, prompt: str, slots: dict) -> tupl
 
 
 def generate_rows(n: int, seed: int = 0, surface: str | Surface = "task", tools_per_row: int = 2,
-                  weights: dict[str, float] | None = None) -> list[dict]:
+                  weights: dict[str, float] | None = None, full_traces: bool = False) -> list[dict]:
     """`n` training rows `{"id", "messages", "tools"}` drawn from the training pools only.
 
     Categories are drawn with `weights` (default: uniform over the surface's categories); the
-    same (n, seed, surface, tools_per_row, weights) always gives the same rows.
+    same arguments always give the same rows. `full_traces`: a tool call's row goes on to the tool's
+    result and the answer from it (the loss is on both assistant turns), as a real agent's trace does,
+    instead of ending at the call.
     """
     surface = get_surface(surface)
     weights = weights or {c: 1.0 for c in surface.categories}
@@ -555,8 +571,8 @@ def generate_rows(n: int, seed: int = 0, surface: str | Surface = "task", tools_
     for index in range(n):
         intent, final = _choose(surface, rng, rng.choices(categories, [weights[c] for c in categories])[0])
         slots = _slots(intent, rng, surface.pool)
-        prompt, _, _ = _prompt(intent, rng, slots, "train")
-        messages, gold = _conversation(intent, final, prompt, slots)
+        prompt, _, _ = _prompt(intent, rng, slots, "known" if surface.pool == "known" else "train")
+        messages, gold = _conversation(intent, final or (full_traces and intent.tool is not None), prompt, slots)
         names = _tool_list(surface, rng, intent.tool, tools_per_row)
         rows.append({"id": f"{surface.name}-{seed}-{index}", "messages": messages + [gold],
                      "tools": [surface.tools[name] for name in names]})
@@ -643,13 +659,14 @@ def check_disjoint(rows: list[dict], suite: dict) -> None:
 
 
 def write_task(out_dir: str | Path, rows: int = 600, seed: int = 0, per_category: int = 10,
-               tools_per_row: int = 2, surface: str = "task") -> dict[str, Path]:
+               tools_per_row: int = 2, surface: str = "task", weights: dict[str, float] | None = None,
+               full_traces: bool = False) -> dict[str, Path]:
     """Write train.jsonl, suite.json (held-out test), suite_paraphrase.json and suite_dev.json into
-    out_dir (atomically each).
+    out_dir (atomically each). `weights`, `full_traces`: the training rows' mix and shape (`generate_rows`).
 
     Both held-out suites are checked against the rows written (`check_disjoint`)."""
     out_dir = Path(out_dir)
-    train = generate_rows(rows, seed, surface, tools_per_row)
+    train = generate_rows(rows, seed, surface, tools_per_row, weights, full_traces)
     atomic_write_text(out_dir / "train.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in train))
     paths = {"train": out_dir / "train.jsonl"}
     for split, key in (("test", "suite"), ("paraphrase", "suite_paraphrase"), ("dev", "suite_dev")):

@@ -66,20 +66,39 @@ def test_every_stage_runs_and_leaves_its_reports(demo):
 
 
 @pytest.mark.slow
-def test_training_raises_the_held_out_pass_rate_and_fusion_keeps_it(demo):
+def test_the_demo_learns_the_tool_surface_to_its_targets(demo):
+    """Issue targets on the run's own reports: 96 held-out cases; base <= 10%, grouped training >= 60%,
+    LoRA repair, fused 8-bit and GGUF in llama.cpp >= 90% (paraphrase >= 80%); no final-stage category
+    below 75%, no-tool false positives <= 5%, finalization >= 90%."""
     _, summary = demo
-    rates = summary["pass_rates"]
-    # The base calls its own (sibling) tools, never the task's; its passes are finalization turns,
-    # whose answers the pre-training surface shares.
-    base = summary["metrics"]["base"]["per_category"]
+    rates, paraphrase, metrics = summary["pass_rates"], summary["paraphrase_pass_rates"], summary["metrics"]
+    assert all(m["cases"] >= 96 for m in metrics.values()), {k: m["cases"] for k, m in metrics.items()}
+    assert rates["base"] <= 0.10 and rates["trained"] >= 0.60, rates
+    # The base calls its own (sibling) tools, never the task's.
+    base = metrics["base"]["per_category"]
     assert all(base[c]["pass_rate"] == 0 for c in ("browser", "terminal", "file", "apps")), base
-    # Measured on this box: 8% -> 27% -> 33%, fused 33%; after the grouped step's summation order
-    # changed (padded expert blocks), 8% -> 27% -> 35%, fused 38%; after the row gathers' gradient
-    # became a gather-sum, 8% -> 27% -> 33%, fused 35%: one case of 48 either way.
-    assert rates["base"] < rates["trained"] < rates["repaired"], rates
-    assert rates["trained"] >= rates["base"] + 0.1, rates
-    one_case = 1 / summary["metrics"]["repaired"]["cases"]
-    assert abs(rates["fused 8-bit"] - rates["repaired"]) <= one_case + 1e-4, rates  # rates: 4 decimals
+    for stage in ("repaired", "fused 8-bit", "gguf (llama.cpp)"):
+        assert rates[stage] >= 0.90 and paraphrase[stage] >= 0.80, (stage, rates, paraphrase)
+        final = metrics[stage]
+        assert min(c["pass_rate"] for c in final["per_category"].values()) >= 0.75, (stage, final["per_category"])
+        assert final["no_tool_false_positive_rate"] <= 0.05 and final["finalization_rate"] >= 0.90, (stage, final)
+    one_case = 1 / metrics["repaired"]["cases"]
+    assert abs(rates["fused 8-bit"] - rates["repaired"]) <= 2 * one_case + 1e-4, rates  # rates: 4 decimals
+
+
+@pytest.mark.slow
+def test_the_demo_fixes_its_expert_path_so_reruns_are_identical(demo, tmp_path):
+    """The expert path is set, not timed at start-up (a timing choice could differ between runs), and
+    evaluating the same model again gives the same answer on every case."""
+    from lfm_mlx.evaluate import MLXBackend, evaluate
+
+    run, _ = demo
+    frozen = json.loads((run / "grouped" / "frozen_path.json").read_text())
+    assert frozen["choice"] == DemoConfig().frozen_path and frozen["reason"] == "set in the config", frozen
+    again = evaluate(MLXBackend(run / "fused-8bit"), [run / "task" / "suite.json"], tmp_path, max_tokens=48,
+                     progress=False)
+    first = reports(run)["fused 8-bit"]
+    assert [c["runs"][0]["text"] for c in again["cases"]] == [c["runs"][0]["text"] for c in first["cases"]]
 
 
 @pytest.mark.slow

@@ -138,6 +138,37 @@ def test_task_rows_never_show_held_out_words_and_mostly_made_up_ones():
     assert _filler_words(task.generate_rows(400, seed=0, surface="pretrain")) & set(task._HELD_WORDS)
 
 
+def _prompts(rows: list[dict]) -> list[str]:
+    return [m["content"] for row in rows for m in row["messages"] if m["role"] == "user"]
+
+
+def test_only_the_pre_training_surface_uses_held_out_wording():
+    """A real base knows the words of every request; the task's training rows never show the held-out
+    phrasings and wrappers that its suites use, so those suites test transfer from the base."""
+    held = [re.compile(re.escape(w).replace(re.escape("{p}"), ".+") + "$") for w in task.HELD_WRAPPERS + task.HELD_CHAT_WRAPPERS]
+
+    def held_out_wrapped(prompts):
+        return sum(any(wrapper.match(p) for wrapper in held) for p in prompts)
+
+    assert held_out_wrapped(_prompts(task.generate_rows(600, seed=0))) == 0
+    assert held_out_wrapped(_prompts(task.generate_rows(600, seed=0, surface="pretrain"))) > 50
+    paraphrases = [i.held_phrasings[0].split("{")[0].strip() for i in task.TASK_INTENTS if i.wrap]
+    pretrain = " ".join(_prompts(task.generate_rows(2000, seed=0, surface="pretrain")))
+    assert all(p in pretrain for p in paraphrases if p), [p for p in paraphrases if p not in pretrain]
+
+
+def test_sibling_answers_do_not_carry_the_values_the_task_checks():
+    """After a tool result the base answers in its sibling's own words, which never hold the result's
+    value that a task finalization case checks: the base cannot pass those before task training."""
+    for row in task.generate_rows(400, seed=0, surface="pretrain"):
+        roles = [m["role"] for m in row["messages"]]
+        if "tool" not in roles or row["messages"][1]["tool_calls"][0]["function"]["name"] in task.PRETRAIN_TOOLS:
+            continue
+        result, answer = row["messages"][-2]["content"], row["messages"][-1]["content"]
+        checked = [v for v in json.loads(result).values() if isinstance(v, (str, int)) and not isinstance(v, bool)]
+        assert not [v for v in checked if str(v) in answer and str(v) not in row["messages"][0]["content"]], row
+
+
 def test_bad_settings_fail_clearly():
     with pytest.raises(ValueError, match="unknown surface"):
         task.generate_rows(1, surface="nope")
