@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     base = Path(config.base) if config.base else shipped_base()
     print(environment_line(), flush=True)
-    task = write_task(work / "task", rows=config.task_rows, seed=config.seed, per_category=config.cases_per_category)
+    task = write_task(work / "task", rows=config.task_rows, seed=config.seed, per_category=config.cases_per_category,
+                      weights=config.category_weights, full_traces=config.full_traces)
     mixed = work / "mixed"
     mix(base, mixed)
     general = general_set(work / "general.jsonl")

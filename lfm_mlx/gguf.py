@@ -540,7 +540,12 @@ def open_gguf(path: str | Path, **kwargs):
 
     low_level.llama_model_default_params = without_repacking
     try:
-        return llama_cpp.Llama(model_path=str(path), **kwargs)
+        # verbose=False still lets the context's set-up print to stderr; llama-cpp-python's own
+        # descriptor-level silencer keeps it quiet too
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=kwargs.get("verbose", True)):
+            return llama_cpp.Llama(model_path=str(path), **kwargs)
     finally:
         low_level.llama_model_default_params = defaults
 

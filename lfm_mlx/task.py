@@ -208,7 +208,9 @@ WRAPPERS = [
     "{p}, thanks", "i need you to {p}", "can you {p} real quick?", "ok so {p}", "hi! {p} please",
 ]
 HELD_WRAPPERS = ["would you {p}?", "{p} when you get a sec", "yo {p}", "quick favor: {p}"]
-# Chat and how-to prompts train unwrapped; their held-out cases wrap them in these.
+# Chat and how-to prompts: the task's rows wrap them in CHAT_WRAPPERS, their held-out cases in
+# HELD_CHAT_WRAPPERS. (The pre-training surface keeps its own mix: bare, or a held-out wrapper.)
+CHAT_WRAPPERS = ["{p}", "{p}!", "ok {p}", "well, {p}", "{p} ;)", "hmm {p}"]
 HELD_CHAT_WRAPPERS = ["oh, {p}", "{p} :)", "so... {p}", "um {p}"]
 
 # ---------------------------------------------------------------- intents and surfaces
@@ -510,7 +512,7 @@ def _prompt(intent: Intent, rng: random.Random, slots: dict, split: str) -> tupl
     elif split == "test":
         phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(held_wrappers)
     else:
-        phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(wrappers)
+        phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(wrappers if intent.wrap else CHAT_WRAPPERS)
     return wrapper.format(p=phrasing.format(**slots)), phrasing, wrapper
 
 

@@ -107,3 +107,22 @@ def test_a_damaged_shipped_base_fails_with_the_command_that_rebuilds_it(tmp_path
     monkeypatch.setattr(pt, "SHIPPED_BASE", damaged)
     with pytest.raises(FileNotFoundError, match="python -m lfm_mlx.pretrain --out .*--loss-on assistant"):
         pt.shipped_base()
+
+
+# The first 2,000 rows of the pre-training surface as the shipped base's recipe (RECIPE_VERSION 3) drew them.
+SHIPPED_ROWS_SHA256 = "b498720d3c3a37f3"
+
+
+def test_the_pre_training_surface_still_draws_the_shipped_base_rows():
+    """The shipped base is reproducible from its command only while the pre-training rows stay the same:
+    a change to the pretrain surface (its intents, wrappers, fillers, or the draws) needs a new
+    RECIPE_VERSION and a rebuilt base, not a silent drift."""
+    import hashlib
+
+    from lfm_mlx.task import generate_rows
+
+    rows = generate_rows(2000, pt.SHIPPED_CONFIG.seed, "pretrain", pt.SHIPPED_CONFIG.tools_per_row)
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    assert (pt.RECIPE_VERSION, digest) == (3, SHIPPED_ROWS_SHA256), (
+        "the pre-training rows changed: bump RECIPE_VERSION, rebuild the shipped base with "
+        f"{pt.command(pt.SHIPPED_CONFIG, str(pt.SHIPPED_BASE))}, then update SHIPPED_ROWS_SHA256")
