@@ -12,8 +12,8 @@ Each arm reports the held-out and paraphrase pass rates, and the mean KL(base ||
 a general held-out set: rows of the base's own pre-training surface (its tools and chat, seed 1),
 which no arm trains on. A low KL means the arm left the base's other abilities alone.
 
-    python benchmarks/learning.py                 # CPU size: the demo's settings
-    python benchmarks/learning.py --gpu           # a larger budget (more rows, two epochs)
+    python benchmarks/learning.py                 # CPU size: 600 task rows, a 150-step repair
+    python benchmarks/learning.py --gpu           # 1,800 rows, two grouped epochs, a 600-step repair
 
 Writes benchmarks/results/learning-<device>.json and prints the table.
 """
@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import lfm_mlx  # noqa: F401  (loads OpenBLAS before mlx.core on Linux)
+import lfm_mlx  # noqa: F401  (first: it loads OpenBLAS before mlx.core on Linux)
 import mlx.core as mx
 
 from lfm_mlx.demo import DemoConfig, environment_line, grouped_config, lora_settings, repair_rows
@@ -102,17 +102,42 @@ def run_arm(arm: str, config: DemoConfig, mixed: Path, task: dict, budget: int, 
     return {"model": model, "adapter": adapter, "steps": steps, "train_seconds": round(time.perf_counter() - started, 1)}
 
 
+def table(results: dict) -> str:
+    rows = [{"arm": arm, **{k: v for k, v in r.items() if not k.endswith("per_category")}} for arm, r in results.items()]
+    return text_table(rows, ["arm", "held_out", "paraphrase", "kl_from_base", "steps", "train_seconds"],
+                      {"held_out": ".0%", "paraphrase": ".0%", "kl_from_base": ".4f", "train_seconds": ".0f"})
+
+
+def merge(paths: list[str], out: str) -> int:
+    """Join the arms of runs made side by side (same task, base and budget) into one JSON and table."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    budgets = {r["budget_steps"] for r in runs}
+    if len(budgets) != 1:
+        raise SystemExit(f"the runs had different budgets {sorted(budgets)}; merge only runs of one budget")
+    joined = {**runs[0], "arms": {arm: r for run in runs for arm, r in run["arms"].items()}, "merged_from": paths}
+    atomic_write_json(out, joined)
+    print(table(joined["arms"]))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="", help="pre-trained base directory (default: the shipped demo base)")
     parser.add_argument("--work", default="runs/learning", help="scratch directory for the arms' runs")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
-    parser.add_argument("--gpu", action="store_true", help="the larger size: 1,200 task rows, two grouped epochs")
+    parser.add_argument("--gpu", action="store_true", help="the larger size: 1,800 task rows, two grouped epochs")
+    parser.add_argument("--budget", type=int, default=0,
+                        help="optimizer steps per arm (default: the pipeline arm's, which then runs first)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="only join the arms of earlier runs' JSON files")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/learning-<cpu|gpu>.json)")
     args = parser.parse_args(argv)
-    config = DemoConfig(run_dir=args.work, base=args.base)
+    if args.merge:
+        return merge(args.merge, args.out or str(Path(__file__).parent / "results" / "learning-cpu.json"))
+    # CPU size: two thirds of the demo's rows and half its repair steps (about half an hour on 2 cores)
+    config = DemoConfig(run_dir=args.work, base=args.base, task_rows=600, lora_steps=150)
     if args.gpu:
-        config = replace(config, task_rows=1200, epochs=2, lora_steps=600)
+        config = replace(config, task_rows=1800, epochs=2, lora_steps=600)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
@@ -128,21 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     general = general_set(work / "general.jsonl")
     # The budget: the pipeline's steps (one grouped pass per group, then the LoRA repair).
     pipeline = run_arm("pipeline", config, mixed, task, 0, work) if "pipeline" in arms else None
-    budget = pipeline["steps"] if pipeline else 0
+    budget = args.budget or (pipeline["steps"] if pipeline else 0)
+    if not budget:
+        parser.error("without the pipeline arm, give --budget (optimizer steps per arm)")
     results = {}
     for arm in arms:
         trained = pipeline if arm == "pipeline" else run_arm(arm, config, mixed, task, budget, work)
-        if not budget:
-            budget = trained["steps"]
         entry = score(trained["model"], trained["adapter"], task, work / arm / "eval", config)
         entry["kl_from_base"] = kl_from_base(mixed, trained["model"], trained["adapter"], general)
         entry.update(steps=trained["steps"], train_seconds=trained["train_seconds"])
         results[arm] = entry
         print(f"{arm}: held-out {entry['held_out']:.0%}, paraphrase {entry['paraphrase']:.0%}, "
               f"KL from base {entry['kl_from_base']:.4f}, {entry['steps']} steps, {entry['train_seconds']:.0f} s", flush=True)
-    rows = [{"arm": arm, **{k: v for k, v in r.items() if not k.endswith("per_category")}} for arm, r in results.items()]
-    print(text_table(rows, ["arm", "held_out", "paraphrase", "kl_from_base", "steps", "train_seconds"],
-                     {"held_out": ".0%", "paraphrase": ".0%", "kl_from_base": ".4f", "train_seconds": ".0f"}))
+    print(table(results))
     device = "gpu" if mx.default_device() == mx.gpu else "cpu"
     out = Path(args.out or Path(__file__).parent / "results" / f"learning-{device}.json")
     atomic_write_json(out, {"benchmark": "learning", "environment": environment_line(), "machine": platform.platform(),

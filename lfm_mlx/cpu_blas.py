@@ -65,15 +65,18 @@ def preload() -> str | None:
     return None
 
 
-def set_threads(n: int) -> bool:
-    """Cap the loaded OpenBLAS at `n` threads; False when none is loaded (nothing to cap).
+def set_threads(n: int) -> int | None:
+    """Cap the loaded OpenBLAS at `n` threads; returns the count before (to restore), or None when no
+    OpenBLAS is loaded (nothing to cap).
 
     The tiny models' matmuls gain nothing from a second thread, so two processes of one thread each
     (training beside an evaluation) get twice the work done on two cores."""
     if not _loaded:
-        return False
-    ctypes.CDLL(_loaded).openblas_set_num_threads(int(n))
-    return True
+        return None
+    library = ctypes.CDLL(_loaded)
+    before = int(library.openblas_get_num_threads())
+    library.openblas_set_num_threads(int(n))
+    return before
 
 
 def describe() -> str:

@@ -141,14 +141,7 @@ def run_demo(config: DemoConfig) -> dict:
     beside the training that follows them (each process on one BLAS thread: the tiny model's matmuls
     gain nothing from two), which saves minutes on a 2-core machine and changes no result."""
     from lfm_mlx import cpu_blas
-    from lfm_mlx.evaluate import LlamaCppBackend, MLXBackend
-    from lfm_mlx.fuse import FidelityError, fuse
-    from lfm_mlx.gguf import export_gguf
-    from lfm_mlx.grouped import GroupedMoETrainer
-    from lfm_mlx.lora import train_lora
-    from lfm_mlx.mixed import mix
     from lfm_mlx.pretrain import shipped_base
-    from lfm_mlx.task import write_task
 
     if importlib.util.find_spec("llama_cpp") is None:  # the last stage runs the GGUF in llama.cpp
         raise SystemExit("lfm-mlx demo: llama-cpp-python is missing; install it with pip install -e '.[cpu,gguf]'")
@@ -156,12 +149,27 @@ def run_demo(config: DemoConfig) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "demo_config.json", asdict(config))
     log, started = StageLog(), time.perf_counter()
-    evals: dict[str, dict] = {}
-    paraphrase: dict[str, dict] = {}
-
     base = Path(config.base) if config.base else shipped_base()
     print(f"[demo] {environment_line()}; base {base}", flush=True)
-    cpu_blas.set_threads(1)
+    threads = cpu_blas.set_threads(1)  # restored at the end: the caller's other work may want them all
+    try:
+        return _run_stages(config, run, base, log, started)
+    finally:
+        if threads is not None:
+            cpu_blas.set_threads(threads)
+
+
+def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", started: float) -> dict:
+    from lfm_mlx.evaluate import LlamaCppBackend, MLXBackend
+    from lfm_mlx.fuse import FidelityError, fuse
+    from lfm_mlx.gguf import export_gguf
+    from lfm_mlx.grouped import GroupedMoETrainer
+    from lfm_mlx.lora import train_lora
+    from lfm_mlx.mixed import mix
+    from lfm_mlx.task import write_task
+
+    evals: dict[str, dict] = {}
+    paraphrase: dict[str, dict] = {}
     t = time.perf_counter()
     task = write_task(run / "task", rows=config.task_rows, seed=config.seed, per_category=config.cases_per_category,
                       weights=config.category_weights, full_traces=config.full_traces)
@@ -329,7 +337,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lfm-mlx demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lfm-mlx demo", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--run-dir", default="runs/demo", help="where every report and checkpoint goes")
     parser.add_argument("--quick", action="store_true", help="a shortened smoke run (every stage, fewer steps and cases)")
     parser.add_argument("--seed", type=int, default=0)

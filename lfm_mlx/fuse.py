@@ -535,7 +535,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lfm-mlx fuse", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lfm-mlx fuse", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", required=True, help="base model directory the adapters were trained on")
     parser.add_argument("--adapter-path", required=True, help="LoRA directory (adapter_config.json + adapters.safetensors)")
     parser.add_argument("--save-path", required=True, help="fused model directory to write (atomically)")

@@ -781,7 +781,7 @@ def _parse_override(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lfm-mlx gguf", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lfm-mlx gguf", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("model_dir", help="HF or mlx-lm (mixed, trained, fused) model directory")
     parser.add_argument("out", help="output .gguf path (written atomically)")
     parser.add_argument("--outtype", default="bf16", choices=list(OUTTYPES))

@@ -597,7 +597,7 @@ def _parse_value(text: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="lfm-mlx lora", description=__doc__.split("\n")[0],
+        prog="lfm-mlx lora", description=" ".join(__doc__.split("\n\n")[0].split()),
         epilog="Every config key is also a flag (--learning-rate 5e-5, --modules '[attention, experts]'); "
                "flags override the YAML file, which overrides the defaults.",
     )

@@ -118,7 +118,7 @@ def parameter_bytes(model: nn.Module) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lfm-mlx mix", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lfm-mlx mix", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("src", help="source model: HF or bf16 MLX directory, or hub repo id")
     parser.add_argument("dst", help="output directory (written atomically)")
     parser.add_argument("--bits", type=int, default=8, choices=[4, 6, 8], help="expert bits (default 8)")

@@ -255,7 +255,7 @@ def cached_base(cache_dir: str | Path, config: PretrainConfig = PretrainConfig()
 
 def main(argv: list[str] | None = None) -> int:
     defaults = PretrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m lfm_mlx.pretrain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lfm_mlx.pretrain", description=" ".join(__doc__.split("\n\n")[0].split()))
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="write the base here (replaced if it exists)")
     where.add_argument("--cache-dir", help="reuse CACHE_DIR/base-<settings hash> if present, else train it there")

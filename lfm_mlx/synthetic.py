@@ -348,7 +348,7 @@ def write_synthetic_model(out_dir: str | Path, preset: str = "tiny-moe", seed: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lfm-mlx synth", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lfm-mlx synth", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("out_dir", help="directory to write (must not exist unless --force)")
     parser.add_argument("--preset", default="tiny-moe", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)

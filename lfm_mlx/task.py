@@ -680,7 +680,7 @@ def write_task(out_dir: str | Path, rows: int = 600, seed: int = 0, per_category
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lfm_mlx.task", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lfm_mlx.task", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("out_dir", help="directory for train.jsonl, suite.json and suite_dev.json")
     parser.add_argument("--rows", type=int, default=600, help="training rows to write")
     parser.add_argument("--seed", type=int, default=0)
