@@ -68,7 +68,8 @@ class RowValidationError(ValueError):
         self.problems = problems
         super().__init__(
             f"{n_bad} of {n_read} rows are invalid:\n" + "\n".join(problems)
-            + "\nfix these rows, or pass skip_invalid=True (--skip-invalid) to drop and count them"
+            + "\nfix these rows, or drop and count them with skip_invalid: true (a config key; on the command "
+              "line `lfm-mlx train CONFIG --set skip_invalid=true`, `lfm-mlx lora CONFIG --skip-invalid true`)"
         )
 
 

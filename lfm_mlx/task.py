@@ -11,12 +11,13 @@ near zero on the task.
 A prompt is an intent's phrasing (`open {site}`), inside a wrapper (terse `{p}` or colloquial `hey,
 can you {p}?`), with fillers (`site` = `cedar-docs.org`). Phrasings, wrappers and word fillers each
 have a training pool and a held-out pool; most training fillers are made-up words, so a model must
-copy values rather than recall them. Training rows use training pools only. A `test` suite case
-puts a training phrasing in a held-out wrapper with held-out fillers: its prompt never occurs in
-training (`check_disjoint` asserts it on the rows actually written), but its parts do, so a small
-model can generalize to it. A `paraphrase` case uses a held-out phrasing ("pull up {site} in the
-browser"): that takes knowing what words mean, which a base pre-trained from scratch on a synthetic
-surface does not, so the demo reports it beside the test suite rather than aiming at it.
+copy values rather than recall them. The task's training rows use training pools only. A `test`
+suite case puts a training phrasing in a held-out wrapper with held-out fillers: its prompt never
+occurs in task training (`check_disjoint` asserts it on the rows actually written). A `paraphrase`
+case uses a held-out phrasing ("pull up {site} in the browser"). The pre-training surface uses every
+phrasing and wrapper, held-out ones included, with its own tools: as a real base knows the language
+before it meets your tools, the held-out suites test whether task training carries over to wording
+the base knows and the task rows never show.
 
     python -m lfm_mlx.task OUT_DIR --rows 600 --seed 0
 """
@@ -418,7 +419,7 @@ PRETRAIN_INTENTS = (
 # no-tool how-to answer without the command. It stands in for what a real base knows before it meets
 # *your* schemas (that "read docs/x.md" means copying the path into a read call), while calling none of
 # the task's tools: the base starts near zero on the task, and the demo's training teaches the names
-# and formats. Only training phrasings and wrappers are used.
+# and formats. It uses every phrasing and wrapper (recipe 3; recipe 2 used the training ones only).
 #
 # Task tool -> (its sibling, the sibling's description). A sibling keeps the task tool's parameters
 # (`path`, `url`, `query`: keys a real base has seen in countless schemas) but not their formats (a
