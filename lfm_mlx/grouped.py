@@ -1663,8 +1663,12 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryHardStop, NonFiniteStop) as err:
         print(f"lfm-mlx train: {err}", file=sys.stderr)
         return err.exit_code
+    manifest = json.loads((result.run_dir / "data_manifest.json").read_text())
+    dropped = {reason: n for reason, n in manifest["dropped"].items() if n}
+    rows = f"rows {manifest['kept']} of {manifest['rows_read']}" + (
+        f", dropped {dropped} (run_dir/data_manifest.json lists them)" if dropped else "")
     print(f"trained model: {result.model_dir}  (steps {result.steps}, skipped {result.skipped_steps}, "
-          f"valid loss {result.initial_valid_loss} -> {result.final_valid_loss})")
+          f"valid loss {result.initial_valid_loss} -> {result.final_valid_loss}; {rows})")
     return 0
 
 
