@@ -179,7 +179,7 @@ def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", star
 
     def collect(name: str, job) -> None:  # a worker evaluation's reports into the summary
         (evals[name], paraphrase[name]), seconds = job.result()
-        log.record(f"eval {name} (beside training)", time.perf_counter() - seconds)
+        log.record(f"eval {name} (beside training)", started=time.perf_counter() - seconds)  # the worker's own time
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as worker:
         base_job = worker.submit(eval_job, mixed, None, _stage_suites(task, run / "eval" / "base"), config.max_tokens)
