@@ -83,3 +83,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, data) -> None:
     """Write `data` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def refuse_overlap(output: str | Path, sources: dict[str, str | Path]) -> None:
+    """Raise ValueError when `output` is, holds or lies inside one of the `sources` (name -> path):
+    writing it would replace or change what is being read. Sources that are not local paths (hub ids)
+    are skipped."""
+    out = Path(output).resolve()
+    for name, source in sources.items():
+        path = Path(source)
+        if not path.exists():
+            continue
+        path = path.resolve()
+        if out == path or path.is_relative_to(out) or out.is_relative_to(path):
+            raise ValueError(f"{output}: the output is, holds or lies inside the {name} {source}; "
+                             f"write it to a directory outside {source}")

@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from lfm_mlx.fsutil import atomic_dir, atomic_write_json
+from lfm_mlx.fsutil import atomic_dir, atomic_write_json, refuse_overlap
 
 ROUTER_SUFFIX = "feed_forward.gate"
 SCOPES = ("experts", "all")
@@ -431,8 +431,7 @@ def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path,
     if not (Path(adapter_path) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter_path: {adapter_path} has no adapter_config.json; pass a LoRA output directory")
     save_path = Path(save_path)
-    if save_path.resolve() in (Path(model_dir).resolve(), Path(adapter_path).resolve()):
-        raise ValueError(f"save_path: {save_path} is the base model or adapter directory; write the fused model elsewhere")
+    refuse_overlap(save_path, {"base model": model_dir, "adapter directory": adapter_path})
     started = time.perf_counter()
 
     adapter_model, tokenizer, config = load(model_dir, return_config=True)

@@ -8,6 +8,7 @@ rebuilds exactly this mix (experts `QuantizedSwitchLinear`, routers plain `Linea
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from lfm_mlx.fsutil import atomic_dir
+from lfm_mlx.fsutil import atomic_dir, refuse_overlap
 from lfm_mlx.models import load, save_model_dir
 
 EXPERT_SUFFIXES = ("switch_mlp.gate_proj", "switch_mlp.up_proj", "switch_mlp.down_proj")
@@ -93,6 +94,7 @@ def format_size_report(report: dict) -> str:
 
 def mix(src: str | Path, dst: str | Path, bits: int = 8, group_size: int = 64) -> dict:
     """Write the mixed checkpoint of `src` to `dst` atomically; return its size report."""
+    refuse_overlap(dst, {"source model": src})
     model, _, config = load(src, dtype=mx.bfloat16, lazy=True, return_config=True)
     if config["model_type"] != "lfm2_moe":
         raise ValueError(f"{src}: model_type {config['model_type']!r} has no experts; mix needs an LFM2-MoE model")
@@ -125,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
     parser.add_argument("--json", help="also write the size report as JSON to this path")
     args = parser.parse_args(argv)
-    report = mix(args.src, args.dst, args.bits, args.group_size)
+    try:
+        report = mix(args.src, args.dst, args.bits, args.group_size)
+    except (ValueError, FileNotFoundError) as err:  # a user's mistake: one line, exit 2
+        print(f"lfm-mlx mix: {err}", file=sys.stderr)
+        return 2
     print(format_size_report(report))
     if args.json:
         from lfm_mlx.fsutil import atomic_write_json

@@ -120,3 +120,21 @@ def test_cli_mix_prints_the_size_report(tiny_moe_dir, tmp_path):
     )
     assert "experts" in result.stdout and "routers" in result.stdout
     assert json.loads((tmp_path / "r.json").read_text())["total_bytes"] > 0
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_mix_never_writes_over_or_into_its_source(tiny_moe_dir, tmp_path, capsys, where):
+    """`lfm-mlx mix SRC SRC` once replaced the bf16 source with the int8 output: now exit 2, source intact."""
+    import shutil
+
+    from lfm_mlx.mixed import main
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_moe_dir, src)
+    before = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    dst = src if where == "same" else src / "mixed"
+    assert main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lfm-mlx mix: ") and str(src) in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before
+    assert not (src / "mixed").exists()
