@@ -120,13 +120,14 @@ class TrainConfig(BaseModel):
     grad_accumulation: int = Field(1, ge=1)
     # optimizer
     optimizer: Literal["adamw", "adafactor"] = "adamw"
-    learning_rate: float = Field(1e-5, gt=0)
+    # finite and below 1: `.inf` or 1e38 once passed and wrote non-finite or huge weights
+    learning_rate: float = Field(1e-5, gt=0, lt=1, allow_inf_nan=False)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0, description="per phase; capped at half the phase's steps")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float | None = Field(1.0, gt=0)
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
+    grad_clip: float | None = Field(1.0, gt=0, allow_inf_nan=False)
     # numerics
     train_routers: bool = True
     master_dtype: Literal["split", "float32", "compute", "compute-stochastic"] = Field(

@@ -408,6 +408,9 @@ def test_config_reports_every_problem_at_once(tmp_path):
     assert text.startswith("x.yaml: 4 problem(s)")
     for part in ("learning_rate", "optimizer", "group_stride", "did you mean 'learning_rate'"):
         assert part in text
+    for bad in (float("inf"), float("nan"), 1e38):  # `.inf` once trained to non-finite weights with exit 0
+        with pytest.raises(ConfigError, match="learning_rate"):
+            TrainConfig.from_dict({"model": "m", "data": ["d.jsonl"], "run_dir": "r", "learning_rate": bad})
     with pytest.raises(ConfigError, match="optimizer_state='int8' needs the fused AdamW.*optimizer=adafactor"):
         TrainConfig.from_dict({"model": "m", "data": ["d.jsonl"], "run_dir": "r", "optimizer": "adafactor",
                                "optimizer_state": "int8"})
