@@ -52,15 +52,21 @@ def general_set(path: Path) -> Path:
     return path
 
 
-def kl_from_base(base_dir: Path, tuned_dir: Path, adapter: Path | None, rows: Path) -> float:
-    """Mean KL(base || tuned) per scored (assistant) token of `rows`."""
-    from lfm_mlx.fuse import compare, log_probs, prompts_from_rows
+def base_reference(base_dir: Path, rows: Path):
+    """The base's log-probs on the general set, computed once for every arm's KL."""
+    from lfm_mlx.fuse import log_probs, prompts_from_rows
 
     base = MLXBackend(base_dir)
     sequences = prompts_from_rows(rows, base.tokenizer, limit=GENERAL_ROWS)
-    reference = log_probs(base.model, sequences)
-    tuned = MLXBackend(tuned_dir, adapter)
-    return compare(reference, tuned.model, sequences)["mean_kl"]
+    return log_probs(base.model, sequences), sequences
+
+
+def kl_from_base(reference, tuned_dir: Path, adapter: Path | None) -> float:
+    """Mean KL(base || tuned) per scored (assistant) token of the general set."""
+    from lfm_mlx.fuse import compare
+
+    log_probs, sequences = reference
+    return compare(log_probs, MLXBackend(tuned_dir, adapter).model, sequences)["mean_kl"]
 
 
 def score(model: Path, adapter: Path | None, task: dict, out: Path, config: DemoConfig) -> dict:
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                       weights=config.category_weights, full_traces=config.full_traces)
     mixed = work / "mixed"
     mix(base, mixed)
-    general = general_set(work / "general.jsonl")
+    reference = base_reference(mixed, general_set(work / "general.jsonl"))
     # The budget: the pipeline's steps (one grouped pass per group, then the LoRA repair).
     pipeline = run_arm("pipeline", config, mixed, task, 0, work) if "pipeline" in arms else None
     budget = args.budget or (pipeline["steps"] if pipeline else 0)
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arms:
         trained = pipeline if arm == "pipeline" else run_arm(arm, config, mixed, task, budget, work)
         entry = score(trained["model"], trained["adapter"], task, work / arm / "eval", config)
-        entry["kl_from_base"] = kl_from_base(mixed, trained["model"], trained["adapter"], general)
+        entry["kl_from_base"] = kl_from_base(reference, trained["model"], trained["adapter"])
         entry.update(steps=trained["steps"], train_seconds=trained["train_seconds"])
         results[arm] = entry
         print(f"{arm}: held-out {entry['held_out']:.0%}, paraphrase {entry['paraphrase']:.0%}, "
