@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from lfm_mlx.fsutil import atomic_dir, atomic_file
+from lfm_mlx.fsutil import atomic_dir, atomic_file, check_free_space
 
 FORMAT = "lfm_mlx.checkpoint/1"
 CHECKPOINTS = "checkpoints"
@@ -98,6 +98,20 @@ class ParkedArrays:
             self.path.unlink(missing_ok=True)
 
 
+def _bytes_to_write(arrays: dict, root: Path) -> int:
+    """What a checkpoint writes: its arrays, and a parked copy where it cannot be linked."""
+    total = 0
+    for group in arrays.values():
+        if isinstance(group, ParkedArrays) and group.path is None:
+            total += sum(value.nbytes for value in group.load().values())
+        elif isinstance(group, ParkedArrays):
+            same_disk = group.path.exists() and root.exists() and group.path.stat().st_dev == root.stat().st_dev
+            total += 0 if same_disk else group.path.stat().st_size
+        elif group:
+            total += sum(getattr(value, "nbytes", 0) for value in group.values())  # a bad value fails in the save
+    return total
+
+
 def save_checkpoint(run_dir: str | Path, state: dict, weights: dict[str, mx.array],
                     group_start: dict[str, mx.array] | ParkedArrays | None = None,
                     optimizer_state: dict | None = None, keep: int = 2) -> Path:
@@ -113,6 +127,7 @@ def save_checkpoint(run_dir: str | Path, state: dict, weights: dict[str, mx.arra
     final = root / checkpoint_name(state["global_step"], state["phase"])
     arrays = {"weights": weights, "group_start": {} if group_start is None else group_start,
               "optimizer": dict(tree_flatten(optimizer_state)) if optimizer_state else None}
+    check_free_space(final, _bytes_to_write(arrays, root), f"checkpoint {final.name}")
     with atomic_dir(final) as tmp:
         files = {}
         for name, group in arrays.items():

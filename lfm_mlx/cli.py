@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from lfm_mlx.errors import UserError
+from lfm_mlx.fsutil import is_disk_full
 
 # verb -> module whose main(argv) runs it
 VERBS = {
@@ -37,8 +41,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm-mlx: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
-    result = module.main(rest)
+    try:
+        result = module.main(rest)
+    except (UserError, OSError, RuntimeError) as err:
+        # A user's mistake (or a full disk) is one line and exit 2; anything else keeps its traceback.
+        if os.environ.get("LFM_MLX_DEBUG") == "1" or not (isinstance(err, UserError) or is_disk_full(err)):
+            raise
+        print(f"lfm-mlx {verb}: {user_message(err)}", file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def user_message(err: BaseException) -> str:
+    """The error's message; a full disk that named no path gets the path and the fix."""
+    if isinstance(err, UserError):
+        return str(err)
+    where = getattr(err, "filename", None) or "an output file (MLX did not say which)"
+    return f"{where}: the disk is full ({err}); free some space or write to another disk"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+from lfm_mlx.errors import InvalidInput, MissingInput
 from lfm_mlx.fsutil import atomic_write_json
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -61,7 +62,7 @@ class ValidationResult:
     n_read: int = 0
 
 
-class RowValidationError(ValueError):
+class RowValidationError(InvalidInput):
     """Bad rows, all of them listed as `file:line: reason` in one message (`.problems`)."""
 
     def __init__(self, problems: list[str], n_bad: int, n_read: int):
@@ -79,7 +80,7 @@ def _source_files(source) -> list[Path] | None:
         return [Path(source)]
     items = list(source)
     if not items:
-        raise ValueError("no training data: got an empty list of files or rows")
+        raise InvalidInput("no training data: got an empty list of files or rows")
     if all(isinstance(item, dict) for item in items):
         return None
     if all(isinstance(item, (str, Path)) for item in items):
@@ -95,16 +96,28 @@ def load_rows(source: str | Path | Sequence[str | Path] | Sequence[dict]) -> lis
     rows = []
     for path in files:
         if not path.is_file():
-            raise FileNotFoundError(f"training data file {path} does not exist")
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+            raise MissingInput(f"training data file {path} does not exist")
+        found = 0
+        with open(path, "rb") as handle:  # bytes: a line that is not UTF-8 is one bad row, not a crash
+            for number, raw in enumerate(handle, start=1):
+                where = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    rows.append(RawRow(where=where, error=f"not UTF-8 text (byte {error.start}: "
+                                                          f"{raw[error.start:error.start + 1]!r}); save the file as UTF-8"))
+                    found += 1
+                    continue
                 if not line.strip():
                     continue
-                where = f"{path}:{number}"
+                found += 1
                 try:
                     rows.append(RawRow(where=where, value=json.loads(line)))
                 except json.JSONDecodeError as error:
                     rows.append(RawRow(where=where, error=f"invalid JSON: {error.msg} (column {error.colno})"))
+        if not found:
+            raise InvalidInput(f"training data file {path} holds no rows (it is empty or blank); "
+                               "put one JSON chat row per line in it, or leave it out")
     return rows
 
 
@@ -296,7 +309,7 @@ class Example:
         return sum(self.mask[1:])
 
 
-class TemplateError(ValueError):
+class TemplateError(InvalidInput):
     """The chat template cannot give assistant-only loss masks (not prefix-stable, no end token)."""
 
 
@@ -427,7 +440,7 @@ def length_histogram(lengths: list[int], max_tokens: int) -> dict:
 def split_sizes(n: int, splits: tuple[float, float, float]) -> tuple[int, int, int]:
     """(train, valid, test) sizes for n examples; valid and test round, train takes the rest."""
     if len(splits) != 3 or any(f < 0 for f in splits) or abs(sum(splits) - 1.0) > 1e-6:
-        raise ValueError(f"splits={tuple(splits)} must be three fractions >= 0 (train, valid, test) summing to 1")
+        raise InvalidInput(f"splits={tuple(splits)} must be three fractions >= 0 (train, valid, test) summing to 1")
     n_valid, n_test = round(n * splits[1]), round(n * splits[2])
     return n - n_valid - n_test, n_valid, n_test
 
@@ -443,7 +456,7 @@ def build_dataset(
     """Validate, render and mask every row; drop over-cap and untrainable rows (counted); split
     with a seeded shuffle; describe it all in the manifest."""
     if max_tokens < 2:
-        raise ValueError(f"max_tokens={max_tokens} must be >= 2 (one input and one target token)")
+        raise InvalidInput(f"max_tokens={max_tokens} must be >= 2 (one input and one target token)")
     split_sizes(0, splits)  # validate the fractions before the work
     checked = validate_rows(source, skip_invalid=skip_invalid)
     kept: list[Example] = []
@@ -459,7 +472,7 @@ def build_dataset(
         else:
             kept.append(example)
     if not kept:
-        raise ValueError(f"no trainable rows left out of {checked.n_read}: " + json.dumps(_count_reasons(dropped)))
+        raise InvalidInput(f"no trainable rows left out of {checked.n_read}: " + json.dumps(_count_reasons(dropped)))
     order = np.random.default_rng(seed).permutation(len(kept))
     shuffled = [kept[int(i)] for i in order]
     n_train, n_valid, n_test = split_sizes(len(kept), splits)

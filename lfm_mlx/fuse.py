@@ -29,9 +29,10 @@ from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
-from lfm_mlx.fsutil import atomic_dir, atomic_write_json, refuse_overlap
+from lfm_mlx.errors import InvalidInput
+from lfm_mlx.fsutil import atomic_dir, atomic_write_json, check_free_space, locked, recover, refuse_overlap
 
 ROUTER_SUFFIX = "feed_forward.gate"
 SCOPES = ("experts", "all")
@@ -432,66 +433,87 @@ def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path,
         raise FileNotFoundError(f"adapter_path: {adapter_path} has no adapter_config.json; pass a LoRA output directory")
     save_path = Path(save_path)
     refuse_overlap(save_path, {"base model": model_dir, "adapter directory": adapter_path})
-    started = time.perf_counter()
+    _check_base(model_dir, adapter_path)
+    # The output is replaced as a whole, so its lock sits beside it; recover() undoes a killed replace.
+    with locked(save_path, sibling=True):
+        recover(save_path)
+        started = time.perf_counter()
 
-    adapter_model, tokenizer, config = load(model_dir, return_config=True)
-    if scope == "experts" and bits is not None and config["model_type"] != "lfm2_moe":
-        raise ValueError(f"scope: 'experts' on a dense {config['model_type']} model quantizes nothing; "
-                         f"pass --scope all, or --bits bf16 for an unquantized fuse")
-    load_adapters(adapter_model, str(adapter_path))
-    adapter_model.eval()
-    if rows is not None:
-        sequences = prompts_from_rows(rows, tokenizer, max_prompts)
-    else:
-        sequences = prompts_from_suite(suite, tokenizer, adapter_model, max_prompts, new_tokens)
-    sequences = [seq for seq in sequences if seq.positions]
-    if not sequences:
-        raise ValueError("the prompt set has no scored positions (rows without assistant turns?); pass other rows or a suite")
-    reference = log_probs(adapter_model, sequences)
+        adapter_model, tokenizer, config = load(model_dir, return_config=True)
+        if scope == "experts" and bits is not None and config["model_type"] != "lfm2_moe":
+            raise ValueError(f"scope: 'experts' on a dense {config['model_type']} model quantizes nothing; "
+                             f"pass --scope all, or --bits bf16 for an unquantized fuse")
+        load_adapters(adapter_model, str(adapter_path))
+        adapter_model.eval()
+        if rows is not None:
+            sequences = prompts_from_rows(rows, tokenizer, max_prompts)
+        else:
+            sequences = prompts_from_suite(suite, tokenizer, adapter_model, max_prompts, new_tokens)
+        sequences = [seq for seq in sequences if seq.positions]
+        if not sequences:
+            raise ValueError("the prompt set has no scored positions (rows without assistant turns?); pass other rows or a suite")
+        reference = log_probs(adapter_model, sequences)
 
-    base_model, _, _ = load(model_dir, dtype=mx.bfloat16, lazy=True, with_tokenizer=False, return_config=True)
-    entries, layers = build_fused(adapter_model, base_model, scope, bits, group_size, progress)
-    fused_config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    if any(isinstance(v, dict) for v in entries.values()):  # per-path entries: mlx_lm.load rebuilds this exact mix
-        fused_config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **entries}
+        base_model, _, _ = load(model_dir, dtype=mx.bfloat16, lazy=True, with_tokenizer=False, return_config=True)
+        entries, layers = build_fused(adapter_model, base_model, scope, bits, group_size, progress)
+        check_free_space(save_path, sum(v.nbytes for _, v in tree_flatten(base_model.parameters())), "the fused model")
+        fused_config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+        if any(isinstance(v, dict) for v in entries.values()):  # per-path entries: mlx_lm.load rebuilds this exact mix
+            fused_config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **entries}
 
-    report = {
-        "format": "lfm_mlx.fuse_report", "version": 1,
-        "model": str(model_dir), "adapter_path": str(adapter_path), "save_path": str(save_path),
-        "bits": bits or "bf16", "scope": scope, "group_size": group_size,
-        "prompt_set": {"rows": str(rows) if rows else None, "suite": str(suite) if suite else None,
-                       "sequences": len(sequences)},
-        "thresholds": asdict(thresholds),
-    }
-    with atomic_dir(save_path) as tmp:
-        save_model_dir(base_model, fused_config, resolve_model_path(model_dir), tmp)
-        del base_model
-        _force_pythonic(tmp)
-        fused_model, _ = load(tmp)
-        report["adapter_vs_fused"] = compare(reference, fused_model, sequences, thresholds.top1_margin)
-        del fused_model
-        with lora_disabled(adapter_model):  # how far the fine-tune moved the model, for scale
-            report["adapter_vs_base"] = compare(reference, adapter_model, sequences, thresholds.top1_margin)
-        base_kl = report["adapter_vs_base"]["mean_kl"]
-        # 1 = the fused model is as close to base + adapters as it gets; 0 = it behaves like the base.
-        report["fine_tune_kept"] = round(1 - report["adapter_vs_fused"]["mean_kl"] / base_kl, 4) if base_kl > 0 else None
-        report["layers"] = layers
-        report["survival"] = _survival_summary(layers)
-        report["size_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-        reasons = fidelity_gate(report, thresholds)
-        report.update(passed=not reasons, reasons=reasons, forced=bool(reasons) and force,
-                      elapsed_s=round(time.perf_counter() - started, 2))
-        if reasons and not force:
-            refused = save_path.parent / f"{save_path.name}.refused.json"
-            atomic_write_json(refused, report)
-            advice = "fuse at more bits (--bits 8, or bf16)" if bits is not None and bits < 8 else "fuse with --bits bf16"
-            if scope == "all":
-                advice += " or with --scope experts"
-            raise FidelityError(f"refusing to write {save_path}: " + "; ".join(reasons)
-                                + f". {advice[0].upper() + advice[1:]}; --force writes it anyway. Report: {refused}", report)
-        atomic_write_json(tmp / "fidelity.json", report)
-    (save_path.parent / f"{save_path.name}.refused.json").unlink(missing_ok=True)  # a stale refusal no longer holds
-    return report
+        report = {
+            "format": "lfm_mlx.fuse_report", "version": 1,
+            "model": str(model_dir), "adapter_path": str(adapter_path), "save_path": str(save_path),
+            "bits": bits or "bf16", "scope": scope, "group_size": group_size,
+            "prompt_set": {"rows": str(rows) if rows else None, "suite": str(suite) if suite else None,
+                           "sequences": len(sequences)},
+            "thresholds": asdict(thresholds),
+        }
+        with atomic_dir(save_path) as tmp:
+            save_model_dir(base_model, fused_config, resolve_model_path(model_dir), tmp)
+            del base_model
+            _force_pythonic(tmp)
+            fused_model, _ = load(tmp)
+            report["adapter_vs_fused"] = compare(reference, fused_model, sequences, thresholds.top1_margin)
+            del fused_model
+            with lora_disabled(adapter_model):  # how far the fine-tune moved the model, for scale
+                report["adapter_vs_base"] = compare(reference, adapter_model, sequences, thresholds.top1_margin)
+            base_kl = report["adapter_vs_base"]["mean_kl"]
+            # 1 = the fused model is as close to base + adapters as it gets; 0 = it behaves like the base.
+            report["fine_tune_kept"] = round(1 - report["adapter_vs_fused"]["mean_kl"] / base_kl, 4) if base_kl > 0 else None
+            report["layers"] = layers
+            report["survival"] = _survival_summary(layers)
+            report["size_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+            reasons = fidelity_gate(report, thresholds)
+            report.update(passed=not reasons, reasons=reasons, forced=bool(reasons) and force,
+                          elapsed_s=round(time.perf_counter() - started, 2))
+            if reasons and not force:
+                refused = save_path.parent / f"{save_path.name}.refused.json"
+                atomic_write_json(refused, report)
+                advice = "fuse at more bits (--bits 8, or bf16)" if bits is not None and bits < 8 else "fuse with --bits bf16"
+                if scope == "all":
+                    advice += " or with --scope experts"
+                raise FidelityError(f"refusing to write {save_path}: " + "; ".join(reasons)
+                                    + f". {advice[0].upper() + advice[1:]}; --force writes it anyway. Report: {refused}", report)
+            atomic_write_json(tmp / "fidelity.json", report)
+        (save_path.parent / f"{save_path.name}.refused.json").unlink(missing_ok=True)  # a stale refusal no longer holds
+        return report
+
+
+def _check_base(model_dir: str | Path, adapter_path: str | Path) -> None:
+    """Refuse a base other than the one the adapters were trained on (adapters record its fingerprint;
+    older ones without it are taken as they are)."""
+    from lfm_mlx.models import base_fingerprint
+
+    config_path = Path(adapter_path) / "adapter_config.json"
+    try:
+        recorded = json.loads(config_path.read_text()).get("lfm_mlx", {}).get("base_fingerprint")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise InvalidInput(f"{config_path}: not a JSON object ({err}); pass a LoRA output directory") from None
+    if recorded is not None and recorded != base_fingerprint(model_dir):
+        raise InvalidInput(
+            f"{adapter_path}: these adapters were trained on another base than {model_dir} (its config.json or weights "
+            f"differ from the fingerprint in {config_path}); pass the model directory they were trained on")
 
 
 def _force_pythonic(model_dir: Path) -> None:

@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from lfm_mlx.fsutil import atomic_file
+from lfm_mlx.fsutil import atomic_file, check_free_space, locked, recover, refuse_overlap
 from lfm_mlx.models import check_safetensors, check_tokenizer, read_config, weight_files
 
 Q = gguf.GGMLQuantizationType
@@ -473,6 +473,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "bf1
     model_dir, out_path = Path(model_dir), Path(out_path)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist; pass a local model directory")
+    refuse_overlap(out_path, {"model directory": model_dir})
     config = read_config(model_dir)
     check_tokenizer(model_dir)
     _check_supported(config, model_dir / "config.json")
@@ -487,30 +488,36 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "bf1
     writer.add_file_type(file_type)
     if matrix_type == Q.Q8_0:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    types = []
+    types, data_bytes = [], 0
     for item in plan:
         qtype = _tensor_type(item, matrix_type)
         types.append(qtype)
         if qtype == Q.Q8_0:  # quantized data is described by its byte shape
             byte_shape = gguf.quants.quant_shape_to_byte_shape(item.shape, qtype)
             writer.add_tensor_info(item.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype)
+            data_bytes += int(np.prod(byte_shape))
         else:
             dtype = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}[qtype]
             nbytes = int(np.prod(item.shape)) * np.dtype(dtype).itemsize
             writer.add_tensor_info(item.name, item.shape, np.dtype(dtype), nbytes, qtype)
+            data_bytes += nbytes
 
-    with atomic_file(out_path) as tmp:
-        try:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for i, (item, qtype) in enumerate(zip(plan, types)):
-                if on_tensor is not None:
-                    on_tensor(i, len(plan), item.name)
-                writer.write_tensor_data(_encode(item.build(), qtype))
-                mx.clear_cache()  # hand freed buffers back: peak stays near one tensor, not the model
-        finally:
-            writer.close()
+    # One writer at a time per output; recover() drops the temporaries of killed exports.
+    with locked(out_path, sibling=True):
+        recover(out_path)
+        check_free_space(out_path, data_bytes, "the GGUF file")  # + metadata, which is small
+        with atomic_file(out_path) as tmp:
+            try:
+                writer.write_header_to_file(tmp)
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for i, (item, qtype) in enumerate(zip(plan, types)):
+                    if on_tensor is not None:
+                        on_tensor(i, len(plan), item.name)
+                    writer.write_tensor_data(_encode(item.build(), qtype))
+                    mx.clear_cache()  # hand freed buffers back: peak stays near one tensor, not the model
+            finally:
+                writer.close()
     return {
         "source": str(model_dir), "out": str(out_path), "outtype": outtype, "architecture": arch,
         "n_tensors": len(plan), "bytes": out_path.stat().st_size,

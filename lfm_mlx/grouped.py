@@ -49,11 +49,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lfm_mlx import adamw_kernel, dequant_kernel, moments, row_gather
 from lfm_mlx.checkpoint import (
-    ParkedArrays, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
+    CHECKPOINTS, Checkpoint, ParkedArrays, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
 )
 from lfm_mlx.data import Batch, Example, batch_order, build_dataset, make_batch, masked_loss
+from lfm_mlx.errors import UserError
 from lfm_mlx.expert_batch import BatchedSwitchGLU
-from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text, locked, recover_directory
 from lfm_mlx.master_bits import join_master, split_master
 from lfm_mlx.memory import (
     GB, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop, MemoryReading, MemoryWatchdog,
@@ -68,13 +69,15 @@ from lfm_mlx.schedule import GroupSchedule
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 STORAGE_DTYPE = mx.bfloat16  # what save_model_dir writes for scales, biases and routers
 EXIT_CONFIG, EXIT_OVER_BUDGET = 2, 3
+# Keys a resume may change with --allow-config-change (the optimizer's step size, not what is trained).
+CHANGEABLE_ON_RESUME = ("learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eps", "betas")
 GROUP_START = "group_start.safetensors"  # in the run dir: the training group's int8 start copy (offload_group_start)
 
 
 # ---------------------------------------------------------------- config
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A training config with problems; the message lists every one of them."""
 
 
@@ -86,6 +89,8 @@ class MemorySettings(BaseModel):
     soft_gb: float = 54.0
     hard_gb: float = 60.0
     sample_every: int = Field(1, ge=1)
+    above_physical: bool = Field(False, description="allow total_gb above this machine's physical memory (the "
+                                                    "hard stop could then never fire before the OS kills the run)")
 
     @model_validator(mode="after")
     def _ordered(self) -> "MemorySettings":
@@ -157,7 +162,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0, description="steps; 0: only at group boundaries")
     keep_checkpoints: int = Field(2, ge=0)
-    max_consecutive_skips: int = Field(5, ge=1)
+    max_consecutive_skips: int = Field(5, ge=1, description="steps in a row whose loss, gradient or updated "
+                                       "weights are non-finite (each undone) before the run stops")
     eval_each_group: bool = True
     progress: bool = True
     memory: MemorySettings = Field(default_factory=MemorySettings)
@@ -207,8 +213,10 @@ class TrainConfig(BaseModel):
                 key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
                 given = f" (got {problem['input']!r})" if problem["type"] != "missing" else ""
                 if problem["type"] == "extra_forbidden":
-                    near = difflib.get_close_matches(str(problem["loc"][-1]), list(cls.model_fields), n=1)
-                    given = f" (did you mean {near[0]!r}?)" if near else " (not a TrainConfig key)"
+                    fields = list(_settings_at(cls, problem["loc"][:-1]).model_fields)
+                    near = difflib.get_close_matches(str(problem["loc"][-1]), fields, n=1)
+                    given = (f" (did you mean {'.'.join([*map(str, problem['loc'][:-1]), near[0]])!r}?)" if near
+                             else f" (not a key here; keys: {', '.join(fields)})")
                 lines.append(f"  {key}: {problem['msg']}{given}")
             raise ConfigError(f"{source}: {len(lines)} problem(s) in the training config:\n" + "\n".join(lines)
                               + f"\nfix these keys (fields: {', '.join(cls.model_fields)})") from None
@@ -216,15 +224,12 @@ class TrainConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
         """Read a YAML file (relative paths are relative to the file), apply `overrides` (CLI > YAML)."""
-        import yaml
+        from lfm_mlx.yamlfile import read_yaml
 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"training config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        data = read_yaml(path, "training config") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
         base = path.parent
@@ -256,6 +261,16 @@ class TrainConfig(BaseModel):
         ignore = {"run_dir", "progress", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips",
                   "eval_each_group", "memory"}
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in ignore}
+
+
+def _settings_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The settings class at a nested key path (("memory",) -> MemorySettings), for did-you-mean."""
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return model
+        model = annotation
+    return model
 
 
 def _set_dotted(data: dict, key: str, value) -> None:
@@ -809,6 +824,12 @@ def global_norm(grads: dict) -> float:
 _square_sum = mx.compile(lambda g: g.astype(mx.float32).square().sum())
 
 
+def trained_weight_norm(model: nn.Module) -> float:
+    """The L2 norm of the trainable weights (float32): inf or nan when one is non-finite or their
+    squares overflow (|w| above ~1e19, as a 1e38 learning rate leaves). One pass over them."""
+    return global_norm(model.trainable_parameters())
+
+
 def apply_update(model: nn.Module, optimizer: optim.Optimizer, grads: dict, grad_clip: float | None,
                  scale: float = 1.0, norm: float | None = None) -> None:
     """Clip (optionally) and apply one optimizer step, evaluating parameters and optimizer state.
@@ -1171,15 +1192,18 @@ def estimate_for_config(model_config: dict, config: TrainConfig, frozen: str, se
 
 
 class NonFiniteStop(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss or gradient, or an update that made the
+    trained weights non-finite."""
 
     exit_code = 65  # EX_DATAERR: look at the logged example ids
 
-    def __init__(self, step: int, skips: int, row_ids: list[str]):
+    def __init__(self, step: int, skips: int, row_ids: list[str], learning_rate: float, what: str):
         self.step, self.skips, self.row_ids = step, skips, row_ids
-        super().__init__(f"stopped at step {step}: {skips} consecutive steps had a non-finite loss or gradient "
-                         f"(last examples: {', '.join(row_ids)}); see metrics.jsonl 'skipped' records, fix the "
-                         "data or lower the learning rate, then resume")
+        super().__init__(
+            f"stopped at step {step}: {what} (last examples: {', '.join(row_ids)}); the newest checkpoint holds the "
+            f"last good weights; see metrics.jsonl 'skipped' records. Fix those rows, or lower the learning rate and "
+            f"resume: lfm-mlx train CONFIG --set learning_rate={learning_rate / 10:g} "
+            "--allow-config-change learning_rate")
 
 
 @dataclass
@@ -1273,8 +1297,9 @@ class GroupedMoETrainer:
     """
 
     def __init__(self, config: TrainConfig, memory_reader: Callable[[], MemoryReading] | None = None,
-                 grad_hook: Callable[[int, dict], dict] | None = None):
+                 grad_hook: Callable[[int, dict], dict] | None = None, allow_config_change: tuple[str, ...] = ()):
         self.config = config
+        self.allow_config_change = tuple(allow_config_change)
         self.run_dir = Path(config.run_dir)
         self.memory_reader = memory_reader
         self.grad_hook = grad_hook
@@ -1316,6 +1341,11 @@ class GroupedMoETrainer:
         if model_config["model_type"] != "lfm2_moe":
             raise ConfigError(f"{self.model_dir}: model_type {model_config['model_type']!r} has no experts; "
                               "grouped training needs an LFM2-MoE model (lfm2_moe)")
+        n_moe = int(model_config["num_hidden_layers"]) - int(model_config.get("num_dense_layers", 0))
+        if cfg.group_size > n_moe:
+            raise ConfigError(f"group_size: {cfg.group_size} is more than the {n_moe} MoE layers of {self.model_dir}; "
+                              f"use group_size <= {n_moe} (group_size: {n_moe} trains them all as one group)")
+        self._check_physical_memory()
         self.schedule = GroupSchedule.for_model(model_config, cfg.group_size, cfg.group_stride)
         from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -1328,14 +1358,62 @@ class GroupedMoETrainer:
         self.n_phases = cfg.epochs * len(self.schedule)
         data_fingerprint = {"sources": self.dataset.manifest["sources"],
                             "split_row_ids": self.dataset.manifest["split_row_ids"]}
-        self.hash = config_hash({"config": cfg.training_hash_dict(), "model": _model_fingerprint(self.model_dir),
-                                 "data": data_fingerprint})
+        self.identity = {"model": _model_fingerprint(self.model_dir), "data": data_fingerprint}
+        self.hash = config_hash({"config": cfg.training_hash_dict(), **self.identity})
         if restart:
             for old in list_checkpoints(self.run_dir):
                 shutil.rmtree(old)
             self.metrics_path.unlink(missing_ok=True)
             (self.run_dir / "summary.json").unlink(missing_ok=True)
         return model_config
+
+    def _check_physical_memory(self) -> None:
+        """memory.total_gb above the machine's RAM: the hard stop would never fire before the OS kills the run."""
+        import psutil
+
+        physical = psutil.virtual_memory().total / GB
+        memory = self.config.memory
+        if memory.total_gb <= physical * 1.02 or memory.above_physical:  # 2%: vendors round their figures
+            return
+        if "total_gb" not in memory.model_fields_set:  # the 64 GB default on a smaller machine: say so, go on
+            print(f"lfm-mlx train: warning: memory.total_gb defaults to {memory.total_gb:g} GB but this machine has "
+                  f"{physical:.1f} GB; set memory.total_gb, soft_gb and hard_gb for it so the hard stop can fire",
+                  file=sys.stderr)
+            return
+        raise ConfigError(
+                f"memory.total_gb: {memory.total_gb:g} is above this machine's physical memory ({physical:.1f} GB "
+                f"measured), so memory.hard_gb ({memory.hard_gb:g}) could never stop the run before the OS kills it; "
+                f"set memory.total_gb to at most {physical:.0f} (and soft_gb < hard_gb below it), or set "
+                "memory.above_physical: true to accept it")
+
+    def _config_changes(self, resume: Checkpoint) -> dict:
+        """The keys a resume changes ({key: [before, after]}) when --allow-config-change allows them
+        all and nothing else (model, data, other keys) differs; else a ConfigError."""
+        refused = ConfigError(
+            f"{self.run_dir} holds checkpoint {resume.path.name} of a different run (config, model or data changed: "
+            f"its resolved config is in {self.run_dir / 'train_config.json'}); use a new run_dir, or --restart to "
+            f"discard the old checkpoints")
+        before = resume.state.get("training_config")
+        if before is None:  # checkpoints from before training_config was saved in them
+            resolved = self.run_dir / "train_config.json"
+            before = json.loads(resolved.read_text()).get("config", {}) if resolved.exists() else None
+        if not isinstance(before, dict):
+            raise refused
+        now = self.config.training_hash_dict()
+        before = {k: before.get(k) for k in now}
+        if config_hash({"config": before, **self.identity}) != resume.state.get("config_hash"):
+            raise refused  # the model or the data changed, or the record does not match the checkpoint
+        changes = {k: [before[k], now[k]] for k in now if json.dumps(before[k]) != json.dumps(now[k])}
+        allowed = set(self.allow_config_change) & set(CHANGEABLE_ON_RESUME)
+        if not changes or not set(changes) <= allowed:
+            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            changeable = [k for k in changes if k in CHANGEABLE_ON_RESUME]
+            hint = (f"; to resume with it, add --allow-config-change {' --allow-config-change '.join(changeable)}"
+                    if changeable and len(changeable) == len(changes) else
+                    f"; only {', '.join(CHANGEABLE_ON_RESUME)} may change on a resume (--allow-config-change KEY)")
+            raise ConfigError(f"{self.run_dir} holds checkpoint {resume.path.name} of a different run ({listed})"
+                              f"{hint}; or use a new run_dir, or --restart to discard the old checkpoints")
+        return changes
 
     def _admit(self, model_config: dict, frozen: str) -> dict:
         longest = max(e.n_tokens for e in self.dataset.train) - 1
@@ -1406,7 +1484,14 @@ class GroupedMoETrainer:
         return list(range(first, first + acc))
 
     def train(self, restart: bool = False) -> TrainResult:
-        """Run (or resume) training; returns where the trained model is."""
+        """Run (or resume) training; returns where the trained model is. The run directory is locked
+        for the whole run: a second process on it gets DirectoryBusy."""
+        with locked(self.run_dir):
+            recover_directory(self.run_dir)  # what killed writes left: temporaries, a half-replaced model
+            recover_directory(self.run_dir / CHECKPOINTS)
+            return self._train(restart)
+
+    def _train(self, restart: bool) -> TrainResult:
         cfg = self.config
         model_config = self._prepare(restart)
         summary_path = self.run_dir / "summary.json"
@@ -1420,15 +1505,12 @@ class GroupedMoETrainer:
         admission_path = "dequant" if cfg.frozen_path == "dequant" else "qmm"
         estimate = self._admit(model_config, admission_path)
 
-        resume = None
+        resume, changes = None, {}
         latest = latest_checkpoint(self.run_dir)
         if latest is not None:
             resume = load_checkpoint(latest)
             if resume.state.get("config_hash") != self.hash:
-                raise ConfigError(
-                    f"{self.run_dir} holds checkpoint {latest.name} of a different run (config, model or data "
-                    f"changed: its resolved config is in {self.run_dir / 'train_config.json'}); use a new "
-                    "run_dir, or --restart to discard the old checkpoints")
+                changes = self._config_changes(resume)
         model_config = self._load_model(model_config)
         frozen = self._choose_frozen_path(model_config, resume.state if resume else None)
         self.frozen = frozen["choice"]
@@ -1448,7 +1530,7 @@ class GroupedMoETrainer:
 
         # ---- state: fresh or restored
         state = {"phase": 0, "step_in_phase": 0, "global_step": 0, "skipped_steps": 0, "consecutive_skips": 0,
-                 "tokens_seen": 0, "history": [], "initial_valid_loss": None, "layers_done": []}
+                 "tokens_seen": 0, "history": [], "initial_valid_loss": None, "layers_done": [], "config_changes": []}
         set_frozen_path(self.model, self.frozen)
         if resume is None:
             self._truncate_metrics(0)
@@ -1459,13 +1541,18 @@ class GroupedMoETrainer:
                        "estimate_gb": estimate["total"] / GB, "steps_per_group": self.spg,
                        "total_steps": self.n_phases * self.spg})
         else:
-            state.update({k: resume.state[k] for k in state})
+            state.update({k: resume.state.get(k, state[k]) for k in state})
             self._truncate_metrics(resume.state["metrics_records"])
             active = groups[state["phase"] % len(groups)] if state["step_in_phase"] else []
             done = {k: v for k, v in resume.weights.items() if _layer_of(k) not in active}
             self.model.load_weights(list(done.items()) + list(resume.group_start.items()), strict=False)
             set_frozen_path(self.model, self.frozen)
             self._log({"kind": "resume", "step": state["global_step"], "checkpoint": resume.path.name})
+            if changes:  # allowed by --allow-config-change: kept in the run's history and every later checkpoint
+                state["config_changes"].append({"step": state["global_step"], "checkpoint": resume.path.name,
+                                                "changes": changes})
+                state["consecutive_skips"] = 0
+                self._log({"kind": "config_change", "step": state["global_step"], "changes": changes})
 
         progress = _progress(self.n_phases * self.spg, state["global_step"], cfg.progress)
         self.watchdog.start()  # the first sample counts the first step, not the model loading before it
@@ -1506,6 +1593,7 @@ class GroupedMoETrainer:
 
         def snapshot(step_in_phase: int) -> dict:
             return {**state, "phase": phase, "step_in_phase": step_in_phase, "config_hash": self.hash,
+                    "training_config": cfg.training_hash_dict(),
                     "frozen_path": self.frozen, "data_order": order, "epoch": epoch, "group": index,
                     "rng": {"rule": "mx.random.seed(sha256(f'{seed}/step/{step}')[:4]) before every step",
                             "seed": cfg.seed}}
@@ -1535,12 +1623,26 @@ class GroupedMoETrainer:
                            "loss": loss if math.isfinite(loss) else str(loss), "grad_norm": str(norm)})
                 if state["consecutive_skips"] >= cfg.max_consecutive_skips:
                     self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
-                    raise NonFiniteStop(global_step + 1, state["consecutive_skips"], ids)
+                    raise NonFiniteStop(global_step + 1, state["consecutive_skips"], ids, cfg.learning_rate,
+                                        f"{state['consecutive_skips']} consecutive steps had a non-finite loss or "
+                                        "gradient")
                 progress.update(1)
                 continue
-            state["consecutive_skips"] = 0
             apply_update(self.model, optimizer, grads, cfg.grad_clip, scale=scale, norm=norm)
             del grads
+            weight_norm = trained_weight_norm(self.model)
+            if not math.isfinite(weight_norm):
+                # The update freed the old weights as it went (memory stays flat), so it is undone by
+                # stopping unsaved: the newest checkpoint keeps the last good weights.
+                state["skipped_steps"] += 1
+                state["consecutive_skips"] += 1
+                self._log({"kind": "skipped", "step": global_step + 1, "phase": phase, "row_ids": ids, "loss": loss,
+                           "grad_norm": norm, "weight_norm": str(weight_norm),
+                           "reason": "the update made the trained weights non-finite (or overflow float32)"})
+                raise NonFiniteStop(global_step + 1, state["consecutive_skips"], ids, cfg.learning_rate,
+                                    f"the update made the trained weights non-finite (norm {weight_norm}) at learning "
+                                    f"rate {optimizer.learning_rate.item():g}")
+            state["consecutive_skips"] = 0
             seconds = time.perf_counter() - tick
             state["tokens_seen"] += tokens
             stop = None
@@ -1550,7 +1652,7 @@ class GroupedMoETrainer:
                 sample, stop = err.sample, err
             self._log({"kind": "step", "step": global_step + 1, "epoch": epoch, "phase": phase, "group": index,
                        "layers": layers, "loss": loss, "lr": optimizer.learning_rate.item(),
-                       "grad_norm": norm, "tokens": tokens, "trained_tokens": trained,
+                       "grad_norm": norm, "weight_norm": weight_norm, "tokens": tokens, "trained_tokens": trained,
                        "tokens_per_s": tokens / seconds, "step_s": seconds,
                        "peak_memory_gb": (sample.peak if sample else mx.get_peak_memory()) / GB,
                        "active_memory_gb": (sample.active if sample else mx.get_active_memory()) / GB})
@@ -1598,6 +1700,7 @@ class GroupedMoETrainer:
                    "skipped_steps": state["skipped_steps"], "model_dir": str(out)})
         atomic_write_json(self.run_dir / "summary.json",
                           {"complete": True, "config_hash": self.hash, "result": record,
+                           "config_changes": state["config_changes"],
                            "tokens_seen": state["tokens_seen"], "frozen_path": frozen})
         return result
 
@@ -1637,6 +1740,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable; nested keys with dots: memory.hard_gb=50)")
     parser.add_argument("--restart", action="store_true", help="discard run_dir's checkpoints and start over")
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="KEY",
+                        choices=CHANGEABLE_ON_RESUME,
+                        help="resume although KEY changed (repeatable; recorded in metrics.jsonl, the checkpoints "
+                             f"and summary.json): {', '.join(CHANGEABLE_ON_RESUME)}")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the validated config and exit")
     args = parser.parse_args(argv)
@@ -1645,17 +1752,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_progress:
             overrides["progress"] = False
         config = TrainConfig.from_yaml(args.config, overrides)
-    except ConfigError as err:
+    except UserError as err:
         print(f"lfm-mlx train: {err}", file=sys.stderr)
         return EXIT_CONFIG
     if args.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return 0
-    from lfm_mlx.data import RowValidationError
-
     try:
-        result = GroupedMoETrainer(config).train(restart=args.restart)
-    except (ConfigError, RowValidationError, FileNotFoundError) as err:
+        result = GroupedMoETrainer(config, allow_config_change=args.allow_config_change).train(restart=args.restart)
+    except (UserError, FileNotFoundError) as err:  # a user's mistake: one message, exit 2
         print(f"lfm-mlx train: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except MemoryBudgetExceeded as err:

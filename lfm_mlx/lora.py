@@ -40,7 +40,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from lfm_mlx.fsutil import atomic_dir, atomic_file, atomic_write_json, atomic_write_text
+from lfm_mlx.errors import InvalidInput
+from lfm_mlx.models import base_fingerprint
+from lfm_mlx.fsutil import (
+    atomic_dir, atomic_file, atomic_write_json, atomic_write_text, check_free_space, locked, recover_directory,
+)
 
 # Config `modules` groups -> module paths inside a decoder layer (mlx-lm names).
 MODULE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -85,6 +89,7 @@ class LoraConfig:
     patience: int = 3  # stop after this many evaluations without improvement; 0 never stops early
     min_delta: float = 0.0  # an improvement must lower validation loss by more than this
     save_every: int = 50  # steps between resumable checkpoints
+    max_consecutive_skips: int = 3  # steps in a row with a non-finite loss, gradient or update (each undone) before stopping
     seed: int = 0
     skip_invalid: bool = False
     resume: bool = True  # continue from out_dir/checkpoint when present
@@ -106,7 +111,7 @@ class LoraConfig:
         data = [self.data] if isinstance(self.data, str) else self.data
         if not isinstance(data, list) or not data or not all(isinstance(d, str) and d for d in data):
             out.append(f"data: {self.data!r} must be a repair-set directory or JSONL file path(s)")
-        for key in ("rank", "batch_size", "epochs", "eval_every", "save_every", "max_tokens"):
+        for key in ("rank", "batch_size", "epochs", "eval_every", "save_every", "max_tokens", "max_consecutive_skips"):
             value = getattr(self, key)
             if not _is_int(value) or value < 1:
                 out.append(f"{key}: {value!r} must be an integer >= 1")
@@ -122,7 +127,7 @@ class LoraConfig:
             value = getattr(self, key)
             if value is not None and (not _is_number(value) or value <= 0):
                 out.append(f"{key}: {value!r} must be a number > 0 or null")
-        if not _is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
+        if not _is_number(self.learning_rate) or not 0 < self.learning_rate < 1:  # also refuses .inf and .nan
             out.append(f"learning_rate: {self.learning_rate!r} must be a number in (0, 1), e.g. 1e-4")
         for key in ("weight_decay", "min_delta"):
             if not _is_number(getattr(self, key)) or getattr(self, key) < 0:
@@ -206,7 +211,7 @@ def config_from_dict(values: dict, where: dict[str, str] | None = None, source: 
         key = problem.split(":", 1)[0].split(" ")[0]
         problems.append(f"{where.get(key, source)}: {problem}")
     if problems:
-        raise ValueError(f"invalid LoRA config ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+        raise InvalidInput(f"invalid LoRA config ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
     return config
 
 
@@ -223,21 +228,16 @@ _FLOAT_KEYS = ("learning_rate", "alpha", "scale", "dropout", "weight_decay", "mi
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> LoraConfig:
     """Defaults < YAML file < overrides (the CLI's flags), validated together."""
-    import yaml
-
     values: dict = {}
     where: dict[str, str] = {}
     if path is not None:
+        from lfm_mlx.yamlfile import read_yaml
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"LoRA config {path} does not exist; pass a YAML file (see `lfm-mlx lora --help`)")
+        loaded = read_yaml(path, "LoRA config")  # duplicate keys and bad syntax name their line
         text = path.read_text()
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            at = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ValueError(f"{at}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax there") from None
         loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: the config must be a mapping (model: ..., data: ...), got {type(loaded).__name__}")
@@ -299,7 +299,8 @@ def adapter_config(config: LoraConfig, keys: list[str], n_layers: int) -> dict:
         "num_layers": n_layers,
         "lora_parameters": {"rank": config.rank, "scale": config.lora_scale, "dropout": config.dropout, "keys": keys},
         "model": config.model,
-        "lfm_mlx": {"alpha": config.alpha, "layers": config.layers, "modules": config.modules},
+        "lfm_mlx": {"alpha": config.alpha, "layers": config.layers, "modules": config.modules,
+                    "base_fingerprint": base_fingerprint(config.model)},
     }
 
 
@@ -403,7 +404,22 @@ def _restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, path: Path)
     optimizer.state = tree_map_with_path(lambda name, _: saved[name], optimizer.state)
 
 
+class NonFiniteStop(RuntimeError):
+    """Too many consecutive steps whose loss, gradient or update was non-finite (each was undone)."""
+
+    exit_code = 65  # EX_DATAERR, as lfm-mlx train
+
+
+def _all_finite(tree) -> bool:
+    """True when every array of `tree` is finite: one reduction over them (LoRA tensors are small)."""
+    leaves = [value for _, value in tree_flatten(tree)]
+    total = sum(value.astype(mx.float32).square().sum() for value in leaves)  # overflow counts as non-finite
+    return bool(mx.isfinite(total).item())
+
+
 def _checkpoint(out: Path, model: nn.Module, optimizer: optim.Optimizer, state: dict) -> None:
+    arrays = [*lora_parameters(model).values(), *(v for _, v in tree_flatten(optimizer.state))]
+    check_free_space(out / "checkpoint", sum(a.nbytes for a in arrays), "the LoRA checkpoint")
     with atomic_dir(out / "checkpoint") as tmp:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), lora_parameters(model))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
@@ -421,6 +437,12 @@ def _check_resumable(out: Path, config: LoraConfig) -> dict | None:
             f"out_dir: {out} already holds a LoRA run (step {state['step']}); set resume: true to continue it "
             f"or choose a new out_dir"
         )
+    fingerprint = base_fingerprint(config.model)
+    if state.get("base_fingerprint", fingerprint) != fingerprint:
+        raise InvalidInput(
+            f"model: {config.model} is not the base {out}'s checkpoint was trained on (its weights or config.json "
+            f"differ: fingerprint {fingerprint[:12]} vs {state['base_fingerprint'][:12]}); pass that base, or "
+            f"choose a new out_dir")
     previous = state.get("config", {})
     changed = [f"{k} ({previous.get(k)!r} -> {getattr(config, k)!r})" for k in RUN_IDENTITY_KEYS
                if json.dumps(previous.get(k)) != json.dumps(getattr(config, k))]
@@ -441,15 +463,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train_lora(config: LoraConfig, on_step: Callable[[dict], None] | None = None) -> dict:
-    """Run (or resume) a LoRA pass; return the summary also written to out_dir/summary.json."""
+    """Run (or resume) a LoRA pass; return the summary also written to out_dir/summary.json. The
+    out_dir is locked for the whole run: a second process on it gets DirectoryBusy."""
+    problems = config.problems()
+    if problems:
+        raise InvalidInput("invalid LoRA config:\n  " + "\n  ".join(problems))
+    out = Path(config.out_dir)
+    from lfm_mlx.fsutil import refuse_overlap
+
+    refuse_overlap(out, {"base model": config.model})
+    with locked(out):
+        recover_directory(out)  # what killed writes left: temporaries, a half-replaced checkpoint
+        return _train_lora(config, out, on_step)
+
+
+def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] | None) -> dict:
     from lfm_mlx.data import iterate_batches
     from lfm_mlx.models import load
 
-    problems = config.problems()
-    if problems:
-        raise ValueError("invalid LoRA config:\n  " + "\n  ".join(problems))
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     resume_state = _check_resumable(out, config)
 
     model, tokenizer, model_config = load(config.model, return_config=True)
@@ -473,15 +504,24 @@ def train_lora(config: LoraConfig, on_step: Callable[[dict], None] | None = None
     optimizer = optim.AdamW(learning_rate=_schedule(config, total_steps), weight_decay=config.weight_decay)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0,
-             "stopped_early": False, "elapsed_s": 0.0}
+             "stopped_early": False, "elapsed_s": 0.0, "skipped_steps": 0, "consecutive_skips": 0,
+             "config_changes": []}
+    changes = {}
     if resume_state is not None:
         model.load_weights(str(out / "checkpoint" / "adapters.safetensors"), strict=False)
         _restore_optimizer(optimizer, model, out / "checkpoint" / "optimizer.safetensors")
-        state.update({k: resume_state[k] for k in state})
+        state.update({k: resume_state.get(k, state[k]) for k in state})
         _truncate_metrics(out / "metrics.jsonl", state["step"])
+        previous = resume_state.get("config", {})
+        changes = {k: [previous.get(k), v] for k, v in config.to_dict().items()
+                   if k in previous and json.dumps(previous[k]) != json.dumps(v)}
+        if changes:  # settings a resume may change (learning_rate, patience, ...): kept in the run's history
+            state["config_changes"].append({"step": state["step"], "changes": changes})
+            state["consecutive_skips"] = 0
     mx.random.seed(config.seed + state["step"])  # dropout masks
 
     loss_and_grad = nn.value_and_grad(model, _loss)
+    fingerprint = adapter["lfm_mlx"]["base_fingerprint"]
     metrics_file = open(out / "metrics.jsonl", "a")
     started = time.perf_counter() - state["elapsed_s"]
 
@@ -517,6 +557,8 @@ def train_lora(config: LoraConfig, on_step: Callable[[dict], None] | None = None
 
         bar = tqdm(total=total_steps, initial=state["step"], desc="lora", unit="step", file=sys.stderr, disable=None)
     done = state["stopped_early"] or state["step"] >= total_steps
+    if changes:
+        log({"step": state["step"], "config_change": changes})
     if state["step"] == 0 and not done and valid:
         validate()  # the starting point, so "best" can never be worse than the base
     model.train()
@@ -528,10 +570,32 @@ def train_lora(config: LoraConfig, on_step: Callable[[dict], None] | None = None
                 grad_norm = None
                 if config.max_grad_norm is not None:
                     grads, grad_norm = optim.clip_grad_norm(grads, config.max_grad_norm)
-                optimizer.update(model, grads)
-                mx.eval(model.trainable_parameters(), optimizer.state, loss, tokens)
+                # References, not copies (MLX arrays are immutable): a non-finite step is undone with them.
+                before = (model.trainable_parameters(), tree_map_with_path(lambda _, v: v, optimizer.state))
+                finite = _all_finite([loss, grads])
+                if finite:
+                    optimizer.update(model, grads)
+                    mx.eval(model.trainable_parameters(), optimizer.state, loss, tokens)
+                    finite = _all_finite(model.trainable_parameters())
                 state["step"] += 1
                 state["batch"] += 1
+                if not finite:
+                    model.update(before[0])
+                    optimizer.state = before[1]
+                    state["skipped_steps"] += 1
+                    state["consecutive_skips"] += 1
+                    log({"step": state["step"], "epoch": state["epoch"], "skipped": "a non-finite loss, gradient or "
+                         "updated adapter weights; the step was undone", "loss": str(loss.item())})
+                    if state["consecutive_skips"] >= config.max_consecutive_skips:
+                        _checkpoint(out, model, optimizer, {**state, "config": config.to_dict(),
+                                                            "base_fingerprint": fingerprint})
+                        raise NonFiniteStop(
+                            f"stopped at step {state['step']}: {state['consecutive_skips']} consecutive steps had a "
+                            f"non-finite loss, gradient or update (each undone; {out / 'checkpoint'} holds the last "
+                            f"good adapters; see {out / 'metrics.jsonl'}). Fix the data, or lower the learning rate "
+                            f"and resume: lfm-mlx lora CONFIG --learning-rate {config.learning_rate / 10:g}")
+                    continue
+                state["consecutive_skips"] = 0
                 row = {"step": state["step"], "epoch": state["epoch"], "train_loss": loss.item(),
                        "tokens": tokens.item(), "lr": optimizer.learning_rate.item(),
                        "grad_norm": None if grad_norm is None else grad_norm.item(),
@@ -548,7 +612,8 @@ def train_lora(config: LoraConfig, on_step: Callable[[dict], None] | None = None
                     state["stopped_early"] = stop
                 if stop or last or state["step"] % config.save_every == 0:
                     state["elapsed_s"] = time.perf_counter() - started
-                    _checkpoint(out, model, optimizer, {**state, "config": config.to_dict()})
+                    _checkpoint(out, model, optimizer, {**state, "config": config.to_dict(),
+                                                        "base_fingerprint": fingerprint})
                 if stop or last:
                     done = True
                     break
@@ -571,6 +636,7 @@ def train_lora(config: LoraConfig, on_step: Callable[[dict], None] | None = None
         "examples": {"train": len(train), "valid": len(valid), "test": len(test)},
         "elapsed_s": round(time.perf_counter() - started, 3),
         "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
+        "skipped_steps": state["skipped_steps"], "config_changes": state["config_changes"],
     }
     if valid and state["best_step"] == 0:
         # Best-checkpoint selection kept the zero-initialized adapters (B = 0): they change nothing.
@@ -614,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"lfm-mlx lora: {err}", file=sys.stderr)
         return 2
+    except NonFiniteStop as err:
+        print(f"lfm-mlx lora: {err}", file=sys.stderr)
+        return NonFiniteStop.exit_code
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from lfm_mlx.fsutil import atomic_dir, refuse_overlap
+from lfm_mlx.errors import InvalidInput
+from lfm_mlx.fsutil import atomic_dir, check_free_space, locked, recover, refuse_overlap
 from lfm_mlx.models import load, save_model_dir
 
 EXPERT_SUFFIXES = ("switch_mlp.gate_proj", "switch_mlp.up_proj", "switch_mlp.down_proj")
@@ -97,16 +98,20 @@ def mix(src: str | Path, dst: str | Path, bits: int = 8, group_size: int = 64) -
     refuse_overlap(dst, {"source model": src})
     model, _, config = load(src, dtype=mx.bfloat16, lazy=True, return_config=True)
     if config["model_type"] != "lfm2_moe":
-        raise ValueError(f"{src}: model_type {config['model_type']!r} has no experts; mix needs an LFM2-MoE model")
+        raise InvalidInput(f"{src}: model_type {config['model_type']!r} has no experts; mix needs an LFM2-MoE model")
     if "quantization" in config:
-        raise ValueError(
+        raise InvalidInput(
             f"{src}: already quantized ({config['quantization'].get('bits')} bits); mix a bf16 / HF directory"
         )
     mixed_config = quantize_experts(model, config, bits, group_size)
     from lfm_mlx.models import resolve_model_path
 
-    with atomic_dir(dst) as tmp:
-        save_model_dir(model, mixed_config, resolve_model_path(src), tmp)
+    # The output is replaced as a whole, so its lock sits beside it; recover() undoes a killed replace.
+    with locked(dst, sibling=True):
+        recover(dst)
+        check_free_space(dst, parameter_bytes(model), "the mixed checkpoint")
+        with atomic_dir(dst) as tmp:
+            save_model_dir(model, mixed_config, resolve_model_path(src), tmp)
     return size_report(Path(dst))
 
 

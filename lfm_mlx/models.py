@@ -10,6 +10,7 @@ fused-expert layout, fails late on bad input, and does not pick a compute dtype 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import shutil
 import struct
@@ -18,6 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
+
+from lfm_mlx.errors import InvalidInput, MissingInput
 
 SUPPORTED_MODEL_TYPES = ("lfm2", "lfm2_moe")
 _COMMON_KEYS = [
@@ -43,11 +46,11 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(f"{path} is a file; pass the model directory that holds config.json")
+            raise InvalidInput(f"{path} is a file; pass the model directory that holds config.json")
         return path
     text = str(path_or_repo)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"model directory {text} does not exist; check the path")
+        raise MissingInput(f"model directory {text} does not exist; check the path")
     from huggingface_hub import snapshot_download
 
     try:
@@ -55,7 +58,7 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
             text, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
         )
     except Exception as err:  # offline, unknown repo, auth: one clear message
-        raise FileNotFoundError(
+        raise MissingInput(
             f"could not fetch {text!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
             f"If this machine is offline, download the model elsewhere and pass its local directory, "
             f"e.g. lfm_mlx.load('/path/to/{text.split('/')[-1]}')"
@@ -67,14 +70,17 @@ def read_config(model_dir: Path) -> dict:
     """config.json, validated: supported model_type and every key the model classes need."""
     path = model_dir / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; a model directory needs config.json")
+        raise MissingInput(f"{path} is missing; a model directory needs config.json")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); restore the file from the source model") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidInput(f"{path}: not valid JSON ({err}); restore the file from the source model") from None
+    if not isinstance(config, dict):
+        raise InvalidInput(f"{path}: the top level is a {type(config).__name__}, not an object; restore the file "
+                           "from the source model")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise InvalidInput(
             f"{path}: model_type {model_type!r} is not supported; lfm_mlx handles "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (LFM2 dense and LFM2-MoE)"
         )
@@ -90,7 +96,7 @@ def read_config(model_dir: Path) -> dict:
     if model_type == "lfm2" and "block_ff_dim" not in config and "intermediate_size" not in config:
         problems.append("missing key 'block_ff_dim' (or 'intermediate_size')")
     if problems:
-        raise ValueError(f"{path}: " + "; ".join(problems) + ". Add the keys from the source model's config.json")
+        raise InvalidInput(f"{path}: " + "; ".join(problems) + ". Add the keys from the source model's config.json")
     if model_type == "lfm2":  # fill the block_* keys that mlx-lm needs and HF configs may omit
         config.setdefault("block_dim", config["hidden_size"])
         config.setdefault("block_multiple_of", 256)
@@ -109,7 +115,7 @@ def _inside(model_dir: Path, name: str) -> Path:
     candidate = Path(name)
     resolved = (model_dir / candidate).resolve()
     if candidate.is_absolute() or ".." in candidate.parts or not resolved.is_relative_to(model_dir.resolve()):
-        raise ValueError(
+        raise InvalidInput(
             f"{model_dir / 'model.safetensors.index.json'}: shard {name!r} points outside the model "
             f"directory; shard names must be plain file names inside {model_dir}"
         )
@@ -122,18 +128,21 @@ def weight_files(model_dir: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{index}: not a safetensors index ({err!r}); it needs a 'weight_map' object") from None
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise InvalidInput(f"{index}: not a safetensors index ({err!r}); it needs a 'weight_map' object") from None
         files = []
-        for name in sorted(set(weight_map.values())):
+        for name in names:
+            if not isinstance(name, str):
+                raise InvalidInput(f"{index}: shard name {name!r} is not a file name; restore the index")
             path = _inside(model_dir, name)
             if not path.exists():
-                raise FileNotFoundError(f"{index}: shard {name!r} is missing from {model_dir}; copy it there")
+                raise MissingInput(f"{index}: shard {name!r} is missing from {model_dir}; copy it there")
             files.append(path)
         return files
     files = sorted(p for p in model_dir.glob("*.safetensors") if not p.name.startswith("."))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights found (no pickle .bin files are read)")
+        raise MissingInput(f"{model_dir}: no *.safetensors weights found (no pickle .bin files are read)")
     for path in files:
         _inside(model_dir, path.name)  # a symlink out of the directory is refused too
     return files
@@ -146,25 +155,53 @@ def check_safetensors(path: Path) -> None:
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: truncated ({size} bytes, no safetensors header); {fix}")
+            raise InvalidInput(f"{path}: truncated ({size} bytes, no safetensors header); {fix}")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
-            raise ValueError(f"{path}: corrupt header length {header_len} for a {size}-byte file; {fix}")
+            raise InvalidInput(f"{path}: corrupt header length {header_len} for a {size}-byte file; {fix}")
         try:
             header = json.loads(handle.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path}: corrupt safetensors header (not JSON); {fix}") from None
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            raise InvalidInput(f"{path}: corrupt safetensors header (not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise InvalidInput(f"{path}: corrupt safetensors header (not a JSON object); {fix}")
+    data_end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise InvalidInput(f"{path}: tensor {name!r} has corrupt data_offsets {offsets!r}; {fix}")
+        data_end = max(data_end, offsets[1])
     if 8 + header_len + data_end > size:
-        raise ValueError(
+        raise InvalidInput(
             f"{path}: truncated: the header describes {8 + header_len + data_end} bytes, the file has {size}; {fix}"
         )
+
+
+def base_fingerprint(path_or_repo: str | Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """What a LoRA adapter records of its base: sha256 of config.json, each weight file's header and
+    size, and `samples` chunks spread over its data (cheap on an 8B; two trainings of one
+    architecture differ in them, which headers alone would not show)."""
+    model_dir = resolve_model_path(path_or_repo)
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in weight_files(model_dir):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as handle:
+            header_len = struct.unpack("<Q", handle.read(8))[0]
+            digest.update(handle.read(min(header_len, size)))
+            for i in range(samples):
+                handle.seek(min(size, 8 + header_len) + (max(size - 8 - header_len - chunk, 0) * i) // max(samples - 1, 1))
+                digest.update(handle.read(chunk))
+    return digest.hexdigest()
 
 
 def check_tokenizer(model_dir: Path) -> None:
     missing = [name for name in TOKENIZER_FILES if not (model_dir / name).exists()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{model_dir}: tokenizer file(s) {', '.join(missing)} missing; copy them from the source "
             f"model directory (lfm_mlx never guesses a tokenizer)"
         )
@@ -231,7 +268,10 @@ def load_weights(model_dir: Path) -> dict[str, mx.array]:
     weights = {}
     for path in weight_files(model_dir):
         check_safetensors(path)
-        weights.update(mx.load(str(path)))
+        try:
+            weights.update(mx.load(str(path)))
+        except (RuntimeError, ValueError) as err:  # a header our check passed but MLX refuses
+            raise InvalidInput(f"{path}: MLX cannot read it ({err}); re-download or re-copy it") from None
     return weights
 
 
@@ -247,12 +287,16 @@ def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = F
     if with_tokenizer:
         check_tokenizer(model_dir)
     weights = to_mlx_layout(load_weights(model_dir), config)
-    model = build_model(config, weights)
-    weights = model.sanitize(weights)
     try:
+        model = build_model(config, weights)
+    except (TypeError, ValueError, KeyError) as err:  # a value of the right key but the wrong kind
+        raise InvalidInput(f"{model_dir / 'config.json'}: mlx-lm cannot build the model from it "
+                           f"({type(err).__name__}: {err}); restore the file from the source model") from None
+    try:
+        weights = model.sanitize(weights)
         model.load_weights(list(weights.items()), strict=True)
-    except ValueError as err:
-        raise ValueError(
+    except (ValueError, KeyError, IndexError) as err:
+        raise InvalidInput(
             f"{model_dir}: the weights do not match config.json ({err}). Check that config.json "
             f"belongs to these safetensors files"
         ) from None

@@ -229,7 +229,7 @@ def test_admission_refuses_a_run_over_budget_before_loading(tiny_moe_mixed_dir, 
     assert not hasattr(trainer, "model")  # refused before any weight loaded
 
     yaml_path = tmp_path / "train.yaml"
-    yaml_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    yaml_path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
     assert main([str(yaml_path)]) == 3
     assert "refused" in capsys.readouterr().err
 
@@ -278,7 +278,7 @@ def test_cli_exits_with_the_hard_stop_code_and_leaves_a_checkpoint(tiny_moe_mixe
     config = make_config(tiny_moe_mixed_dir, rows_path, tmp_path / "run",
                          memory={"total_gb": 0.06, "soft_gb": 0.03, "hard_gb": 0.05})  # this process holds more
     yaml_path = tmp_path / "train.yaml"
-    yaml_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    yaml_path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
     assert main([str(yaml_path)]) == MemoryHardStop.exit_code
     assert "memory hard stop at step 1" in capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoints" / "ckpt-00000001-0000" / "optimizer.safetensors").is_file()
@@ -294,7 +294,7 @@ def test_resume_after_sigkill_gives_bit_identical_weights(tiny_moe_mixed_dir, ro
 
     config = make_config(tiny_moe_mixed_dir, rows_path, tmp_path / "run", **common)
     yaml_path = tmp_path / "train.yaml"
-    yaml_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    yaml_path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
     process = subprocess.Popen([sys.executable, "-m", "lfm_mlx", "train", str(yaml_path), "--no-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     checkpoints = tmp_path / "run" / "checkpoints"
