@@ -46,6 +46,7 @@ class Response:
     structured: list[ToolCall] | None  # the server's parsed tool_calls; None: `text` is the raw generation
     finish_reason: str | None = None
     error: str | None = None  # a failed request that does not stop the run (e.g. HTTP 500 on one case)
+    raw: dict | None = None  # the endpoint's choices[0] and usage as received, kept in the report
 
 
 class BackendError(RuntimeError):
@@ -62,24 +63,40 @@ class Backend(Protocol):
 
 
 class MLXBackend:
-    """An in-process MLX model (loaded once), optionally with LoRA adapters; greedy unless temperature > 0."""
+    """An in-process MLX model (loaded once), optionally with LoRA adapters; greedy unless temperature > 0.
 
-    def __init__(self, model_dir: str | Path, adapter_path: str | Path | None = None, seed: int = 0) -> None:
+    By default it computes in `lfm_mlx.load`'s dtype (float32 on CPU, bfloat16 on a GPU).
+    `as_served=True` loads it with `mlx_lm.load`, as `mlx_lm.server` does: the stored dtypes
+    (bfloat16 for our directories), so on CPU its greedy answers are the server's token for token
+    (measured: docs/benchmarks.md, "Eval in-process vs mlx_lm.server"), at about 3x the time.
+    """
+
+    def __init__(self, model_dir: str | Path, adapter_path: str | Path | None = None, seed: int = 0,
+                 as_served: bool = False) -> None:
         import mlx.core as mx
 
         from lfm_mlx.models import load
 
         self.model_dir, self.adapter_path = str(model_dir), adapter_path and str(adapter_path)
-        self.model, self.tokenizer = load(model_dir)
-        if adapter_path:
-            from mlx_lm.tuner.utils import load_adapters
+        self.as_served = as_served
+        if as_served:
+            from mlx_lm import load as mlx_lm_load
 
-            load_adapters(self.model, str(adapter_path))
-            self.model.eval()
+            self.model, self.tokenizer = mlx_lm_load(self.model_dir, adapter_path=self.adapter_path)
+        else:
+            self.model, self.tokenizer = load(model_dir)
+            if adapter_path:
+                from mlx_lm.tuner.utils import load_adapters
+
+                load_adapters(self.model, str(adapter_path))
+                self.model.eval()
+        self.dtype = str(self.model.model.embedding_norm.weight.dtype).removeprefix("mlx.core.")  # never quantized
         mx.random.seed(seed)
 
     def describe(self) -> dict:
-        return {"kind": "mlx", "model": self.model_dir, "adapter_path": self.adapter_path}
+        return {"kind": "mlx", "model": self.model_dir, "adapter_path": self.adapter_path,
+                "loaded_by": "mlx_lm.load (as mlx_lm.server)" if self.as_served else "lfm_mlx.load",
+                "dtype": self.dtype}
 
     def respond(self, messages: list[dict], tools: list[dict], max_tokens: int, temperature: float) -> Response:
         from mlx_lm.generate import stream_generate
@@ -135,14 +152,16 @@ class EndpointBackend:
         except (json.JSONDecodeError, ConnectionError) as err:
             raise BackendError(f"{self.url} returned a broken response ({err}); is it an OpenAI-compatible server?") from None
         try:
-            message = payload["choices"][0]["message"]
+            choice = payload["choices"][0]
+            message = choice["message"]
         except (KeyError, IndexError, TypeError):
             return Response("", None, error=f"response has no choices[0].message: {str(payload)[:300]}")
+        text, finish, raw = message.get("content") or "", choice.get("finish_reason"), {"choice": choice, "usage": payload.get("usage")}
         try:
             structured = calls_from_openai(message.get("tool_calls"))
         except ToolCallSyntaxError as err:
-            return Response(message.get("content") or "", [], payload["choices"][0].get("finish_reason"), error=f"bad tool_calls: {err}")
-        return Response(message.get("content") or "", structured, payload["choices"][0].get("finish_reason"))
+            return Response(text, [], finish, error=f"bad tool_calls: {err}", raw=raw)
+        return Response(text, structured, finish, raw=raw)
 
 
 class LlamaCppBackend:
@@ -227,6 +246,23 @@ def classify_wrong_tool(expected: str, got: str, case: Case, suite: Suite) -> st
     return "sibling" if expected_server == got_server else "cross_server"
 
 
+def _dropped_call(response: Response, structured: list[ToolCall], leaked: list[ToolCall]) -> list[str]:
+    """What a server's reply says about a call it could not parse and left out.
+
+    mlx_lm.server takes the text between the tool-call markers out of the content and returns
+    what its parser made of it: nothing, when that text is not a call (finish_reason "tool_calls",
+    no calls) or was cut off by max_tokens (finish_reason "length", no content, no calls). The
+    in-process backends see that text and count it malformed; so does this.
+    """
+    if response.structured is None or structured or leaked or response.error:
+        return []
+    if response.finish_reason == "tool_calls":
+        return ["the server ended on a tool call (finish_reason tool_calls) but returned no parsed call"]
+    if response.finish_reason == "length" and not response.text:
+        return ["the server returned no content and no call for a reply cut at max_tokens (an unfinished call it dropped)"]
+    return []
+
+
 def grade(case: Case, response: Response, suite: Suite, raw: bool = False) -> dict:
     """Grade one response against its case: pass / fail, the failure type and what the model did."""
     parsed = parse_tool_calls(response.text or "")
@@ -235,6 +271,7 @@ def grade(case: Case, response: Response, suite: Suite, raw: bool = False) -> di
         leaked = [c for c, form in zip(parsed.calls, parsed.formats) if form != NATIVE]
     else:  # a server already took its calls out; anything still parseable in content leaked
         structured, leaked = list(response.structured), list(parsed.calls)
+    malformed = list(parsed.malformed) + _dropped_call(response, structured, leaked)
     calls = structured + leaked if raw else structured
     history = {_key(c) for c in case.history_calls()}
     keys = [_key(c) for c in calls]
@@ -244,9 +281,11 @@ def grade(case: Case, response: Response, suite: Suite, raw: bool = False) -> di
         "calls": [{"name": c.name, "arguments": c.arguments} for c in calls],
         "structured_calls": len(structured),
         "leaked_calls": [{"name": c.name, "arguments": c.arguments} for c in leaked],
-        "malformed": parsed.malformed, "repairs": parsed.repairs, "loop": loop,
+        "malformed": malformed, "repairs": parsed.repairs, "loop": loop,
         "content": parsed.content[:2000], "text": (response.text or "")[:2000], "finish_reason": response.finish_reason,
     }
+    if response.raw is not None:
+        run["raw"] = json.dumps(response.raw, ensure_ascii=False)[:2000]
     if response.error:
         run.update(failure="error", detail=response.error)
         return run
@@ -254,7 +293,7 @@ def grade(case: Case, response: Response, suite: Suite, raw: bool = False) -> di
     if expect.tool_call is not None:
         wanted = expect.tool_call
         if not calls:
-            failure = "leak" if leaked else "malformed" if parsed.malformed else "refusal"
+            failure = "leak" if leaked else "malformed" if malformed else "refusal"
             detail = f"expected {wanted.name}(...), got " + ("a call left in the text" if leaked else "no call")
             run.update(failure=failure, detail=detail)
             return run
@@ -280,8 +319,8 @@ def grade(case: Case, response: Response, suite: Suite, raw: bool = False) -> di
         repeated = any(_key(c) in history for c in calls + leaked)
         run.update(failure="loop" if repeated else "false_positive",
                    detail=("repeated an earlier call: " if repeated else "called ") + ", ".join(c.name for c in calls + leaked))
-    elif parsed.malformed:
-        run.update(failure="malformed", detail=parsed.malformed[0])
+    elif malformed:
+        run.update(failure="malformed", detail=malformed[0])
     elif problems := answer.problems(parsed.content):
         run.update(failure="wrong_answer", detail="; ".join(problems))
     else:
@@ -446,7 +485,8 @@ def summary_markdown(report: dict) -> str:
     lines = [f"# Tool-call eval: {', '.join(s['name'] for s in report['suites'])}", ""]
     backend = report["backend"]
     lines.append(f"Backend: {backend.get('kind')} `{backend.get('model') or backend.get('url')}`"
-                 + (f" + adapters `{backend['adapter_path']}`" if backend.get("adapter_path") else ""))
+                 + (f" + adapters `{backend['adapter_path']}`" if backend.get("adapter_path") else "")
+                 + (f", {backend['dtype']} compute, loaded by {backend['loaded_by']}" if backend.get("dtype") else ""))
     settings = report.get("settings", {})
     lines.append(f"Settings: {settings.get('repeats')} repeat(s), max {settings.get('max_tokens')} tokens, "
                  f"temperature {settings.get('temperature')}, {'raw text parsing' if settings.get('raw') else 'structured calls only'}")
@@ -493,13 +533,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", action="store_true", help="parser-disabled mode: parse calls from the raw text, count them all")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per endpoint request")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed for --model with --temperature > 0")
+    parser.add_argument("--as-served", action="store_true",
+                        help="load --model with mlx_lm.load, as mlx_lm.server does (stored dtypes, bfloat16 for our "
+                             "directories) instead of lfm_mlx.load's float32 on CPU: the server's answers token for "
+                             "token, about 3x slower on CPU")
     args = parser.parse_args(argv)
     try:
         names = [name for entry in args.suite for name in (shipped_suites() if entry == "all" else [entry])]
         suites = [load_suite(name) for name in names]  # fail fast on a bad suite, before loading a model
         if args.model:
-            backend: Backend = MLXBackend(args.model, args.adapter_path, seed=args.seed)
+            backend: Backend = MLXBackend(args.model, args.adapter_path, seed=args.seed, as_served=args.as_served)
         else:
+            if args.as_served:
+                parser.error("--as-served applies to --model; an endpoint already is the server")
             if args.adapter_path:
                 parser.error("--adapter-path applies to --model; start the server with its own --adapter-path")
             backend = EndpointBackend(args.endpoint, args.endpoint_model, args.timeout)

@@ -1,5 +1,6 @@
-"""Eval through OpenAI-compatible endpoints: a real `mlx_lm.server` subprocess (slow), and clear errors +
-partial reports for an unreachable endpoint, a timeout and a failing request (small local HTTP servers)."""
+"""Eval through OpenAI-compatible endpoints: a real `mlx_lm.server` subprocess (slow) read by our eval and by the
+`openai` client, and clear errors + partial reports for an unreachable endpoint, a timeout and a failing request
+(small local HTTP servers)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from lfm_mlx.evaluate import FAILURE_TYPES, BackendError, EndpointBackend, evaluate, main
+from lfm_mlx.evaluate import FAILURE_TYPES, BackendError, EndpointBackend, MLXBackend, evaluate, main, run_suite
 
 MESSAGES_WITH_HISTORY = [
     {"role": "user", "content": "What's the weather in Lisbon?"},
@@ -124,6 +125,107 @@ def test_mlx_lm_server_end_to_end(tmp_path, suite_path):
         assert main(["--endpoint", url, "--suite", str(suite_path), "--out", str(raw_out),
                      "--max-tokens", "24", "--raw"]) == 0
         assert json.loads((raw_out / "report.json").read_text())["settings"]["raw"] is True
+
+
+def write_scripted_model(out: Path, script: str) -> Path:
+    """A real tiny-dense model directory whose greedy answer to any chat prompt is `script`, token for token.
+
+    Every layer's output projection is zero except layer 0's MLP, which maps the embedding of each
+    script token (orthogonal, rms 1) to the next one's, so the next token depends on the last one
+    alone; every other embedding is near zero. The prompt's last token and the script's tokens must differ.
+    """
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from lfm_mlx.synthetic import write_synthetic_model
+
+    model = write_synthetic_model(out, "tiny-dense", dtype="float32")
+    tokenizer = load_tokenizer(model)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    chain = tokenizer.encode(prompt, add_special_tokens=False)[-1:] + tokenizer.encode(script, add_special_tokens=False)
+    assert len(set(chain)) == len(chain), f"script tokens repeat: {chain}"
+    weights = dict(mx.load(str(model / "model.safetensors")))
+    vocab, hidden = weights["model.embed_tokens.weight"].shape
+    rng = np.random.default_rng(0)
+    embed = rng.normal(0, 0.01, (vocab, hidden)).astype(np.float32)
+    embed[chain] = np.linalg.qr(rng.normal(size=(hidden, hidden)))[0][: len(chain)] * np.sqrt(hidden)
+    w1, w3, w2 = (np.zeros(weights[f"model.layers.0.feed_forward.{n}.weight"].shape, np.float32) for n in ("w1", "w3", "w2"))
+    for unit, (token, following) in enumerate(zip(chain, chain[1:])):
+        w1[unit] = 20 * embed[token] / hidden  # gate on for this token alone (silu(20) ~ 20)
+        w3[unit] = embed[token] / hidden
+        w2[:, unit] = 10 * embed[following] / 20  # adds 10x the next token's embedding
+    for name, value in weights.items():
+        if name.endswith(("out_proj.weight", "feed_forward.w2.weight")):
+            weights[name] = mx.zeros_like(value)
+        elif name.endswith("norm.weight"):
+            weights[name] = mx.ones_like(value)
+    weights.update({"model.embed_tokens.weight": mx.array(embed), "model.layers.0.feed_forward.w1.weight": mx.array(w1),
+                    "model.layers.0.feed_forward.w3.weight": mx.array(w3), "model.layers.0.feed_forward.w2.weight": mx.array(w2)})
+    mx.save_safetensors(str(model / "model.safetensors"), weights)
+    return model
+
+
+FORECAST = {"type": "function", "function": {"name": "get_forecast", "description": "Forecast for the next days.",
+                                             "parameters": {"type": "object", "properties": {"days": {"type": "integer"}}, "required": ["days"]}}}
+FORECAST_SUITE = {
+    "name": "forecast", "tools": {"get_forecast": FORECAST},
+    "cases": [{"id": "call", "category": "tool", "messages": [{"role": "user", "content": "Forecast for three days?"}],
+               "tools": ["get_forecast"], "expect": {"tool_call": {"name": "get_forecast", "arguments": {"days": {"exact": 3}}}}}],
+}
+
+
+@pytest.mark.slow
+def test_server_calls_seen_by_the_openai_client_our_eval_and_in_process(tmp_path):
+    """A call the server parses, one it cannot parse and one cut by max_tokens: the openai client, our
+    endpoint eval and the in-process eval of the same model read each the same way."""
+    from openai import OpenAI
+
+    suite = tmp_path / "forecast.json"
+    suite.write_text(json.dumps(FORECAST_SUITE))
+    good = write_scripted_model(tmp_path / "good", "<|tool_call_start|>[get_forecast(days=3)]<|tool_call_end|><|im_end|>")
+    bad = write_scripted_model(tmp_path / "bad", "<|tool_call_start|>oops<|tool_call_end|><|im_end|>")
+    messages = FORECAST_SUITE["cases"][0]["messages"]
+    for model, max_tokens, finish, passed in ((good, 24, "tool_calls", True), (good, 3, "length", False), (bad, 24, "tool_calls", False)):
+        local = run_suite(suite, MLXBackend(model), max_tokens=max_tokens)["cases"][0]["runs"][0]
+        with mlx_lm_server(model, tmp_path / "server.log") as url:
+            reply = OpenAI(base_url=url, api_key="unused").chat.completions.create(
+                model="default_model", messages=messages, tools=[FORECAST], max_tokens=max_tokens, temperature=0.0)
+            served = run_suite(suite, EndpointBackend(url), max_tokens=max_tokens)["cases"][0]["runs"][0]
+        choice = reply.choices[0]
+        assert choice.finish_reason == finish and not choice.message.content
+        if passed:
+            assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [("get_forecast", {"days": 3})]
+        else:  # the server dropped the call text its parser could not read
+            assert not choice.message.tool_calls
+        for run in (local, served):
+            assert run["passed"] is passed and run["failure"] == (None if passed else "malformed"), run
+            assert run["calls"] == ([{"name": "get_forecast", "arguments": {"days": 3}}] if passed else [])
+        assert json.loads(served["raw"])["choice"]["finish_reason"] == finish  # the server's reply as received
+        assert local["text"].startswith("<|tool_call_start|>")  # in-process keeps the raw generation
+
+
+@pytest.mark.slow
+def test_in_process_eval_as_served_answers_as_the_server(tmp_path):
+    """The shipped pre-trained base (experts int8): in-process eval loaded as mlx_lm.server loads it gives the
+    server's answers case for case; the default float32 load is recorded as such."""
+    from lfm_mlx.mixed import mix
+    from lfm_mlx.task import main as task_main
+
+    base = Path(__file__).resolve().parents[1] / "lfm_mlx" / "bases" / "demo-moe-wide"
+    mix(base, tmp_path / "mixed")
+    assert task_main([str(tmp_path / "task"), "--rows", "20", "--per-category", "2"]) == 0
+    suite = tmp_path / "task" / "suite.json"
+    as_served = MLXBackend(tmp_path / "mixed", as_served=True)
+    assert as_served.describe()["dtype"] == "bfloat16" and MLXBackend(tmp_path / "mixed").describe()["dtype"] == "float32"
+    local = run_suite(suite, as_served, max_tokens=48)
+    with mlx_lm_server(tmp_path / "mixed", tmp_path / "server.log") as url:
+        served = run_suite(suite, EndpointBackend(url), max_tokens=48)
+    assert len(local["cases"]) == len(served["cases"]) == len(json.loads(suite.read_text())["cases"]) >= 8
+    for a, b in zip(local["cases"], served["cases"]):
+        ra, rb = a["runs"][0], b["runs"][0]
+        assert (ra["calls"], ra["content"].strip(), ra["failure"]) == (rb["calls"], rb["content"].strip(), rb["failure"]), (a["id"], ra, rb)
+    assert sum(r["runs"][0]["structured_calls"] > 0 for r in served["cases"]) >= 4  # the base does call tools
 
 
 # ---------------------------------------------------------------- failures of the endpoint
