@@ -502,6 +502,10 @@ def summary_markdown(report: dict) -> str:
               f"| loops | {m['loops']} |"]
     if m["stability"] is not None:
         lines.append(f"| stable cases | {m['stable_cases']} ({_pct(m['stability'])}) |")
+    lines += ["", "Structured tool-call rate: tool cases answered with a structured call, right or wrong. "
+              "No-tool false positives: cases that needed no call but got one. Finalization: answers from a tool "
+              "result. Text-tool leaks: calls written in plain text, which a server does not return as tool_calls. "
+              "Malformed: call text no parser could read (or a server dropped). Loops: a call repeated."]
     lines += ["", "| category | passed | rate |", "|---|---|---|"]
     lines += [f"| {name} | {e['passed']}/{e['runs']} | {_pct(e['pass_rate'])} |" for name, e in m["per_category"].items()]
     if m["failure_types"]:

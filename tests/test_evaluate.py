@@ -213,6 +213,13 @@ def test_endpoint_responses_structured_calls_and_content_leaks(mini):
     run = grade(cases["issue"], leaked, suite)
     assert run["failure"] == "leak" and run["structured_calls"] == 0
     assert grade(cases["issue"], Response("", None, error="HTTP 500: boom"), suite)["failure"] == "error"
+    # mlx_lm.server drops call text its parser cannot read: no calls, no content, finish_reason tool_calls
+    # (or length, when max_tokens cut the call). That is a malformed call, not a refusal.
+    raw = {"choice": {"finish_reason": "tool_calls", "message": {"content": None, "tool_calls": None}}}
+    dropped = grade(cases["issue"], Response("", [], "tool_calls", raw=raw), suite)
+    assert dropped["failure"] == "malformed" and json.loads(dropped["raw"]) == raw
+    assert grade(cases["issue"], Response("", [], "length"), suite)["failure"] == "malformed"
+    assert grade(cases["issue"], Response("", [], "stop"), suite)["failure"] == "refusal"
 
 
 @pytest.mark.parametrize(
@@ -292,7 +299,8 @@ def tiny_model(tiny_moe_dir) -> Path:
 
 def test_mlx_backend_end_to_end_greedy_is_stable(tiny_model, mini_path, tmp_path):
     report = evaluate_model(tiny_model, [mini_path], tmp_path / "eval", repeats=2, max_tokens=12, progress=False)
-    assert report["complete"] and report["backend"] == {"kind": "mlx", "model": str(tiny_model), "adapter_path": None}
+    assert report["complete"] and report["backend"] == {"kind": "mlx", "model": str(tiny_model), "adapter_path": None,
+                                                   "loaded_by": "lfm_mlx.load", "dtype": "float32"}
     assert report["settings"]["decoding"] == "greedy"
     for case in report["cases"]:
         assert case["stable"]  # greedy decoding: both repeats say the same thing
@@ -300,7 +308,8 @@ def test_mlx_backend_end_to_end_greedy_is_stable(tiny_model, mini_path, tmp_path
         assert first["content"] == second["content"] and first["finish_reason"] in ("stop", "length")
         assert first["passed"] or first["failure"] in FAILURE_TYPES
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["metrics"] == report["metrics"]
-    assert "| overall |" in (tmp_path / "eval" / "summary.md").read_text()
+    summary = (tmp_path / "eval" / "summary.md").read_text()
+    assert "| overall |" in summary and "Text-tool leaks: calls written in plain text" in summary  # the columns explained
 
 
 def test_mlx_backend_with_adapters(tiny_model, mini_path, tmp_path):
