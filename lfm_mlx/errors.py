@@ -23,3 +23,10 @@ class DiskFull(UserError, OSError):
 
 class DirectoryBusy(UserError, RuntimeError):
     """Another live process holds the lock of a run or output directory."""
+
+
+def debugging() -> bool:
+    """LFM_MLX_DEBUG=1: user errors keep their traceback too."""
+    import os
+
+    return os.environ.get("LFM_MLX_DEBUG") == "1"

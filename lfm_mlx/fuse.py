@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from lfm_mlx.errors import InvalidInput
+from lfm_mlx.errors import InvalidInput, debugging
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json, check_free_space, locked, recover, refuse_overlap
 
 ROUTER_SUFFIX = "feed_forward.gate"
@@ -595,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(args.report, err.report)
         return 1
     except (ValueError, FileNotFoundError) as err:
+        if debugging():
+            raise
         print(f"lfm-mlx fuse: {err}", file=sys.stderr)
         return 2
     print(format_report(report))

@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from lfm_mlx.errors import debugging
 from lfm_mlx.fsutil import atomic_file, check_free_space, locked, recover, refuse_overlap
 from lfm_mlx.models import check_safetensors, check_tokenizer, read_config, weight_files
 
@@ -808,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = _run(args)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as err:
+        if debugging():
+            raise
         parser.exit(2, f"lfm-mlx gguf: error: {err}\n")
     if args.json:
         from lfm_mlx.fsutil import atomic_write_json

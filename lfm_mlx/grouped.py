@@ -52,7 +52,7 @@ from lfm_mlx.checkpoint import (
     CHECKPOINTS, Checkpoint, ParkedArrays, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
 )
 from lfm_mlx.data import Batch, Example, batch_order, build_dataset, make_batch, masked_loss
-from lfm_mlx.errors import UserError
+from lfm_mlx.errors import UserError, debugging
 from lfm_mlx.expert_batch import BatchedSwitchGLU
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text, locked, recover_directory
 from lfm_mlx.master_bits import join_master, split_master
@@ -1753,6 +1753,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["progress"] = False
         config = TrainConfig.from_yaml(args.config, overrides)
     except UserError as err:
+        if debugging():
+            raise
         print(f"lfm-mlx train: {err}", file=sys.stderr)
         return EXIT_CONFIG
     if args.print_config:
@@ -1761,6 +1763,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = GroupedMoETrainer(config, allow_config_change=args.allow_config_change).train(restart=args.restart)
     except (UserError, FileNotFoundError) as err:  # a user's mistake: one message, exit 2
+        if debugging():
+            raise
         print(f"lfm-mlx train: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except MemoryBudgetExceeded as err:

@@ -40,7 +40,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from lfm_mlx.errors import InvalidInput
+from lfm_mlx.errors import InvalidInput, debugging
 from lfm_mlx.models import base_fingerprint
 from lfm_mlx.fsutil import (
     atomic_dir, atomic_file, atomic_write_json, atomic_write_text, check_free_space, locked, recover_directory,
@@ -678,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(path, args)
         summary = train_lora(config)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
+        if debugging():
+            raise
         print(f"lfm-mlx lora: {err}", file=sys.stderr)
         return 2
     except NonFiniteStop as err:

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from lfm_mlx.errors import InvalidInput
+from lfm_mlx.errors import InvalidInput, debugging
 from lfm_mlx.fsutil import atomic_dir, check_free_space, locked, recover, refuse_overlap
 from lfm_mlx.models import load, save_model_dir
 
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = mix(args.src, args.dst, args.bits, args.group_size)
     except (ValueError, FileNotFoundError) as err:  # a user's mistake: one line, exit 2
+        if debugging():
+            raise
         print(f"lfm-mlx mix: {err}", file=sys.stderr)
         return 2
     print(format_size_report(report))

@@ -110,14 +110,15 @@ def read_config(model_dir: Path) -> dict:
     return config
 
 
-def _inside(model_dir: Path, name: str) -> Path:
-    """The path of shard `name`, refusing names that leave the model directory."""
+def _inside(model_dir: Path, name: str, where: Path | None = None) -> Path:
+    """The path of shard `name` (named by `where`, else found there), refusing names and links
+    that leave the model directory."""
     candidate = Path(name)
     resolved = (model_dir / candidate).resolve()
     if candidate.is_absolute() or ".." in candidate.parts or not resolved.is_relative_to(model_dir.resolve()):
         raise InvalidInput(
-            f"{model_dir / 'model.safetensors.index.json'}: shard {name!r} points outside the model "
-            f"directory; shard names must be plain file names inside {model_dir}"
+            f"{where or model_dir / name}: shard {name!r} points outside the model directory (to {resolved}); "
+            f"weights must be plain files inside {model_dir}"
         )
     return model_dir / candidate
 
@@ -135,7 +136,7 @@ def weight_files(model_dir: Path) -> list[Path]:
         for name in names:
             if not isinstance(name, str):
                 raise InvalidInput(f"{index}: shard name {name!r} is not a file name; restore the index")
-            path = _inside(model_dir, name)
+            path = _inside(model_dir, name, index)
             if not path.exists():
                 raise MissingInput(f"{index}: shard {name!r} is missing from {model_dir}; copy it there")
             files.append(path)
