@@ -56,7 +56,7 @@ def user_message(err: BaseException) -> str:
     """The error's message; a full disk that named no path gets the path and the fix."""
     if isinstance(err, UserError):
         return str(err)
-    where = getattr(err, "filename", None) or "an output file (MLX did not say which)"
+    where = getattr(err, "filename", None) or "an output file (the error names none)"
     return f"{where}: the disk is full ({err}); free some space or write to another disk"
 
 

@@ -637,7 +637,7 @@ def quantize_gguf(src_gguf: str | Path, dst_gguf: str | Path, qtype: str = "Q4_K
         params.imatrix = entries
         keep.append(entries)
 
-    with atomic_file(dst_gguf) as tmp:
+    with locked(dst_gguf, sibling=True), atomic_file(dst_gguf) as tmp:
         code = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), llama_cpp.byref(params))
         if code != 0:
             raise RuntimeError(

@@ -54,7 +54,9 @@ from lfm_mlx.checkpoint import (
 from lfm_mlx.data import Batch, Example, batch_order, build_dataset, make_batch, masked_loss
 from lfm_mlx.errors import UserError, debugging
 from lfm_mlx.expert_batch import BatchedSwitchGLU
-from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text, locked, recover_directory
+from lfm_mlx.fsutil import (
+    atomic_dir, atomic_write_json, atomic_write_text, check_free_space, locked, recover_directory, refuse_overlap,
+)
 from lfm_mlx.master_bits import join_master, split_master
 from lfm_mlx.memory import (
     GB, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop, MemoryReading, MemoryWatchdog,
@@ -1486,6 +1488,8 @@ class GroupedMoETrainer:
     def train(self, restart: bool = False) -> TrainResult:
         """Run (or resume) training; returns where the trained model is. The run directory is locked
         for the whole run: a second process on it gets DirectoryBusy."""
+        self.config.check_paths()  # before the lock creates run_dir
+        refuse_overlap(self.run_dir, {"model": self.config.model})  # run_dir/model would replace it
         with locked(self.run_dir):
             recover_directory(self.run_dir)  # what killed writes left: temporaries, a half-replaced model
             recover_directory(self.run_dir / CHECKPOINTS)
@@ -1689,6 +1693,9 @@ class GroupedMoETrainer:
 
     def _finish(self, state: dict, model_config: dict, frozen: dict) -> TrainResult:
         out = self.run_dir / "model"
+        stored = [v.size * 2 if v.dtype in (mx.float32, mx.float16, mx.bfloat16) else v.nbytes  # floats go as bf16
+                  for _, v in tree_flatten(self.model.parameters())]
+        check_free_space(out, sum(stored), "the trained model")
         with atomic_dir(out) as tmp:
             save_model_dir(self.model, model_config, self.model_dir, tmp)
         final = state["history"][-1]["valid_loss"] if state["history"] else None

@@ -4,6 +4,7 @@ trips at 4), delta survival (the seed-004 failure), and fused directories that m
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -186,8 +187,15 @@ def test_bad_requests_name_the_problem(tiny_moe_mixed_dir, tiny_dense_dir, adapt
         F.fuse(tiny_moe_mixed_dir, adapters, tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
         F.fuse(tiny_moe_mixed_dir, tmp_path, tmp_path / "x", rows=repair_set)
-    with pytest.raises(ValueError, match="quantizes nothing; pass --scope all"):
+    with pytest.raises(ValueError, match="trained on another base"):
         F.fuse(tiny_dense_dir, adapters, tmp_path / "x", rows=repair_set)
+    unrecorded = tmp_path / "unrecorded"  # adapters from before bases were fingerprinted: the scope check speaks
+    shutil.copytree(adapters, unrecorded)
+    config = json.loads((unrecorded / "adapter_config.json").read_text())
+    config["lfm_mlx"].pop("base_fingerprint")
+    (unrecorded / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantizes nothing; pass --scope all"):
+        F.fuse(tiny_dense_dir, unrecorded, tmp_path / "x", rows=repair_set)
     assert not (tmp_path / "x").exists()
 
 

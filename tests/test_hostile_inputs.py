@@ -247,6 +247,8 @@ CASES.update({
     "train: data row not JSON": lambda ctx: (["train", ctx.train_yaml(data=[str(ctx.file(
         "bad.jsonl", ctx.rows.read_text() + "{oops\n"))])], "bad.jsonl:9"),
     "train: model missing": lambda ctx: (["train", ctx.train_yaml(model=str(ctx.root / "no-model"))], "no-model"),
+    "train: run_dir is the model": lambda ctx: (["train", ctx.train_yaml(run_dir=str(ctx.mixed))],
+                                                "the output is, holds or lies inside the model"),
     "train: dense model": lambda ctx: (["train", ctx.train_yaml(model=str(ctx.dense))], "has no experts"),
     # lora
     "lora: config missing": lambda ctx: (["lora", ctx.root / "none.yaml"], "none.yaml"),
