@@ -1204,8 +1204,13 @@ class NonFiniteStop(RuntimeError):
         super().__init__(
             f"stopped at step {step}: {what} (last examples: {', '.join(row_ids)}); the newest checkpoint holds the "
             f"last good weights; see metrics.jsonl 'skipped' records. Fix those rows, or lower the learning rate and "
-            f"resume: lfm-mlx train CONFIG --set learning_rate={learning_rate / 10:g} "
+            f"resume: lfm-mlx train CONFIG --set learning_rate={_lower(learning_rate):g} "
             "--allow-config-change learning_rate")
+
+
+def _lower(learning_rate: float) -> float:
+    """A learning rate to suggest after non-finite steps: a tenth, or the default for an absurd one."""
+    return learning_rate / 10 if 0 < learning_rate < 1 else 1e-5
 
 
 @dataclass
@@ -1327,9 +1332,11 @@ class GroupedMoETrainer:
                     optimizer: optim.Optimizer | None) -> Path:
         state = {**state, "metrics_records": self.n_records}
         touched = sorted(layers_done | set(active))
+        # An optimizer that never applied a step holds only its scalars (maybe a non-finite rate): nothing to keep.
+        applied = optimizer is not None and not {k for k, _ in tree_flatten(optimizer.state)} <= {"step", "learning_rate"}
         return save_checkpoint(self.run_dir, state, moe_params(self.model, touched),
                                group_start=start if active else None,
-                               optimizer_state=optimizer.state if optimizer is not None and active else None,
+                               optimizer_state=optimizer.state if applied and active else None,
                                keep=self.config.keep_checkpoints)
 
     # ------------------------------------------------------------ setup
@@ -1577,12 +1584,14 @@ class GroupedMoETrainer:
         activate_group(self.model, layers, self.master, cfg.train_routers, lean_gradients(cfg),
                        router_master_of(cfg, self.dtype))
         optimizer = self.optimizer = make_optimizer(cfg, self.spg)
+        schedule = lr_schedule(cfg, self.spg)  # the optimizer's own, to check a step's rate before applying it
         first = 0
         if resume is not None and state["step_in_phase"]:
             trained = {k: v for k, v in resume.weights.items() if _layer_of(k) in layers}
             self.model.load_weights(list(trained.items()), strict=False)
             optimizer.init(self.model.trainable_parameters())
-            optimizer.state = restore_tree(optimizer.state, resume.optimizer or {}, f"{resume.path}/optimizer")
+            if not set(resume.optimizer or {}) <= {"step", "learning_rate"}:  # else no step of it was applied yet
+                optimizer.state = restore_tree(optimizer.state, resume.optimizer or {}, f"{resume.path}/optimizer")
             first = state["step_in_phase"]
         mx.eval(self.model.parameters())
         # The int8 start copy waits on disk until the group ends (requantization, retention, checkpoints).
@@ -1618,18 +1627,23 @@ class GroupedMoETrainer:
             tokens = sum(self.dataset.train[i].n_tokens - 1 for m in micro for i in self.stream.indices(m))
             norm = global_norm(grads) * scale
             loss = loss_sum / max(trained, 1)
-            finite = math.isfinite(loss) and math.isfinite(norm)
+            # The step's learning rate too: one the config would refuse (an API caller can skip
+            # validation) would write non-finite or ~1e38 weights, so such a step is not applied.
+            step_lr = schedule(optimizer.step).item()
+            finite = math.isfinite(loss) and math.isfinite(norm) and 0 < step_lr < 1
             state["global_step"] = global_step + 1
             if not finite:
                 state["skipped_steps"] += 1
                 state["consecutive_skips"] += 1
                 self._log({"kind": "skipped", "step": global_step + 1, "phase": phase, "row_ids": ids,
-                           "loss": loss if math.isfinite(loss) else str(loss), "grad_norm": str(norm)})
+                           "loss": loss if math.isfinite(loss) else str(loss), "grad_norm": str(norm),
+                           "lr": step_lr if math.isfinite(step_lr) else str(step_lr)})
                 if state["consecutive_skips"] >= cfg.max_consecutive_skips:
                     self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
                     raise NonFiniteStop(global_step + 1, state["consecutive_skips"], ids, cfg.learning_rate,
                                         f"{state['consecutive_skips']} consecutive steps had a non-finite loss or "
-                                        "gradient")
+                                        f"gradient, or a learning rate outside (0, 1) (now {step_lr:g}); none was "
+                                        "applied")
                 progress.update(1)
                 continue
             apply_update(self.model, optimizer, grads, cfg.grad_clip, scale=scale, norm=norm)
@@ -1642,10 +1656,10 @@ class GroupedMoETrainer:
                 state["consecutive_skips"] += 1
                 self._log({"kind": "skipped", "step": global_step + 1, "phase": phase, "row_ids": ids, "loss": loss,
                            "grad_norm": norm, "weight_norm": str(weight_norm),
-                           "reason": "the update made the trained weights non-finite (or overflow float32)"})
+                           "reason": "after the update the trained weights are non-finite or overflow float32"})
                 raise NonFiniteStop(global_step + 1, state["consecutive_skips"], ids, cfg.learning_rate,
-                                    f"the update made the trained weights non-finite (norm {weight_norm}) at learning "
-                                    f"rate {optimizer.learning_rate.item():g}")
+                                    f"after the update the trained weights are non-finite or overflow float32 (norm "
+                                    f"{weight_norm}, learning rate {step_lr:g}); nothing was saved")
             state["consecutive_skips"] = 0
             seconds = time.perf_counter() - tick
             state["tokens_seen"] += tokens

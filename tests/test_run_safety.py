@@ -18,7 +18,6 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import yaml
-from mlx.utils import tree_map
 
 from lfm_mlx.fsutil import atomic_dir, atomic_file, backup_of, recover
 from lfm_mlx.models import base_fingerprint, load
@@ -222,7 +221,7 @@ def test_a_full_disk_is_refused_before_writing_or_named_when_it_fills(tiny_moe_d
 
 def test_an_absurd_learning_rate_never_leaves_a_non_finite_tensor_and_resume_with_a_lower_one_works(
         tiny_moe_mixed_dir, tmp_path):
-    from lfm_mlx.grouped import GroupedMoETrainer, NonFiniteStop
+    from lfm_mlx.grouped import ConfigError, GroupedMoETrainer, NonFiniteStop
     from tests.test_grouped import make_config, tool_rows
 
     rows = tmp_path / "rows.jsonl"
@@ -234,33 +233,42 @@ def test_an_absurd_learning_rate_never_leaves_a_non_finite_tensor_and_resume_wit
         assert result.returncode == 2 and "learning_rate" in result.stderr and "Traceback" not in result.stderr
         assert not (tmp_path / "cli-run").exists()
 
-    # The Python API can skip validation (model_copy); the update check still stops it.
-    good = make_config(tiny_moe_mixed_dir, rows, tmp_path / "run", checkpoint_every=2)
+    # The Python API can skip validation (model_copy): such steps are skipped, not applied, and the
+    # stop message's advice (a lower rate, --allow-config-change learning_rate) resumes the run.
+    good = make_config(tiny_moe_mixed_dir, rows, tmp_path / "run", max_consecutive_skips=2)
     for absurd in (1e38, math.inf):
         shutil.rmtree(tmp_path / "run", ignore_errors=True)
-        config = good.model_copy(update={"learning_rate": absurd})
-        with pytest.raises(NonFiniteStop, match="--allow-config-change learning_rate") as stop:
-            GroupedMoETrainer(config).train()
-        assert stop.value.step == 1
-        assert non_finite_tensors(tmp_path / "run") == []
-        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-        assert records[-1]["kind"] == "skipped" and "non-finite" in records[-1]["reason"]
+        with pytest.raises(NonFiniteStop, match="none was applied") as stop:
+            GroupedMoETrainer(good.model_copy(update={"learning_rate": absurd})).train()
+        assert "--set learning_rate=1e-05 --allow-config-change learning_rate" in str(stop.value)
+        assert stop.value.step == 2 and non_finite_tensors(tmp_path / "run") == []
+        with pytest.raises(ConfigError, match="--allow-config-change learning_rate"):
+            GroupedMoETrainer(good).train()
+        result = GroupedMoETrainer(good, allow_config_change=("learning_rate",)).train()
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["config_changes"][0]["changes"] == {"learning_rate": [absurd, good.learning_rate]}
+        assert result.steps == 8 and result.skipped_steps == 2 and non_finite_tensors(tmp_path / "run") == []
 
-    # A run stopped by non-finite steps keeps its checkpoint; it resumes at a lower learning rate only when allowed.
-    shutil.rmtree(tmp_path / "run")
-    blow_up = make_config(tiny_moe_mixed_dir, rows, tmp_path / "run", max_consecutive_skips=2)
-    with pytest.raises(NonFiniteStop):
-        GroupedMoETrainer(blow_up, grad_hook=lambda step, grads: grads if step < 2 else
-                          tree_map(lambda g: g * math.nan, grads)).train()
-    lower = blow_up.model_copy(update={"learning_rate": blow_up.learning_rate / 10})
-    from lfm_mlx.grouped import ConfigError
 
-    with pytest.raises(ConfigError, match="--allow-config-change learning_rate"):
-        GroupedMoETrainer(lower).train()
-    result = GroupedMoETrainer(lower, allow_config_change=("learning_rate",)).train()
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["config_changes"][0]["changes"] == {"learning_rate": [blow_up.learning_rate, lower.learning_rate]}
-    assert result.steps == 8 and result.skipped_steps == 2 and non_finite_tensors(tmp_path / "run") == []
+def test_weights_that_overflow_after_an_update_stop_the_run_unsaved(tiny_moe_mixed_dir, tmp_path):
+    from lfm_mlx.grouped import GroupedMoETrainer, NonFiniteStop
+    from tests.test_grouped import make_config, tool_rows
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_moe_mixed_dir, model)
+    weights_path = next(model.glob("*.safetensors"))
+    weights = mx.load(str(weights_path))
+    router = next(k for k in weights if k.endswith("feed_forward.gate.weight"))
+    weights[router] = weights[router] * 1e21  # routing still works (sigmoid saturates); the squares overflow
+    mx.save_safetensors(str(weights_path), weights, metadata={"format": "mlx"})
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in tool_rows(16)))
+    config = make_config(model, rows, tmp_path / "run", group_size=6, group_stride=6)
+    with pytest.raises(NonFiniteStop, match="nothing was saved") as stop:
+        GroupedMoETrainer(config).train()
+    assert stop.value.step == 1 and not (tmp_path / "run" / "checkpoints").exists()
+    skipped = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert skipped["kind"] == "skipped" and skipped["weight_norm"] == "inf"
 
 
 def nan_model(source: Path, target: Path) -> Path:
