@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -45,17 +46,26 @@ def main(argv: list[str] | None = None) -> int:
         result = module.main(rest)
     except (UserError, OSError, RuntimeError) as err:
         # A user's mistake (or a full disk) is one line and exit 2; anything else keeps its traceback.
-        if os.environ.get("LFM_MLX_DEBUG") == "1" or not (isinstance(err, UserError) or is_disk_full(err)):
+        if os.environ.get("LFM_MLX_DEBUG") == "1" or not (isinstance(err, UserError) or is_disk_full(err)
+                                                           or is_path_refused(err)):
             raise
         print(f"lfm-mlx {verb}: {user_message(err)}", file=sys.stderr)
         return 2
     return int(result or 0)
 
 
+def is_path_refused(err: BaseException) -> bool:
+    """The OS refused a path the user gave (permissions, a read-only disk): the user's to fix."""
+    return isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG) \
+        and err.filename is not None
+
+
 def user_message(err: BaseException) -> str:
     """The error's message; a full disk that named no path gets the path and the fix."""
     if isinstance(err, UserError):
         return str(err)
+    if is_path_refused(err):
+        return f"{err.filename}: {err.strerror}; choose a path this user may write, or fix its permissions"
     where = getattr(err, "filename", None) or "an output file (the error names none)"
     return f"{where}: the disk is full ({err}); free some space or write to another disk"
 

@@ -26,6 +26,16 @@ LOCK_NAME = ".lfm_mlx.lock"
 # ---------------------------------------------------------------- locks
 
 
+def check_directory_path(directory: Path) -> None:
+    """InvalidInput when `directory`, or a folder it would be made in, is an existing file."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise InvalidInput(f"{path} is a file, not a directory, so {directory} cannot be made there; "
+                                   "choose another path")
+            return
+
+
 @contextlib.contextmanager
 def locked(directory: str | Path, sibling: bool = False) -> Iterator[Path]:
     """Hold an exclusive lock on `directory` for the block; another process gets DirectoryBusy.
@@ -35,6 +45,7 @@ def locked(directory: str | Path, sibling: bool = False) -> Iterator[Path]:
     lock when the holder exits or is killed, so a stale lock file never blocks anyone.
     """
     directory = Path(directory)
+    check_directory_path(directory.parent if sibling else directory)
     if sibling:
         directory.parent.mkdir(parents=True, exist_ok=True)
         lock = directory.parent / f".{directory.name}.lock"
@@ -171,6 +182,7 @@ def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
     two renames leaves it there, and `recover` (run first here) puts it back.
     """
     final = Path(final)
+    check_directory_path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     recover(final)
     if final.exists() and not replace:
@@ -207,6 +219,9 @@ def atomic_file(final: str | Path, suffix: str = "") -> Iterator[Path]:
     `suffix` keeps an extension some writers insist on (mx.save_safetensors).
     """
     final = Path(final)
+    check_directory_path(final.parent)
+    if final.is_dir():
+        raise InvalidInput(f"{final} is a directory; pass a file path (e.g. {final / 'model.gguf'})")
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=suffix, dir=final.parent)
     os.close(fd)

@@ -225,6 +225,10 @@ CASES.update({
     "mix: already quantized": lambda ctx: (["mix", ctx.mixed, ctx.root / "out"], "already quantized"),
     "mix: output is the source": lambda ctx: (["mix", ctx.hf, ctx.hf], str(ctx.hf)),
     "mix: output inside the source": lambda ctx: (["mix", ctx.hf, ctx.hf / "sub"], str(ctx.hf / "sub")),
+    "mix: output under a file": lambda ctx: (["mix", ctx.hf, ctx.rows / "out"], "rows.jsonl is a file"),
+    "gguf: output is a directory": lambda ctx: (["gguf", ctx.hf, ctx.root], "is a directory; pass a file path"),
+    "train: run_dir is a file": lambda ctx: (["train", ctx.train_yaml(run_dir=str(ctx.rows))], "rows.jsonl is a file"),
+    "lora: out_dir is a file": lambda ctx: (["lora", ctx.lora_yaml(out_dir=str(ctx.rows))], "rows.jsonl is a file"),
     # train: config
     "train: config missing": lambda ctx: (["train", ctx.root / "none.yaml"], "none.yaml"),
     "train: YAML syntax": lambda ctx: (["train", ctx.file("t.yaml", "model: [a\nrun_dir: x\n")], "t.yaml"),
