@@ -70,6 +70,7 @@ class ParkedArrays:
         self.path = None if path is None else Path(path)
         self._arrays: dict[str, mx.array] | None = arrays
         if self.path is not None:
+            check_free_space(self.path, sum(v.nbytes for v in arrays.values()), "the parked group start copy")
             with atomic_file(self.path, suffix=".safetensors") as tmp:
                 _save_arrays(tmp, arrays)
             self._arrays = None  # the caller's references are the last ones left

@@ -216,6 +216,20 @@ def test_a_full_disk_is_refused_before_writing_or_named_when_it_fills(tiny_moe_d
     assert list(small_disk.iterdir()) == []
 
 
+def test_a_training_run_on_a_full_disk_exits_2_naming_the_file(tiny_moe_mixed_dir, small_disk, tmp_path):
+    from tests.test_grouped import make_config, tool_rows
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in tool_rows(16)))
+    config = make_config(tiny_moe_mixed_dir, rows, small_disk / "run")
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
+    result = cli("train", path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert str(small_disk / "run") in result.stderr and ("are free" in result.stderr or "free now" in result.stderr)
+    assert not [p for p in (small_disk / "run").rglob(".*") if ".tmp-" in p.name]  # no temporaries left
+
+
 # ---------------------------------------------------------------- non-finite steps
 
 
