@@ -1,7 +1,7 @@
 """Atomic writes, directory locks and disk-space checks.
 
 A file or a directory appears under its final name complete, or not at all; a directory that is
-replaced is renamed aside first (`.NAME.old`) and `recover` puts it back (or drops it) after a kill.
+replaced is renamed aside first (`.NAME.lfm_mlx-old`) and `recover` puts it back (or drops it) after a kill.
 A run or output directory is locked with an OS file lock (flock), which dies with its holder.
 """
 
@@ -13,6 +13,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import Iterator
 from lfm_mlx.errors import DirectoryBusy, DiskFull, InvalidInput
 
 LOCK_NAME = ".lfm_mlx.lock"
+BACKUP_SUFFIX = ".lfm_mlx-old"  # distinctive: recovery renames these back, and must never take a user's `.X.old`
+# What tempfile names our temporaries: `.NAME.tmp-` + 8 random characters (+ a writer's suffix).
+_TEMPORARY = re.compile(r"^\..+\.tmp-[a-z0-9_]{8}(\.[a-z]+)?$")
 
 
 # ---------------------------------------------------------------- locks
@@ -140,7 +144,7 @@ def _remove(path: Path) -> None:
 def backup_of(final: str | Path) -> Path:
     """Where `atomic_dir` keeps the old `final` while the new one is renamed in."""
     final = Path(final)
-    return final.parent / f".{final.name}.old"
+    return final.parent / f".{final.name}{BACKUP_SUFFIX}"
 
 
 def recover(final: str | Path) -> None:
@@ -157,20 +161,22 @@ def recover(final: str | Path) -> None:
             _fsync_dir(final.parent)
     if final.parent.is_dir():
         for stale in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
-            _remove(stale)
+            if _TEMPORARY.match(stale.name):
+                _remove(stale)
 
 
 def recover_directory(directory: str | Path) -> None:
-    """`recover` everything killed writes left in `directory`: `.X.old` backups put back or dropped,
+    """`recover` everything killed writes left in `directory`: `.X.lfm_mlx-old` backups put back or dropped,
     every `.*.tmp-*` temporary removed (an 8B mid-group checkpoint is ~25 GB). Only while holding
     the directory's lock: a live writer's temporaries look the same."""
     directory = Path(directory)
     if not directory.is_dir():
         return
-    for backup in directory.glob(".*.old"):
-        recover(directory / backup.name[1:-len(".old")])
+    for backup in directory.glob(f".*{BACKUP_SUFFIX}"):
+        recover(directory / backup.name[1:-len(BACKUP_SUFFIX)])
     for stale in directory.glob(".*.tmp-*"):
-        _remove(stale)
+        if _TEMPORARY.match(stale.name):
+            _remove(stale)
 
 
 @contextlib.contextmanager
@@ -178,7 +184,7 @@ def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success fsync it and rename it to `final`.
 
     On any exception the temporary directory is removed and `final` keeps its previous content. A
-    replaced `final` is renamed to `.NAME.old` before the new one is renamed in; a kill between the
+    replaced `final` is renamed to `.NAME.lfm_mlx-old` before the new one is renamed in; a kill between the
     two renames leaves it there, and `recover` (run first here) puts it back.
     """
     final = Path(final)

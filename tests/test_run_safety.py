@@ -163,7 +163,7 @@ def test_mix_killed_at_every_rename_leaves_a_loadable_model_after_recovery(tiny_
 
 def test_stale_temporaries_of_killed_writes_are_removed_by_the_next_run(tiny_moe_dir, tmp_path):
     out = tmp_path / "model.gguf"
-    stale_file = tmp_path / ".model.gguf.tmp-abc123"
+    stale_file = tmp_path / ".model.gguf.tmp-abc12345"
     stale_file.write_bytes(b"x" * 1000)
     result = cli("gguf", tiny_moe_dir, out)
     assert result.returncode == 0, result.stderr
@@ -172,14 +172,17 @@ def test_stale_temporaries_of_killed_writes_are_removed_by_the_next_run(tiny_moe
     from lfm_mlx.fsutil import recover_directory
 
     run = tmp_path / "run"
-    (run / "checkpoints" / ".ckpt-00000004-0000.tmp-xyz").mkdir(parents=True)
-    (run / ".metrics.jsonl.tmp-q").write_text("{}")
+    (run / "checkpoints" / ".ckpt-00000004-0000.tmp-x1y2z3_4").mkdir(parents=True)
+    (run / ".metrics.jsonl.tmp-q1w2e3r4").write_text("{}")
+    (run / ".group_start.safetensors.tmp-a1b2c3d4.safetensors").write_text("{}")
     (run / "checkpoints" / "ckpt-00000002-0000").mkdir()
-    (run / "checkpoints" / ".ckpt-00000002-0000.old").mkdir()  # killed after the new one was renamed in
-    (run / ".model.old").mkdir()  # killed between the renames of the final model's replace
+    (run / "checkpoints" / ".ckpt-00000002-0000.lfm_mlx-old").mkdir()  # killed after the new one was renamed in
+    (run / ".model.lfm_mlx-old").mkdir()  # killed between the renames of the final model's replace
+    (run / ".notes.old").write_text("a user's own backup")  # not ours: left alone
+    (run / ".draft.tmp-mine").write_text("a user's own temporary")
     for directory in (run, run / "checkpoints"):
         recover_directory(directory)
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "model"]
+    assert sorted(p.name for p in run.iterdir()) == [".draft.tmp-mine", ".notes.old", "checkpoints", "model"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002-0000"]
 
 
