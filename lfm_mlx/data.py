@@ -104,8 +104,9 @@ def load_rows(source: str | Path | Sequence[str | Path] | Sequence[dict]) -> lis
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as error:
-                    rows.append(RawRow(where=where, error=f"not UTF-8 text (byte {error.start}: "
-                                                          f"{raw[error.start:error.start + 1]!r}); save the file as UTF-8"))
+                    bad = raw[error.start:error.start + 1]
+                    rows.append(RawRow(where=where, error=f"not UTF-8 text (byte {error.start}: {bad!r}); "
+                                                          "save the file as UTF-8"))
                     found += 1
                     continue
                 if not line.strip():

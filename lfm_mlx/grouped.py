@@ -49,7 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lfm_mlx import adamw_kernel, dequant_kernel, moments, row_gather
 from lfm_mlx.checkpoint import (
-    CHECKPOINTS, Checkpoint, ParkedArrays, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree, save_checkpoint,
+    CHECKPOINTS, Checkpoint, ParkedArrays, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint,
+    restore_tree, save_checkpoint,
 )
 from lfm_mlx.data import Batch, Example, batch_order, build_dataset, make_batch, masked_loss
 from lfm_mlx.errors import UserError, debugging
@@ -164,8 +165,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0, description="steps; 0: only at group boundaries")
     keep_checkpoints: int = Field(2, ge=0)
-    max_consecutive_skips: int = Field(5, ge=1, description="steps in a row whose loss, gradient or updated "
-                                       "weights are non-finite (each undone) before the run stops")
+    max_consecutive_skips: int = Field(5, ge=1, description="steps in a row skipped (not applied) for a non-finite "
+                                       "loss or gradient or a learning rate outside (0, 1) before the run stops; "
+                                       "trained weights non-finite after an update stop it at once, unsaved")
     eval_each_group: bool = True
     progress: bool = True
     memory: MemorySettings = Field(default_factory=MemorySettings)
@@ -1333,7 +1335,8 @@ class GroupedMoETrainer:
         state = {**state, "metrics_records": self.n_records}
         touched = sorted(layers_done | set(active))
         # An optimizer that never applied a step holds only its scalars (maybe a non-finite rate): nothing to keep.
-        applied = optimizer is not None and not {k for k, _ in tree_flatten(optimizer.state)} <= {"step", "learning_rate"}
+        applied = optimizer is not None and not {k for k, _ in tree_flatten(optimizer.state)} <= {"step",
+                                                                                                 "learning_rate"}
         return save_checkpoint(self.run_dir, state, moe_params(self.model, touched),
                                group_start=start if active else None,
                                optimizer_state=optimizer.state if applied and active else None,
@@ -1390,10 +1393,10 @@ class GroupedMoETrainer:
                   file=sys.stderr)
             return
         raise ConfigError(
-                f"memory.total_gb: {memory.total_gb:g} is above this machine's physical memory ({physical:.1f} GB "
-                f"measured), so memory.hard_gb ({memory.hard_gb:g}) could never stop the run before the OS kills it; "
-                f"set memory.total_gb to at most {physical:.0f} (and soft_gb < hard_gb below it), or set "
-                "memory.above_physical: true to accept it")
+            f"memory.total_gb: {memory.total_gb:g} is above this machine's physical memory ({physical:.1f} GB "
+            f"measured), so memory.hard_gb ({memory.hard_gb:g}) could never stop the run before the OS kills it; "
+            f"set memory.total_gb to at most {physical:.0f} (and soft_gb < hard_gb below it), or set "
+            "memory.above_physical: true to accept it")
 
     def _config_changes(self, resume: Checkpoint) -> dict:
         """The keys a resume changes ({key: [before, after]}) when --allow-config-change allows them

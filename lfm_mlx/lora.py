@@ -41,10 +41,11 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from lfm_mlx.errors import InvalidInput, debugging
-from lfm_mlx.models import base_fingerprint
 from lfm_mlx.fsutil import (
     atomic_dir, atomic_file, atomic_write_json, atomic_write_text, check_free_space, locked, recover_directory,
+    refuse_overlap,
 )
+from lfm_mlx.models import base_fingerprint
 
 # Config `modules` groups -> module paths inside a decoder layer (mlx-lm names).
 MODULE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -89,7 +90,7 @@ class LoraConfig:
     patience: int = 3  # stop after this many evaluations without improvement; 0 never stops early
     min_delta: float = 0.0  # an improvement must lower validation loss by more than this
     save_every: int = 50  # steps between resumable checkpoints
-    max_consecutive_skips: int = 3  # steps in a row with a non-finite loss, gradient or update (each undone) before stopping
+    max_consecutive_skips: int = 3  # steps in a row with a non-finite loss, gradient or update (each undone)
     seed: int = 0
     skip_invalid: bool = False
     resume: bool = True  # continue from out_dir/checkpoint when present
@@ -469,9 +470,7 @@ def train_lora(config: LoraConfig, on_step: Callable[[dict], None] | None = None
     if problems:
         raise InvalidInput("invalid LoRA config:\n  " + "\n  ".join(problems))
     out = Path(config.out_dir)
-    from lfm_mlx.fsutil import refuse_overlap
-
-    refuse_overlap(out, {"base model": config.model})
+    refuse_overlap(out, {"base model": config.model})  # an output is never an input
     with locked(out):
         recover_directory(out)  # what killed writes left: temporaries, a half-replaced checkpoint
         return _train_lora(config, out, on_step)

@@ -193,8 +193,10 @@ def base_fingerprint(path_or_repo: str | Path, samples: int = 16, chunk: int = 1
         with open(path, "rb") as handle:
             header_len = struct.unpack("<Q", handle.read(8))[0]
             digest.update(handle.read(min(header_len, size)))
+            data_start = min(size, 8 + header_len)
+            spread = max(size - data_start - chunk, 0)
             for i in range(samples):
-                handle.seek(min(size, 8 + header_len) + (max(size - 8 - header_len - chunk, 0) * i) // max(samples - 1, 1))
+                handle.seek(data_start + spread * i // max(samples - 1, 1))
                 digest.update(handle.read(chunk))
     return digest.hexdigest()
 

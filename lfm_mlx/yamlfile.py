@@ -45,6 +45,7 @@ def read_yaml(path: str | Path, what: str = "config") -> object:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise InvalidInput(f"{at}: not valid YAML ({getattr(err, 'problem', None) or err}); fix the syntax there") from None
+        problem = getattr(err, "problem", None) or err
+        raise InvalidInput(f"{at}: not valid YAML ({problem}); fix the syntax there") from None
     finally:
         loader.dispose()
