@@ -53,14 +53,23 @@ class ToolCallSyntaxError(ValueError):
 # --------------------------------------------------------------------------------------------
 # A small scanner for Python / JSON literal values and pythonic calls.
 
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+# Names follow Python's identifier rules, Unicode letters included (`año_vehiculo`), plus '-' for
+# tool names such as `system-settings`: a letter or '_' first, then letters, digits, '_' or '-'.
+_IDENT = r"[^\W\d][\w\-]*"
+_NAME_RE = re.compile(_IDENT)
 _NUMBER_RE = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_KEYWORD_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_\-]*)[ \t]*=(?!=)")
+_KEYWORD_RE = re.compile(rf"({_IDENT})[ \t]*=(?!=)")
+
 _CONSTANTS = {"None": None, "True": True, "False": False, "null": None, "true": True, "false": False}
 _SIMPLE_ESCAPES = {
     "\\": "\\", "'": "'", '"': '"', "/": "/", "n": "\n", "t": "\t", "r": "\r", "b": "\b",
     "f": "\f", "0": "\0", "\n": "",
 }
+
+
+def _is_identifier(name: str) -> bool:
+    """Python's own test (`x²` is \\w but no identifier), with '-' allowed inside tool names."""
+    return name.replace("-", "_").isidentifier()
 
 
 class _Scanner:
@@ -104,7 +113,7 @@ class _Scanner:
         parts = []
         while True:
             match = _NAME_RE.match(self.text, self.pos)
-            if not match:
+            if not match or not _is_identifier(match.group()):
                 raise self.fail("a name")
             parts.append(match.group())
             self.pos = match.end()
@@ -224,7 +233,7 @@ class _Scanner:
         while not self.accept(")"):
             self.skip_ws()
             match = _KEYWORD_RE.match(self.text, self.pos)
-            if not match:
+            if not match or not _is_identifier(match.group(1)):
                 raise self.fail(f"a keyword argument in {name}(...) (tool calls take keyword=value only)")
             key = match.group(1)
             self.pos = match.end()
@@ -353,7 +362,7 @@ def parse_json_calls(text: str) -> list[ToolCall]:
 # Openers of a fenced (```json) or tagged (<tool_call>) JSON call; the closer is matched after the value.
 _OPENER_RE = re.compile(r"```[ \t]*(?:json|tool_call|tool_calls|tool|javascript)?[ \t]*\n|<tool_call>")
 _CLOSER_RE = re.compile(r"\s*(?:```|</tool_call>)")
-_BRACKET_START_RE = re.compile(r"\[\s*[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)*\s*\(")
+_BRACKET_START_RE = re.compile(rf"\[\s*{_IDENT}(?:\.{_IDENT})*\s*\(")
 _JSON_HINT_RE = re.compile(r"""["']?(?:name|function)["']?\s*:""")
 
 

@@ -104,6 +104,40 @@ def test_parse_pythonic_rejects_trailing_text_and_never_evaluates():
         parse_pythonic("[f(x=__import__('os').getcwd())]")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<|tool_call_start|>[calc_impuesto(año_vehiculo=2024, marca='Seat')]<|tool_call_end|>",
+        "[calc_impuesto(año_vehiculo=2024, marca='Seat')]",
+        "Voy a llamar [calc_impuesto(año_vehiculo=2024, marca='Seat')] ahora.",
+    ],
+)
+def test_unicode_keyword_names_parse_like_python_identifiers(text):
+    # A BFCL live_simple case has `año_vehiculo`; Python accepts it as a keyword, so must we.
+    result = parse_tool_calls(text)
+    assert result.malformed == []
+    assert [(c.name, c.arguments) for c in result.calls] == [("calc_impuesto", {"año_vehiculo": 2024, "marca": "Seat"})]
+
+
+def test_unicode_function_names_and_render_round_trip():
+    calls = [ToolCall("obtener_año", {"país": "España"}), ToolCall("überprüfen.größe", {"n": 1})]
+    assert canon(parse_pythonic(render_pythonic(calls, markers=False))) == canon(calls)
+    # Without the markers a bracket call named with non-ASCII letters is still found, not skipped as prose.
+    result = parse_tool_calls("Llamo a [obtener_año(país='España')] ya.")
+    assert [c.name for c in result.calls] == ["obtener_año"] and result.formats == [BRACKET]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["[f(x²=1)]", "[f(2x=1)]", "[f(x=1), g(año²=2)]", "[f(x=1), ²g(y=2)]"],
+)
+def test_names_that_are_not_identifiers_are_reported_malformed_not_dropped(payload):
+    # `²` is a Unicode word character but not an identifier character; the call is malformed, never silent.
+    for text in (f"<|tool_call_start|>{payload}<|tool_call_end|>", f"see {payload} here"):
+        result = parse_tool_calls(text)
+        assert result.calls == [] and len(result.malformed) == 1, (text, result)
+
+
 def test_bracket_form_without_markers_in_prose():
     result = parse_tool_calls('I will call [get_weather(city="Paris"), get_time(tz="CET")] now.')
     assert [c.name for c in result.calls] == ["get_weather", "get_time"]
