@@ -16,6 +16,7 @@ VERBS = {
     "mix": ("lfm_mlx.mixed", "make a mixed checkpoint: experts int8, everything else bf16"),
     "train": ("lfm_mlx.grouped", "grouped MoE training from a YAML config"),
     "sweep": ("lfm_mlx.sweep", "group-size memory and time sweep"),
+    "convert": ("lfm_mlx.convert", "import tool traces (hermes, sharegpt, xlam, folded) as chat rows"),
     "eval": ("lfm_mlx.evaluate", "tool-call evaluation of a model or endpoint"),
     "repair-set": ("lfm_mlx.repair", "build a repair dataset from an eval report"),
     "lora": ("lfm_mlx.lora", "LoRA repair pass from a YAML config"),
