@@ -253,7 +253,8 @@ class TrainConfig(BaseModel):
 
     def check_paths(self) -> None:
         """Raise one ConfigError naming every data file that is missing (and a missing local model)."""
-        problems = [f"  data: {path} does not exist" for path in self.data if not Path(path).is_file()]
+        problems = [f"  data: {path} is a directory; list its JSONL files" if Path(path).is_dir() else
+                    f"  data: {path} does not exist" for path in self.data if not Path(path).is_file()]
         model = Path(self.model).expanduser()
         if not model.exists() and (self.model.startswith((".", "/", "~")) or self.model.count("/") != 1):
             problems.append(f"  model: {self.model} does not exist (a local directory or an owner/name hub id)")

@@ -244,6 +244,7 @@ CASES.update({
                                                                               "hard_gb": 20})], "memory.above_physical"),
     "train: --set without =": lambda ctx: (["train", ctx.train_yaml(), "--set", "learning_rate"], "--set"),
     "train: data missing": lambda ctx: (["train", ctx.train_yaml(data=[str(ctx.root / "gone.jsonl")])], "gone.jsonl"),
+    "train: data is a directory": lambda ctx: (["train", ctx.train_yaml(data=[str(ctx.root)])], "is a directory"),
     "train: data empty": lambda ctx: (["train", ctx.train_yaml(data=[str(ctx.file("empty.jsonl", ""))])],
                                       "empty.jsonl"),
     "train: data not UTF-8": lambda ctx: (["train", ctx.train_yaml(data=[str(ctx.file(
