@@ -806,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
                      "requantizing q8_0 stacks two roundings")
     if (args.imatrix_from or args.tensor_type) and not args.quantize:
         parser.error("--imatrix-from and --tensor-type apply to quantized variants: add --quantize QTYPE")
+    if args.imatrix_from and not Path(args.imatrix_from).is_file():  # before the export, not after it
+        parser.error(f"--imatrix-from {args.imatrix_from}: no such file (chat rows or text, one JSON object a line)")
     try:
         report = _run(args)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as err:
