@@ -2,6 +2,8 @@
 
     lfm-mlx eval --model DIR [--adapter-path ADAPTERS] --suite router --out runs/eval
     lfm-mlx eval --endpoint http://127.0.0.1:8080/v1 --suite hermes_agent --out runs/eval
+    lfm-mlx eval --model DIR --suite bfcl:simple_python,irrelevance --bfcl-data DIR --limit 20 --out runs/bfcl
+    lfm-mlx eval --compare BEFORE/report.json AFTER/report.json      (per-category deltas)
 
 Every response is graded against the case's expectation and classified (sibling, cross_server,
 wrong_prefix, wrong_arguments, refusal, false_positive, leak, malformed, loop, ...). By default only
@@ -22,19 +24,20 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from lfm_mlx.errors import InvalidInput, MissingInput
 from lfm_mlx.fsutil import atomic_write_json, atomic_write_text
 from lfm_mlx.suites import Case, Suite, argument_problems, load_suite, shipped_suites
-from lfm_mlx.tools import NATIVE, ToolCall, ToolCallSyntaxError, calls_from_openai, parse_tool_calls
+from lfm_mlx.tools import NATIVE, ParseResult, ToolCall, ToolCallSyntaxError, calls_from_openai, parse_tool_calls
 
 REPORT_FORMAT = "lfm_mlx.eval_report"
 FAILURE_TYPES = (
     "sibling", "cross_server", "wrong_prefix", "wrong_tool", "unknown_tool", "wrong_arguments", "refusal",
-    "false_positive", "leak", "malformed", "loop", "wrong_answer", "error",
+    "false_positive", "leak", "malformed", "loop", "wrong_answer", "wrong_count", "error",
 )
 
 
@@ -263,8 +266,9 @@ def _dropped_call(response: Response, structured: list[ToolCall], leaked: list[T
     return []
 
 
-def grade(case: Case, response: Response, suite: Suite, raw: bool = False) -> dict:
-    """Grade one response against its case: pass / fail, the failure type and what the model did."""
+def observe(case: Case, response: Response, raw: bool = False) -> tuple[dict, list[ToolCall], list[ToolCall], ParseResult]:
+    """What the model did, before any verdict: the run record (not passed yet), the calls that
+    count (structured ones; all parsed ones with `raw`), the calls left in plain text, and the parse."""
     parsed = parse_tool_calls(response.text or "")
     if response.structured is None:  # raw generation: calls inside the markers are what a server returns structured
         structured = [c for c, form in zip(parsed.calls, parsed.formats) if form == NATIVE]
@@ -288,7 +292,15 @@ def grade(case: Case, response: Response, suite: Suite, raw: bool = False) -> di
         run["raw"] = json.dumps(response.raw, ensure_ascii=False)[:2000]
     if response.error:
         run.update(failure="error", detail=response.error)
+    return run, calls, leaked, parsed
+
+
+def grade(case: Case, response: Response, suite: Suite, raw: bool = False) -> dict:
+    """Grade one response against its case: pass / fail, the failure type and what the model did."""
+    run, calls, leaked, parsed = observe(case, response, raw)
+    if run["failure"] == "error":
         return run
+    malformed, loop, history = run["malformed"], run["loop"], {_key(c) for c in case.history_calls()}
     expect = case.expect
     if expect.tool_call is not None:
         wanted = expect.tool_call
@@ -407,7 +419,8 @@ def run_suites(suites: list[Suite], backend: Backend, repeats: int = 1, max_toke
                 for _ in range(repeats):
                     start = time.perf_counter()
                     response = backend.respond(case.messages, case.tools, max_tokens, temperature)
-                    run = grade(case, response, suite, raw)
+                    # A suite with its own rules (BFCL's AST checker) grades itself.
+                    run = suite.grade(case, response, raw) if hasattr(suite, "grade") else grade(case, response, suite, raw)
                     run["seconds"] = round(time.perf_counter() - start, 3)
                     runs.append(run)
                     if bar is not None:
@@ -521,7 +534,84 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     return out_dir / "report.json", out_dir / "summary.md"
 
 
+def _load_report(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MissingInput(f"{path} does not exist; pass a report.json (or its directory) that lfm-mlx eval wrote") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidInput(f"{path} is not JSON ({err}); pass a report.json that lfm-mlx eval wrote") from None
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT or "metrics" not in report:
+        raise InvalidInput(f"{path} is not an lfm_mlx eval report (no format {REPORT_FORMAT!r} with metrics)")
+    return report
+
+
+def compare_reports(before: dict, after: dict) -> list[dict]:
+    """Per-category pass rates of two reports and their difference (percentage points), then overall."""
+    rows = []
+    first, second = before["metrics"]["per_category"], after["metrics"]["per_category"]
+    for name in sorted(set(first) | set(second)):
+        a, b = first.get(name, {}).get("pass_rate"), second.get(name, {}).get("pass_rate")
+        rows.append({"category": name, "before": a, "after": b, "runs": (first.get(name, {}).get("runs"), second.get(name, {}).get("runs")),
+                     "delta_pp": None if a is None or b is None else round(100 * (b - a), 1)})
+    a, b = before["metrics"]["pass_rate"], after["metrics"]["pass_rate"]
+    rows.append({"category": "overall", "before": a, "after": b, "runs": (before["metrics"]["runs"], after["metrics"]["runs"]),
+                 "delta_pp": None if a is None or b is None else round(100 * (b - a), 1)})
+    return rows
+
+
+def compare_markdown(before: dict, after: dict, names: tuple[str, str] = ("before", "after")) -> str:
+    """The table a user reads to see what a fine-tune cost or gained, per category."""
+    lines = [f"| category | {names[0]} | {names[1]} | delta |", "|---|---|---|---|"]
+    for row in compare_reports(before, after):
+        delta = "n/a" if row["delta_pp"] is None else f"{row['delta_pp']:+.1f} pp"
+        lines.append(f"| {row['category']} | {_pct(row['before'])} | {_pct(row['after'])} | {delta} |")
+    # Deltas mean something only over the same cases and settings: say when they differ.
+    if [s.get("sha256") for s in before["suites"]] != [s.get("sha256") for s in after["suites"]]:
+        lines.append("\nNote: the two reports ran different suites or suite data.")
+    if before.get("settings") != after.get("settings"):
+        lines.append(f"\nNote: settings differ: {before.get('settings')} vs {after.get('settings')}")
+    for report, name in ((before, names[0]), (after, names[1])):
+        if not report.get("complete"):
+            lines.append(f"\nNote: {name} is an incomplete run ({report.get('error')}).")
+    return "\n".join(lines) + "\n"
+
+
+def compare_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lfm-mlx eval --compare", description="Per-category deltas of two eval reports.")
+    parser.add_argument("--compare", nargs=2, required=True, metavar=("BEFORE", "AFTER"), help="two report.json files (or their directories)")
+    args = parser.parse_args(argv)
+    try:
+        before, after = (_load_report(path) for path in args.compare)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"lfm-mlx eval: {err}", file=sys.stderr)
+        return 2
+    print(compare_markdown(before, after, tuple(args.compare)))
+    return 0
+
+
+def load_suites(entries: list[str], bfcl_data: str | None = None, limit: int | None = None) -> list[Suite]:
+    """--suite entries (paths, shipped names, 'all', bfcl:CATS) -> suites, each cut to its first `limit` cases."""
+    suites: list[Suite] = []
+    for entry in entries:
+        if entry == "bfcl" or entry.startswith("bfcl:"):
+            from lfm_mlx.bfcl import load_suites as load_bfcl
+
+            suites.extend(load_bfcl(entry, bfcl_data, limit))
+            continue
+        for name in shipped_suites() if entry == "all" else [entry]:
+            suite = load_suite(name)
+            suites.append(replace(suite, cases=suite.cases[:limit]))
+    return suites
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--compare" in argv:
+        return compare_main(argv)
     parser = argparse.ArgumentParser(prog="lfm-mlx eval", description="Tool-call evaluation of an MLX model or an OpenAI-compatible endpoint.")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", help="MLX / HF model directory, evaluated in-process")
@@ -529,7 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-path", help="LoRA adapters for --model")
     parser.add_argument("--endpoint-model", help="'model' field sent to the endpoint (default: the server's own)")
     parser.add_argument("--suite", action="append", required=True,
-                        help="suite JSON path, shipped name (hermes_agent, router, multiturn) or 'all'; repeatable")
+                        help="suite JSON path, shipped name (hermes_agent, router, multiturn), 'all', or "
+                             "bfcl:CAT1,CAT2 (BFCL v4 categories, with --bfcl-data); repeatable")
+    parser.add_argument("--bfcl-data", help="BFCL v4 data: its data folder, or the folder `pip download --no-deps "
+                                            "bfcl-eval -d DIR` wrote")
+    parser.add_argument("--limit", type=int, help="run only the first N cases of each suite / BFCL category")
     parser.add_argument("--out", required=True, help="output directory for report.json and summary.md")
     parser.add_argument("--repeats", type=int, default=1, help="runs per case (stability); default 1")
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -543,8 +637,9 @@ def main(argv: list[str] | None = None) -> int:
                              "token, about 3x slower on CPU")
     args = parser.parse_args(argv)
     try:
-        names = [name for entry in args.suite for name in (shipped_suites() if entry == "all" else [entry])]
-        suites = [load_suite(name) for name in names]  # fail fast on a bad suite, before loading a model
+        if args.limit is not None and args.limit < 1:
+            parser.error(f"--limit must be >= 1, got {args.limit}")
+        suites = load_suites(args.suite, args.bfcl_data, args.limit)  # fail fast, before loading a model
         if args.model:
             backend: Backend = MLXBackend(args.model, args.adapter_path, seed=args.seed, as_served=args.as_served)
         else:
@@ -553,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.adapter_path:
                 parser.error("--adapter-path applies to --model; start the server with its own --adapter-path")
             backend = EndpointBackend(args.endpoint, args.endpoint_model, args.timeout)
-        command = "lfm-mlx eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        command = "lfm-mlx eval " + " ".join(shlex.quote(a) for a in argv)
         report = evaluate(backend, suites, args.out, args.repeats, args.max_tokens, args.temperature, args.raw,
                           command=command)
     except (ValueError, FileNotFoundError) as err:
