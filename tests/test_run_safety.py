@@ -61,17 +61,23 @@ def test_a_locked_run_or_output_directory_refuses_a_second_process_until_the_hol
     train_yaml.write_text(yaml.safe_dump({"model": str(tiny_moe_mixed_dir), "data": [str(rows)], "run_dir": str(run_dir)}))
     lora_yaml = tmp_path / "lora.yaml"
     lora_yaml.write_text(yaml.safe_dump({"model": str(tiny_moe_mixed_dir), "data": str(rows), "out_dir": str(out_dir)}))
+    adapters = tmp_path / "adapters"  # fuse takes its lock before it reads the adapters' weights
+    adapters.mkdir()
+    (adapters / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora"}))
+    fused = tmp_path / "fused"
     holders = [hold_lock(run_dir), hold_lock(out_dir), hold_lock(mixed, sibling=True),
-               hold_lock(tmp_path / "m.gguf", sibling=True)]
+               hold_lock(tmp_path / "m.gguf", sibling=True), hold_lock(fused, sibling=True)]
     try:
         attempts = {"train": cli("train", train_yaml, "--no-progress"), "lora": cli("lora", lora_yaml),
-                    "mix": cli("mix", tiny_moe_dir, mixed), "gguf": cli("gguf", tiny_moe_dir, tmp_path / "m.gguf")}
+                    "mix": cli("mix", tiny_moe_dir, mixed), "gguf": cli("gguf", tiny_moe_dir, tmp_path / "m.gguf"),
+                    "fuse": cli("fuse", "--model", tiny_moe_mixed_dir, "--adapter-path", adapters, "--save-path", fused,
+                                "--rows", rows)}
         for (verb, result), holder, where in zip(attempts.items(), holders,
-                                                 (run_dir, out_dir, mixed, tmp_path / "m.gguf")):
+                                                 (run_dir, out_dir, mixed, tmp_path / "m.gguf", fused)):
             assert result.returncode == 2, (verb, result.stderr)
             assert "Traceback" not in result.stderr
             assert f"{where} is in use by another lfm-mlx process (PID {holder.pid}" in result.stderr, verb
-        assert not mixed.exists() and not (tmp_path / "m.gguf").exists()
+        assert not mixed.exists() and not (tmp_path / "m.gguf").exists() and not fused.exists()
     finally:
         for holder in holders:
             holder.send_signal(signal.SIGKILL)  # the OS releases a killed holder's lock
