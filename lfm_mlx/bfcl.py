@@ -10,7 +10,9 @@ imported (it pins numpy 1.26.4 and many API clients). Each case's functions are 
 through the model's own chat template, replies are parsed with lfm_mlx.tools, and graded with BFCL's AST
 rules: every parameter has a list of acceptable values, "" in that list marks it optional, strings compare
 after BFCL's normalization (case, spaces and ,./-_*^ ignored), an int is accepted for a float, parallel calls
-match in any order, irrelevance cases pass when no call is made. Reports have our suites' format.
+match in any order, irrelevance cases pass when no call is made (one deliberate difference: a reply holding a
+call that cannot be parsed fails as malformed there, where BFCL passes any reply it cannot decode). Reports
+have our suites' format.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class BfclSuite(Suite):
         if run["failure"] == "error":
             return run
         problem = verdict(case, calls)
+        if problem is None and case.kind == "irrelevance" and run["malformed"]:
+            # Stricter than BFCL (which passes any reply it cannot decode): a broken call is still a call.
+            problem = f"malformed: {run['malformed'][0]}"
         if problem is None:
             run["passed"] = True
         elif not calls:

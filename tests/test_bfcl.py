@@ -146,6 +146,9 @@ def test_multiple_parallel_and_irrelevance(data):
     assert grade(data, "irrelevance", "Shakespeare wrote it.")["passed"]
     run = grade(data, "irrelevance", [call("geometry.area", base=1, height=1.0)])
     assert run["failure"] == "false_positive" and not run["passed"]
+    # A broken call is still an attempt to call: malformed, not a pass (BFCL would pass what it cannot decode).
+    run = grade(data, "irrelevance", "<|tool_call_start|>[geometry.area(base=1, height=]<|tool_call_end|>")
+    assert run["failure"] == "malformed" and not run["passed"]
 
 
 def test_unicode_keyword_case_parses_and_passes(data):
