@@ -192,6 +192,24 @@ def test_stale_temporaries_of_killed_writes_are_removed_by_the_next_run(tiny_moe
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002-0000"]
 
 
+def test_the_next_train_run_removes_what_a_killed_one_left(tiny_moe_mixed_dir, tmp_path):
+    from lfm_mlx.grouped import GroupedMoETrainer
+    from tests.test_grouped import make_config, tool_rows
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in tool_rows(16)))
+    run = tmp_path / "run"
+    stale = [run / "checkpoints" / ".ckpt-00000003-0000.tmp-k1ll3d00", run / ".metrics.jsonl.tmp-k1ll3d01",
+             run / ".group_start.safetensors.tmp-k1ll3d02.safetensors"]
+    stale[0].mkdir(parents=True)
+    (stale[0] / "weights.safetensors").write_bytes(b"\0" * 4096)  # half a checkpoint
+    for path in stale[1:]:
+        path.write_text("partial")
+    GroupedMoETrainer(make_config(tiny_moe_mixed_dir, rows, run)).train()
+    assert not [path for path in stale if path.exists()]
+    assert not [p.name for p in run.rglob(".*")]  # nothing dot-named left: no temporaries, no lock
+
+
 # ---------------------------------------------------------------- a full disk
 
 
