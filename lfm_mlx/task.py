@@ -120,10 +120,10 @@ def _city(rng: random.Random, pool: str) -> str:
 
 def _topic(rng: random.Random, pool: str) -> str:
     if pool == "train" and rng.random() < MADE_UP_SHARE:
-        # Two or three free words: a fixed last word ("tips", "news") was learned as a guess, and held-out
-        # topics came back as "glacier hiking news".
+        # Most task topics are two or three free words: with a fixed last word ("tips", "news") only, that
+        # word was learned as a guess and held-out topics came back as "glacier hiking news".
         return " ".join(_word(rng, pool) for _ in range(rng.randint(2, 3)))
-    if pool == "known" and rng.random() < MADE_UP_SHARE:  # recipe 4's shape: the shipped base was drawn from it
+    if pool != "held" and rng.random() < MADE_UP_SHARE:  # the pre-training surface's only made-up shape
         return f"{_word(rng, pool)} {_word(rng, pool)} {rng.choice(['tips', 'guide', 'basics', 'reviews', 'news'])}"
     return _pick(rng, _TOPICS, _HELD_TOPICS, pool)
 
@@ -221,6 +221,13 @@ WRAPPERS = [
     "{p}, thanks", "i need you to {p}", "can you {p} real quick?", "ok so {p}", "hi! {p} please",
 ]
 HELD_WRAPPERS = ["would you {p}?", "{p} when you get a sec", "yo {p}", "quick favor: {p}"]
+# More ways to ask, in the task's rows only (the pre-training surface keeps WRAPPERS): with a dozen, the
+# fine-tune learned those dozen and lost requests in a new frame (a held-out "would you ...?" called
+# web_search with a URL). None shares a word with HELD_WRAPPERS.
+TASK_WRAPPERS = WRAPPERS + [
+    "{p} asap", "now {p}", "can u {p}", "go ahead and {p}", "{p}, please", "mind doing this: {p}",
+    "{p} thx", "hey {p}", "{p} for me", "pls {p}", "task: {p}", "next up, {p}", "{p}?", "help me {p}",
+]
 # Chat and how-to prompts: the task's rows wrap them in CHAT_WRAPPERS, their held-out cases in
 # HELD_CHAT_WRAPPERS. (The pre-training surface keeps its own mix: bare, or a held-out wrapper.)
 CHAT_WRAPPERS = ["{p}", "{p}!", "ok {p}", "well, {p}", "{p} ;)", "hmm {p}"]
@@ -533,7 +540,7 @@ def _prompt(intent: Intent, rng: random.Random, slots: dict, split: str) -> tupl
     elif split == "test":
         phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(held_wrappers)
     else:
-        phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(wrappers if intent.wrap else CHAT_WRAPPERS)
+        phrasing, wrapper = rng.choice(intent.phrasings), rng.choice(TASK_WRAPPERS if intent.wrap else CHAT_WRAPPERS)
     return wrapper.format(p=phrasing.format(**slots)), phrasing, wrapper
 
 
