@@ -55,6 +55,10 @@ class DemoConfig:
     lora_rank: int = 16
     max_tokens: int = 48  # generation budget per eval case
     gguf_outtype: str = "f32"
+    # BFCL v4's data (`pip download --no-deps bfcl-eval`): a slice scored on the base and the fused model,
+    # to show what the fine-tune cost general tool calling. Empty: skipped, with the recipe printed.
+    bfcl_data: str = ""
+    bfcl_per_category: int = 20
 
     @classmethod
     def quick(cls, run_dir: str) -> "DemoConfig":
@@ -228,6 +232,7 @@ def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", star
             _eval(gguf_backend, suite, out, config.max_tokens) for suite, out in _stage_suites(task, run / "eval" / "gguf")]
         log.record("GGUF export + eval in llama.cpp", t)
         collect("repaired", repaired_job)
+    bfcl = bfcl_slice(config, mixed, fused, run / "eval", log)
     evals = {name: evals[name] for name in STAGES}  # in pipeline order
     paraphrase = {name: paraphrase[name] for name in STAGES}
 
@@ -243,6 +248,7 @@ def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", star
         "lora": {key: lora_summary.get(key) for key in ("steps", "best_step", "best_val_loss", "warning")},
         "fidelity_8bit": fidelity8,
         "fidelity_4bit": fidelity4,
+        "bfcl": bfcl,
         "paths": {"base": str(base), "mixed": str(mixed), "trained": str(trained), "adapters": str(lora_dir),
                   "fused": str(fused), "gguf": str(gguf_path)},
     }
@@ -251,6 +257,33 @@ def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", star
     make_plots(run)
     print(summary_text(summary))
     return summary
+
+
+def bfcl_slice(config: DemoConfig, base: Path, fused: Path, eval_dir: Path, log: "StageLog") -> dict:
+    """BFCL's default categories, `bfcl_per_category` cases each, on the base and the fused model."""
+    from lfm_mlx.bfcl import RECIPE, load_suites
+    from lfm_mlx.evaluate import MLXBackend, compare_reports, evaluate
+
+    if not config.bfcl_data:
+        return {"skipped": f"no BFCL data; to score general tool calling before and after, run: {RECIPE}"}
+    t = time.perf_counter()
+    suites = load_suites("bfcl", config.bfcl_data, limit=config.bfcl_per_category)
+    before, after = [evaluate(MLXBackend(model), suites, eval_dir / name, max_tokens=128, progress=False)
+                     for model, name in ((base, "bfcl_base"), (fused, "bfcl_fused8"))]
+    log.record("BFCL slice, base and fused 8-bit", t)
+    return {"per_category": config.bfcl_per_category, "compare": compare_reports(before, after)}
+
+
+def bfcl_text(bfcl: dict) -> str:
+    from lfm_mlx.report import text_table
+
+    if "skipped" in bfcl:
+        return f"BFCL slice: skipped ({bfcl['skipped']})"
+    rows = [{"category": r["category"], "base": r["before"], "fused 8-bit": r["after"], "delta (points)": r["delta_pp"]}
+            for r in bfcl["compare"]]
+    return (f"BFCL v4 slice ({bfcl['per_category']} cases per category): what the fine-tune did to general tool calling\n"
+            + text_table(rows, ["category", "base", "fused 8-bit", "delta (points)"],
+                         {"base": ".0%", "fused 8-bit": ".0%", "delta (points)": "+.1f"}))
 
 
 def peak_rss_gb() -> float:
@@ -311,7 +344,7 @@ def summary_text(summary: dict) -> str:
             + (f"\n\nLoRA repair: {summary['lora']['warning']}" if summary["lora"].get("warning") else "")
             + f"\n\nfidelity vs base + adapters: 8-bit answers {fused8['answer_agreement']:.0%}, fine-tune kept "
             f"{fused8['fine_tune_kept']}; 4-bit answers {fused4['answer_agreement']:.0%}, kept {fused4['fine_tune_kept']}"
-            f" -> 4-bit {verdict}\n\n{summary['environment']}\nstages (wall {summary['wall_seconds']:.0f} s, peak RSS "
+            f" -> 4-bit {verdict}\n\n{bfcl_text(summary['bfcl'])}\n\n{summary['environment']}\nstages (wall {summary['wall_seconds']:.0f} s, peak RSS "
             f"{summary['peak_rss_gb']:.2f} GB; the evaluations marked 'beside training' overlap it)\n" + timing + "\n")
 
 
@@ -342,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a shortened smoke run (every stage, fewer steps and cases)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", default="", help="another pre-trained LFM2-MoE directory (default: the shipped base)")
+    parser.add_argument("--bfcl-data", default="", help="BFCL v4's data (pip download --no-deps bfcl-eval -d DIR): "
+                                                         "score a slice on the base and the fused model")
     args = parser.parse_args(argv)
     config = DemoConfig.quick(args.run_dir) if args.quick else DemoConfig(args.run_dir)
-    config.seed, config.base = args.seed, args.base
+    config.seed, config.base, config.bfcl_data = args.seed, args.base, args.bfcl_data
     run_demo(config)
     return 0

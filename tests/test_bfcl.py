@@ -267,3 +267,20 @@ def test_real_bfcl_ground_truth_parses_in_lfm25_syntax():
             result = parse_tool_calls(render_pythonic(calls))
             assert result.malformed == [], (case.id, result.malformed)
             assert [(c.name, c.arguments) for c in result.calls] == [(c.name, c.arguments) for c in calls], case.id
+
+
+def test_the_demo_scores_a_bfcl_slice_before_and_after(tiny_moe_dir, data, tmp_path):
+    from lfm_mlx.demo import DemoConfig, StageLog, bfcl_slice, bfcl_text
+
+    log = StageLog()
+    result = bfcl_slice(DemoConfig(bfcl_data=str(data), bfcl_per_category=1), tiny_moe_dir, tiny_moe_dir,
+                        tmp_path / "eval", log)
+    rows = {row["category"]: row for row in result["compare"]}
+    assert set(rows) == set(QUESTIONS) | {"overall"}
+    assert rows["overall"]["runs"] == (len(QUESTIONS), len(QUESTIONS))
+    assert all(row["delta_pp"] == 0.0 for row in rows.values())  # the same model twice: greedy, no change
+    assert (tmp_path / "eval" / "bfcl_base" / "report.json").is_file() and [r["stage"] for r in log.rows] == [
+        "BFCL slice, base and fused 8-bit"]
+    assert "BFCL v4 slice (1 cases per category)" in bfcl_text(result)
+    skipped = bfcl_text(bfcl_slice(DemoConfig(), tiny_moe_dir, tiny_moe_dir, tmp_path / "none", log))
+    assert "pip download --no-deps bfcl-eval" in skipped and not (tmp_path / "none").exists()
