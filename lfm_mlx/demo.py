@@ -112,9 +112,18 @@ def grouped_config(config: DemoConfig, mixed: Path, train_rows: Path, run_dir: P
         splits=(0.95, 0.05, 0.0), group_size=config.group_size, group_stride=config.group_stride,
         epochs=config.epochs, steps_per_group="epoch", batch_size=4, learning_rate=config.train_lr,
         warmup_steps=5, checkpoint_every=0, seed=config.seed, frozen_path=config.frozen_path,
-        memory={"total_gb": 24, "soft_gb": 16, "hard_gb": 20},
+        memory=demo_memory_budget(),
     )
     return TrainConfig(**{**settings, **overrides})
+
+
+def demo_memory_budget() -> dict:
+    """24 GB (CI's machine), or this machine's memory when it has less: a budget above the physical
+    memory is refused, since its hard stop could never fire. The demo itself peaks under 1 GB."""
+    import psutil
+
+    total = min(24.0, round(psutil.virtual_memory().total / 1e9, 1))
+    return {"total_gb": total, "soft_gb": round(total * 2 / 3, 1), "hard_gb": round(total * 5 / 6, 1)}
 
 
 def repair_rows(config: DemoConfig, dev_report: Path, task: dict[str, Path], out_dir: Path) -> list[str]:

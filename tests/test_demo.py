@@ -139,3 +139,16 @@ def test_mlx_lm_server_serves_the_fused_model_with_structured_tool_calls(demo, t
     # model's near-ties may decode differently: the test checks the serving contract, not identical text.
     assert calls >= 1, f"no structured call among {len(served['cases'])} held-out prompts ({plain} plain answers)"
     assert plain >= 1, f"no plain answer among {len(served['cases'])} held-out prompts ({calls} calls)"
+
+
+def test_the_demo_memory_budget_fits_smaller_machines(monkeypatch):
+    """A budget above physical memory is refused by train, so a 16 GB Mac gets 16 GB, not CI's 24."""
+    import psutil
+
+    from lfm_mlx.demo import demo_memory_budget
+
+    for physical_gb, total in ((64.0, 24.0), (16.0, 16.0), (8.6, 8.6)):
+        memory = type("Memory", (), {"total": int(physical_gb * 1e9)})
+        monkeypatch.setattr(psutil, "virtual_memory", lambda memory=memory: memory)
+        budget = demo_memory_budget()
+        assert budget["total_gb"] == total and 0 < budget["soft_gb"] < budget["hard_gb"] <= total, budget
