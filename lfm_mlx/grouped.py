@@ -46,6 +46,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tqdm import tqdm
 
 from lfm_mlx import adamw_kernel, dequant_kernel, moments, row_gather
 from lfm_mlx.checkpoint import (
@@ -66,8 +67,10 @@ from lfm_mlx.memory import (
 from lfm_mlx.moments import (
     MOMENT_GROUP, V_FLOOR, WEIGHT_STREAM, pack_codes, pack_moment, pack_moment_noisy, round_to_bfloat16, unpack_moment,
 )
-from lfm_mlx.models import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
+from lfm_mlx.mixed import quantize_experts
+from lfm_mlx.models import compute_dtype, load, read_config, resolve_model_path, save_model_dir, weight_files
 from lfm_mlx.schedule import GroupSchedule
+from lfm_mlx.yamlfile import read_yaml
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 STORAGE_DTYPE = mx.bfloat16  # what save_model_dir writes for scales, biases and routers
@@ -228,8 +231,6 @@ class TrainConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
         """Read a YAML file (relative paths are relative to the file), apply `overrides` (CLI > YAML)."""
-        from lfm_mlx.yamlfile import read_yaml
-
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"training config {path} does not exist")
@@ -1143,6 +1144,32 @@ def measure_frozen_paths(model: nn.Module, layer: int, seq_len: int, dtype: mx.D
     return times
 
 
+def probe_attention(heads: int, head_dim: int, dtype: mx.Dtype, seq_len: int = 1024) -> dict:
+    """Which attention backward this backend runs, measured: 'materialized' when forward + backward
+    of causal sdpa holds at least half a float32 score matrix (B*H*S*S*4) more than its inputs,
+    'fused' when it holds far less (flash-style kernels keep O(S * head_dim) per head)."""
+    key = mx.random.key(0)
+    q, k, v = (mx.random.normal((1, heads, seq_len, head_dim), key=kk).astype(dtype) for kk in mx.random.split(key, 3))
+    mx.eval(q, k, v)
+
+    def loss(q, k, v):
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim ** -0.5, mask="causal")
+        return out.astype(mx.float32).sum()
+
+    grad = mx.grad(loss, argnums=(0, 1, 2))
+    mx.eval(grad(q, k, v))  # warm-up: kernels, caches
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(grad(q, k, v))
+    transient = mx.get_peak_memory() - before
+    scores = heads * seq_len * seq_len * 4
+    del q, k, v
+    mx.clear_cache()
+    ratio = transient / scores
+    return {"kind": "materialized" if ratio >= 0.5 else "fused", "transient_over_scores": round(ratio, 3),
+            "probe": {"heads": heads, "head_dim": head_dim, "seq_len": seq_len, "dtype": str(dtype)}}
+
+
 # ---------------------------------------------------------------- settings shared with the sweep
 
 PROBE_TOKENS = 1024  # tokens of the start-up expert-path probe (at most the longest example)
@@ -1360,7 +1387,7 @@ class GroupedMoETrainer:
                               f"use group_size <= {n_moe} (group_size: {n_moe} trains them all as one group)")
         self._check_physical_memory()
         self.schedule = GroupSchedule.for_model(model_config, cfg.group_size, cfg.group_stride)
-        from mlx_lm.tokenizer_utils import load as load_tokenizer
+        from mlx_lm.tokenizer_utils import load as load_tokenizer  # lazy: pulls in transformers (~1 s)
 
         self.tokenizer = load_tokenizer(self.model_dir, eos_token_ids=model_config.get("eos_token_id"))
         self.dataset = build_dataset(cfg.data, self.tokenizer, cfg.max_tokens, tuple(cfg.splits), cfg.seed,
@@ -1439,8 +1466,6 @@ class GroupedMoETrainer:
         """Whether this backend's attention backward holds the score matrix (the estimate needs
         it: at 10K tokens that is tens of GB) or is fused; a short measurement, before any weight.
         Not measured on the CPU, whose sdpa backward always holds it (the probe takes seconds there)."""
-        from lfm_mlx.sweep import probe_attention
-
         if mx.default_device() == mx.cpu:
             return {"kind": "materialized", "reason": "CPU backend: sdpa's backward holds the scores"}
         heads = int(model_config["num_attention_heads"])
@@ -1448,9 +1473,6 @@ class GroupedMoETrainer:
         return probe_attention(heads, int(model_config["hidden_size"]) // heads, compute_dtype(model_config), seq)
 
     def _load_model(self, model_config: dict) -> dict:
-        from lfm_mlx.mixed import quantize_experts
-        from lfm_mlx.models import load
-
         model, _, config = load(self.model_dir, with_tokenizer=False, return_config=True)
         if not isinstance(_ff(model, moe_layers(model)[0]).switch_mlp.gate_proj, QuantizedSwitchLinear):
             config = quantize_experts(model, config)  # a bf16 / HF model: make the int8-expert mix in memory
@@ -1731,8 +1753,6 @@ class GroupedMoETrainer:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
     # disable=None: a bar on a terminal only; a log file gets no carriage-return refreshes
     return tqdm(total=total, initial=initial, disable=None if enabled else True, desc="train", unit="step",
                 dynamic_ncols=True)

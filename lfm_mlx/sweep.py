@@ -51,20 +51,24 @@ import mlx.core as mx
 import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
     TrainConfig, accumulate_gradients, activate_group, apply_update, end_group, estimate_for_config, global_norm,
     lean_gradients, make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params,
-    park_group_start, probe_dequant_kernel, probe_row_gather, router_master_of, set_frozen_path,
+    park_group_start, probe_attention, probe_dequant_kernel, probe_row_gather, router_master_of, set_frozen_path,
 )
 from lfm_mlx.memory import (
     BACKWARD, GB, PERSISTENT, UPDATE, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop,
     MemorySoftLimitWarning, MemoryWatchdog, StepMemoryReader, read_memory,
 )
+from lfm_mlx.mixed import quantize_experts
+from lfm_mlx.models import build_model, cast_floats, compute_dtype, load, read_config, resolve_model_path
 from lfm_mlx.report import text_table
 from lfm_mlx.schedule import GroupSchedule
+from lfm_mlx.synthetic import PRESETS, hf_config, write_tokenizer
 
 DEFAULT_SIZES = (1, 2, 4, 6, 8, 11)
 TOLERANCE = 0.15  # |predicted - measured| / measured allowed for every size that ran
@@ -94,8 +98,6 @@ class SweepConfig:
 
     def check(self) -> None:
         """Raise one ValueError listing every bad setting (name, value, fix)."""
-        from lfm_mlx.synthetic import PRESETS
-
         problems = []
         if (self.model is None) == (self.preset is None):
             problems.append(f"give exactly one of --model DIR or --preset NAME (got model={self.model!r}, "
@@ -203,41 +205,11 @@ def predicted_used(step_bytes: int, baseline: dict, overhead: int = 0) -> int:
     return max(baseline["rss"], baseline["mlx"] + overhead + step_bytes)
 
 
-def probe_attention(heads: int, head_dim: int, dtype: mx.Dtype, seq_len: int = 1024) -> dict:
-    """Which attention backward this backend runs, measured: 'materialized' when forward + backward
-    of causal sdpa holds at least half a float32 score matrix (B*H*S*S*4) more than its inputs,
-    'fused' when it holds far less (flash-style kernels keep O(S * head_dim) per head)."""
-    key = mx.random.key(0)
-    q, k, v = (mx.random.normal((1, heads, seq_len, head_dim), key=kk).astype(dtype) for kk in mx.random.split(key, 3))
-    mx.eval(q, k, v)
-
-    def loss(q, k, v):
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim ** -0.5, mask="causal")
-        return out.astype(mx.float32).sum()
-
-    grad = mx.grad(loss, argnums=(0, 1, 2))
-    mx.eval(grad(q, k, v))  # warm-up: kernels, caches
-    before = mx.get_active_memory()
-    mx.reset_peak_memory()
-    mx.eval(grad(q, k, v))
-    transient = mx.get_peak_memory() - before
-    scores = heads * seq_len * seq_len * 4
-    del q, k, v
-    mx.clear_cache()
-    ratio = transient / scores
-    return {"kind": "materialized" if ratio >= 0.5 else "fused", "transient_over_scores": round(ratio, 3),
-            "probe": {"heads": heads, "head_dim": head_dim, "seq_len": seq_len, "dtype": str(dtype)}}
-
-
 # ---------------------------------------------------------------- model and batch
 
 
 def build_preset(preset: str, seed: int = 0) -> tuple[nn.Module, dict]:
     """A synthetic preset built in memory with random weights, experts int8 (no files written)."""
-    from lfm_mlx.mixed import quantize_experts
-    from lfm_mlx.models import build_model, cast_floats, compute_dtype
-    from lfm_mlx.synthetic import hf_config
-
     config = hf_config(preset)
     mx.random.seed(seed)
     model = build_model(config)
@@ -251,11 +223,6 @@ def build_preset(preset: str, seed: int = 0) -> tuple[nn.Module, dict]:
 
 def load_model_dir(path: str) -> tuple[nn.Module, dict, Path]:
     """A model directory (mixed int8-expert, or bf16/HF: its experts are quantized in memory)."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-
-    from lfm_mlx.mixed import quantize_experts
-    from lfm_mlx.models import load, resolve_model_path
-
     model_dir = resolve_model_path(path)
     model, _, config = load(model_dir, with_tokenizer=False, return_config=True)
     if config.get("model_type") != "lfm2_moe":
@@ -277,12 +244,10 @@ def synthetic_batch(vocab_size: int, seq_len: int, seed: int = 0) -> Batch:
 def data_batch(data: str, config: dict, model_dir: Path | None, preset: str | None, max_tokens: int,
                seed: int = 0) -> tuple[Batch, dict]:
     """The longest example of `data` (the step's worst case), tokenized as training would."""
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from mlx_lm.tokenizer_utils import load as load_tokenizer  # lazy: pulls in transformers (~1 s)
 
     with tempfile.TemporaryDirectory() as tmp:
         if model_dir is None:
-            from lfm_mlx.synthetic import PRESETS, write_tokenizer
-
             model_dir = Path(tmp)
             write_tokenizer(model_dir, PRESETS[preset].get("tokenizer_vocab", config["vocab_size"]))
         tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
@@ -477,20 +442,14 @@ class _Setup:
 def prepare(cfg: SweepConfig, log=print) -> _Setup:
     """Config and batch, the attention probe, the runtime baseline, then the model (in that order,
     so the baseline holds everything but the weights), and the frozen-expert path."""
-    from lfm_mlx.models import compute_dtype
-
     train = TrainConfig(model=cfg.model or f"preset:{cfg.preset}", data=[cfg.data or "synthetic"],
                         run_dir=str(cfg.out), optimizer=cfg.optimizer, master_dtype=cfg.master_dtype,
                         frozen_path=cfg.frozen_path, max_tokens=cfg.seq_len, seed=cfg.seed, progress=False)
     machine = machine_info()
     model_dir = None
     if cfg.preset is not None:
-        from lfm_mlx.synthetic import hf_config
-
         config = hf_config(cfg.preset)
     else:
-        from lfm_mlx.models import read_config, resolve_model_path
-
         model_dir = resolve_model_path(cfg.model)
         config = read_config(model_dir)
     dtype = compute_dtype(config)
