@@ -60,15 +60,18 @@ def test_every_stage_runs_and_leaves_its_reports(demo):
     assert fused4["mean_kl"] > 3 * fused8["mean_kl"]
     assert (run / "fused-4bit").is_dir() == fused4["passed"]
     assert fused4["passed"] == (not fused4["reasons"])
+    # Without BFCL's data the slice is skipped, and the summary says how to get it.
+    assert "pip download --no-deps bfcl-eval" in summary["bfcl"]["skipped"]
+    assert "BFCL slice: skipped" in (run / "summary.md").read_text()
 
 
 @pytest.mark.slow
 def test_the_demo_learns_the_tool_surface(demo):
-    """On the run's own reports (96 held-out cases each). Measured on the 2-core box (README): base 0%,
-    grouped training 75%, LoRA repair, fused 8-bit and GGUF in llama.cpp 84% (paraphrase 72%), the
-    weakest final category no_tool at 56%, finalization 88%, no false positives. The bounds below keep
-    a few cases of margin for other CPUs' rounding; the issue's aim (90% after the repair, 80% on the
-    paraphrases, no category below 75%) is not reached yet."""
+    """On the run's own reports (96 held-out cases each). Measured on the 2-core box (README): base 7%
+    (how-to answers the base already knows), grouped training 69%, LoRA repair, fused 8-bit and GGUF in
+    llama.cpp 81% (paraphrase 77%), the weakest final category file at 69%, finalization 75%, no false
+    positives. The bounds below keep a few cases of margin for other CPUs' rounding; the issue's aim
+    (90% after the repair, 80% on the paraphrases, no category below 75%) is not reached yet."""
     _, summary = demo
     rates, paraphrase, metrics = summary["pass_rates"], summary["paraphrase_pass_rates"], summary["metrics"]
     assert all(m["cases"] >= 96 for m in metrics.values()), {k: m["cases"] for k, m in metrics.items()}
@@ -77,10 +80,10 @@ def test_the_demo_learns_the_tool_surface(demo):
     base = metrics["base"]["per_category"]
     assert all(base[c]["pass_rate"] == 0 for c in ("browser", "terminal", "file", "apps")), base
     for stage in ("repaired", "fused 8-bit", "gguf (llama.cpp)"):
-        assert rates[stage] >= 0.80 and paraphrase[stage] >= 0.65, (stage, rates, paraphrase)
+        assert rates[stage] >= 0.76 and paraphrase[stage] >= 0.72, (stage, rates, paraphrase)
         final = metrics[stage]
-        assert min(c["pass_rate"] for c in final["per_category"].values()) >= 0.43, (stage, final["per_category"])
-        assert final["no_tool_false_positive_rate"] <= 0.05 and final["finalization_rate"] >= 0.75, (stage, final)
+        assert min(c["pass_rate"] for c in final["per_category"].values()) >= 0.56, (stage, final["per_category"])
+        assert final["no_tool_false_positive_rate"] <= 0.05 and final["finalization_rate"] >= 0.62, (stage, final)
     one_case = 1 / metrics["repaired"]["cases"]
     assert abs(rates["fused 8-bit"] - rates["repaired"]) <= 2 * one_case + 1e-4, rates  # rates: 4 decimals
 
