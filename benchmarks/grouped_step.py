@@ -54,6 +54,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 import lfm_mlx.grouped as grouped
+import lfm_mlx.grouped.step as grouped_step
 from lfm_mlx import adamw_kernel, dequant_kernel, moments
 from lfm_mlx.data import Batch, masked_loss
 from lfm_mlx.fsutil import atomic_write_json
@@ -315,7 +316,7 @@ STRAIGHTFORWARD_PATH = "dequant"
 SWAPS = {
     "straightforward": [ONE_GRAPH, (dequant_kernel, "_enabled", False)],
     "one-graph": [ONE_GRAPH],
-    "mx-checkpoint": [ONE_GRAPH, (grouped, "_checkpointed", mx_checkpointed)],
+    "mx-checkpoint": [ONE_GRAPH, (grouped_step, "_checkpointed", mx_checkpointed)],
     "float32-gradients": [(sys.modules[__name__], "lean_gradients", lambda cfg: False)],
 }
 
@@ -661,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         _section(results, "torch", out, run_torch, config, layers, args)
         release_torch_memory()
 
-    from lfm_mlx.sweep import probe_attention  # what the trainer's admission measures
+    from lfm_mlx.grouped import probe_attention  # what the trainer's admission measures
 
     heads = config["num_attention_heads"]
     results["attention"] = probe_attention(heads, config["hidden_size"] // heads, compute_dtype(config),

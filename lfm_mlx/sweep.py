@@ -5,7 +5,7 @@ For each group size, smallest first, the sweep
    (frozen-expert path, gradient checkpointing, the attention kind this backend runs, compute and
    master dtypes), and adds the runtime baseline measured at start;
 2. asks a `MemoryWatchdog` to admit it: an estimate over the hard stop ends the sweep unrun;
-3. runs a few real grouped-training steps (grouped.py's `activate_group`, `make_loss_and_grad`,
+3. runs a few real grouped-training steps (lfm_mlx.grouped's `activate_group`, `make_loss_and_grad`,
    `accumulate_gradients`, `apply_update`, `end_group`) on the FIRST `size` MoE layers, the
    worst case for the backward pass, with the watchdog checking after every step: a hard stop
    ends the sweep;

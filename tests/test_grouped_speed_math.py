@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import lfm_mlx.grouped as grouped
+import lfm_mlx.grouped.optimizer as grouped_optimizer
 from lfm_mlx.data import Batch, masked_loss
 from lfm_mlx.grouped import (
     FusedAdamW, TrainConfig, accumulate_gradients, activate_group, apply_update, cast_keeping_gradient_dtype,
@@ -154,7 +154,7 @@ def test_int8_moments_updated_in_blocks_of_rows_follow_the_whole_tensor_update(m
     blocks draw their own rounding noise, so the weights agree to the noise, not bit for bit."""
     mx.random.seed(0)
     whole = _train_stack(FusedAdamW(learning_rate=1e-3, state_bits=8))
-    monkeypatch.setattr(grouped, "UPDATE_CHUNK", 2 * 32 * 128)  # 2 of the 6 rows at a time
+    monkeypatch.setattr(grouped_optimizer, "UPDATE_CHUNK", 2 * 32 * 128)  # 2 of the 6 rows at a time
     mx.random.seed(0)
     blocks_optimizer = FusedAdamW(learning_rate=1e-3, state_bits=8)
     blocks = _train_stack(blocks_optimizer)

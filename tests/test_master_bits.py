@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from test_grouped_speed_math import tiny_model, token_batch
 
-import lfm_mlx.grouped as grouped
+import lfm_mlx.grouped.experts as grouped_experts
+import lfm_mlx.grouped.optimizer as grouped_optimizer
 from lfm_mlx.grouped import (
     FusedAdamW, TrainConfig, activate_group, apply_update, global_norm, make_loss_and_grad, make_optimizer, master_of,
     moe_params, router_master_of, set_frozen_path,
@@ -45,7 +46,7 @@ def test_the_split_masters_update_is_the_float32_masters_bit_for_bit(state_bits,
     """30 AdamW steps (weight decay, a gradient scale) from bf16 starting weights: a float32
     master and a split one hold the same bits after every step; int8 moments updated two rows at
     a time carry the low bits through the blocks. `merge_masters` puts the float32 masters back."""
-    monkeypatch.setattr(grouped, "UPDATE_CHUNK", 2 * 32 * 128)
+    monkeypatch.setattr(grouped_optimizer, "UPDATE_CHUNK", 2 * 32 * 128)
     start = (0.02 * mx.random.normal((6, 32, 128), key=mx.random.key(7))).astype(mx.bfloat16)
     plain, split = _Stack(start.astype(mx.float32)), _Stack(start)
     options = dict(learning_rate=1e-3, weight_decay=0.01, state_bits=state_bits)
@@ -112,7 +113,7 @@ def test_a_bf16_step_on_split_masters_is_the_float32_masters(monkeypatch):
     assert master_of(config.model_copy(update={"fused_update": False}), mx.bfloat16) == mx.float32
     assert router_master_of(config, mx.bfloat16) == mx.float32
     split = _train("split")
-    monkeypatch.setattr(grouped, "cast_keeping_gradient_dtype", _cast_rounding_ties_away)
+    monkeypatch.setattr(grouped_experts, "cast_keeping_gradient_dtype", _cast_rounding_ties_away)
     reference = _train("float32")
     assert sum(np.abs(update).sum() for update in reference.values()) > 0
     for name, update in reference.items():

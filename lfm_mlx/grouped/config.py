@@ -1,0 +1,272 @@
+"""TrainConfig and MemorySettings (YAML, --set overrides, validation that lists every problem), and the
+settings derived from a config that the trainer, the sweep and the memory estimate share."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import mlx.core as mx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lfm_mlx.errors import UserError
+from lfm_mlx.memory import MemoryBudget, MemoryEstimate, estimate_peak
+from lfm_mlx.models import compute_dtype
+from lfm_mlx.yamlfile import read_yaml
+
+
+# Keys a resume may change with --allow-config-change (the optimizer's step size, not what is trained).
+CHANGEABLE_ON_RESUME = ("learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eps", "betas")
+GROUP_START = "group_start.safetensors"  # in the run dir: the training group's int8 start copy (offload_group_start)
+
+
+class ConfigError(UserError, ValueError):
+    """A training config with problems; the message lists every one of them."""
+
+
+class MemorySettings(BaseModel):
+    """Memory budget in GB (1e9 bytes): warn and clear caches at soft_gb, checkpoint and stop at hard_gb."""
+
+    model_config = ConfigDict(extra="forbid")
+    total_gb: float = 64.0
+    soft_gb: float = 54.0
+    hard_gb: float = 60.0
+    sample_every: int = Field(1, ge=1)
+    above_physical: bool = Field(False, description="allow total_gb above this machine's physical memory (the "
+                                                    "hard stop could then never fire before the OS kills the run)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "MemorySettings":
+        if not 0 < self.soft_gb < self.hard_gb <= self.total_gb:
+            raise ValueError(f"needs 0 < soft_gb ({self.soft_gb}) < hard_gb ({self.hard_gb}) "
+                             f"<= total_gb ({self.total_gb})")
+        return self
+
+    def budget(self) -> MemoryBudget:
+        return MemoryBudget(total_gb=self.total_gb, soft_gb=self.soft_gb, hard_gb=self.hard_gb)
+
+
+class TrainConfig(BaseModel):
+    """Everything a grouped training run needs; `lfm-mlx train CONFIG.yaml` reads the same type."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="mixed (int8-expert) or bf16/HF model directory, or hub id")
+    data: list[str] = Field(min_length=1, description="JSONL files of chat rows")
+    run_dir: str = Field(description="checkpoints, metrics.jsonl, resolved config, final model")
+    # data
+    max_tokens: int = Field(10240, ge=2, description="per-example token cap")
+    splits: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    skip_invalid: bool = False
+    sort_by_length: bool = False
+    # schedule
+    group_size: int = Field(4, ge=1)
+    group_stride: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1)
+    steps_per_group: int | Literal["split", "epoch"] = "split"
+    batch_size: int = Field(1, ge=1)
+    grad_accumulation: int = Field(1, ge=1)
+    # optimizer
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    # finite and below 1: `.inf` or 1e38 once passed and wrote non-finite or huge weights
+    learning_rate: float = Field(1e-5, gt=0, lt=1, allow_inf_nan=False)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0, description="per phase; capped at half the phase's steps")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
+    grad_clip: float | None = Field(1.0, gt=0, allow_inf_nan=False)
+    # numerics
+    train_routers: bool = True
+    master_dtype: Literal["split", "float32", "compute", "compute-stochastic"] = Field(
+        "split", description="the trained experts' and routers' copies; split: a float32 master held as the "
+                             "bfloat16 weights the model computes with plus their 16 low bits in the optimizer "
+                             "(float32's math and memory, no casts; with the fused AdamW and bf16 compute, else "
+                             "float32); compute: in the compute dtype; compute-stochastic: there too, each update "
+                             "rounded stochastically to bfloat16 (unbiased, half a float32 master's memory; other "
+                             "math, fused AdamW only)")
+    optimizer_state: Literal["float32", "int8"] = Field("float32", description="AdamW moments of the fused update; "
+                                                        "int8: 1.125 bytes an element instead of 4 (other math)")
+    fused_update: bool = Field(True, description="AdamW as one compiled kernel per tensor, float32 moments "
+                                                 "(mlx.optimizers.AdamW's math); false: mlx.optimizers.AdamW itself")
+    loss_chunk: int = Field(1024, ge=0, description="tokens per cross-entropy chunk (logits recomputed in the "
+                                                    "backward pass); 0: the whole batch's logits at once")
+    grad_checkpoint: bool = True
+    offload_group_start: bool = Field(True, description=f"keep the group's int8 start copy (requantization's "
+                                      f"and retention's reference) in run_dir/{GROUP_START} while the group trains, "
+                                      "not in memory (1.5 GB at group 4 of the 8B)")
+    keep_expert_activations: bool = Field(False, description="frozen expert blocks above the group keep their "
+                                          "gate and up projections from the forward pass, so the backward pass "
+                                          "skips their recomputation (padded-block path, layer walk; more memory)")
+    frozen_path: Literal["auto", "qmm", "dequant", "batched"] = "auto"
+    stop_gradient: bool = True
+    stochastic_rounding: bool = False
+    # control
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=0, description="steps; 0: only at group boundaries")
+    keep_checkpoints: int = Field(2, ge=0)
+    max_consecutive_skips: int = Field(5, ge=1, description="steps in a row skipped (not applied) for a non-finite "
+                                       "loss or gradient or a learning rate outside (0, 1) before the run stops; "
+                                       "trained weights non-finite after an update stop it at once, unsaved")
+    eval_each_group: bool = True
+    progress: bool = True
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+
+    @field_validator("model", "run_dir", mode="before")
+    @classmethod
+    def _path_to_str(cls, value):
+        return str(value) if isinstance(value, Path) else value
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _paths_to_list(cls, value):
+        if isinstance(value, (str, Path)):
+            value = [value]
+        return [str(v) if isinstance(v, Path) else v for v in value] if isinstance(value, (list, tuple)) else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainConfig":
+        problems = []
+        if isinstance(self.steps_per_group, int) and self.steps_per_group < 1:
+            problems.append(f"steps_per_group={self.steps_per_group} must be >= 1, 'split' or 'epoch'")
+        if self.group_stride > self.group_size:
+            problems.append(f"group_stride={self.group_stride} > group_size={self.group_size} leaves layers untrained")
+        if any(f < 0 for f in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
+            problems.append(f"splits={list(self.splits)} must be three fractions >= 0 summing to 1")
+        if self.optimizer_state == "int8" and not (self.optimizer == "adamw" and self.fused_update):
+            problems.append(f"optimizer_state='int8' needs the fused AdamW (optimizer=adamw, fused_update=true), "
+                            f"not optimizer={self.optimizer}, fused_update={str(self.fused_update).lower()}")
+        if self.master_dtype == "compute-stochastic" and not (self.optimizer == "adamw" and self.fused_update):
+            problems.append(f"master_dtype='compute-stochastic' needs the fused AdamW (optimizer=adamw, "
+                            f"fused_update=true), not optimizer={self.optimizer}, "
+                            f"fused_update={str(self.fused_update).lower()}")
+        if not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas={list(self.betas)} must lie in [0, 1)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
+        """Validate a dict; every problem is reported in one ConfigError naming `source` and the key."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            lines = []
+            for problem in err.errors():
+                key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+                given = f" (got {problem['input']!r})" if problem["type"] != "missing" else ""
+                if problem["type"] == "extra_forbidden":
+                    fields = list(_settings_at(cls, problem["loc"][:-1]).model_fields)
+                    near = difflib.get_close_matches(str(problem["loc"][-1]), fields, n=1)
+                    given = (f" (did you mean {'.'.join([*map(str, problem['loc'][:-1]), near[0]])!r}?)" if near
+                             else f" (not a key here; keys: {', '.join(fields)})")
+                lines.append(f"  {key}: {problem['msg']}{given}")
+            raise ConfigError(f"{source}: {len(lines)} problem(s) in the training config:\n" + "\n".join(lines)
+                              + f"\nfix these keys (fields: {', '.join(cls.model_fields)})") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+        """Read a YAML file (relative paths are relative to the file), apply `overrides` (CLI > YAML)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"training config {path} does not exist")
+        data = read_yaml(path, "training config") or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+        base = path.parent
+        if isinstance(data.get("data"), (str, Path)):
+            data["data"] = [data["data"]]
+        if isinstance(data.get("data"), list):
+            data["data"] = [str(base / p) if isinstance(p, str) and not Path(p).is_absolute() else p
+                            for p in data["data"]]
+        if isinstance(data.get("run_dir"), str) and not Path(data["run_dir"]).is_absolute():
+            data["run_dir"] = str(base / data["run_dir"])
+        model = data.get("model")
+        if isinstance(model, str) and not Path(model).is_absolute() and (base / model).exists():
+            data["model"] = str(base / model)  # else a hub id or a path relative to the working directory
+        for key, value in (overrides or {}).items():  # command-line values: relative to the working directory
+            _set_dotted(data, key, value)
+        return cls.from_dict(data, source=str(path))
+
+    def check_paths(self) -> None:
+        """Raise one ConfigError naming every data file that is missing (and a missing local model)."""
+        problems = [f"  data: {path} is a directory; list its JSONL files" if Path(path).is_dir() else
+                    f"  data: {path} does not exist" for path in self.data if not Path(path).is_file()]
+        model = Path(self.model).expanduser()
+        if not model.exists() and (self.model.startswith((".", "/", "~")) or self.model.count("/") != 1):
+            problems.append(f"  model: {self.model} does not exist (a local directory or an owner/name hub id)")
+        if problems:
+            raise ConfigError("training config paths:\n" + "\n".join(problems))
+
+    def training_hash_dict(self) -> dict:
+        """The fields that change what training computes (a resumed run must match them)."""
+        ignore = {"run_dir", "progress", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips",
+                  "eval_each_group", "memory"}
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in ignore}
+
+
+def _settings_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The settings class at a nested key path (("memory",) -> MemorySettings), for did-you-mean."""
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return model
+        model = annotation
+    return model
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a mapping")
+    node[parts[-1]] = value
+
+
+def lean_gradients(config: TrainConfig) -> bool:
+    """Whether the experts' gradients may stay in the compute dtype: when the fused AdamW reads them
+    (in float32) and no micro-batch sum needs float32 (the same values as float32 gradients)."""
+    return config.optimizer == "adamw" and config.fused_update and config.grad_accumulation == 1
+
+
+def split_master_in_use(config: TrainConfig, compute: mx.Dtype) -> bool:
+    """Whether master_dtype "split" applies: the fused AdamW holds the low bits, and a bfloat16
+    compute dtype has low bits to hold (float32 compute: the weights are the float32 master)."""
+    return config.master_dtype == "split" and config.optimizer == "adamw" and config.fused_update and \
+        compute == mx.bfloat16
+
+
+def router_master_of(config: TrainConfig, compute: mx.Dtype) -> mx.Dtype:
+    """The dtype of the group's trained routers: float32 with a float32 or split master (a router
+    is small, and its scores are then computed in float32 as with a float32 master), else compute."""
+    return mx.float32 if config.master_dtype in ("float32", "split") else compute
+
+
+def master_of(config: TrainConfig, compute: mx.Dtype) -> mx.Dtype:
+    """The dtype of the group's trained experts (`activate_group`) for a config's master_dtype."""
+    if config.master_dtype == "split":
+        return compute if split_master_in_use(config, compute) else mx.float32
+    return mx.float32 if config.master_dtype == "float32" else compute
+
+
+def estimate_for_config(model_config: dict, config: TrainConfig, frozen: str, seq_len: int,
+                        group_size: int | None = None, attention: str = "materialized") -> MemoryEstimate:
+    """`estimate_peak` for what a TrainConfig's step holds (its master, optimizer state, loss
+    chunking, checkpointing) on expert path `frozen`, at `seq_len` tokens per example."""
+    quant = model_config.get("quantization") or {}
+    cb = 2 if compute_dtype(model_config) == mx.bfloat16 else 4
+    fused = config.optimizer == "adamw" and config.fused_update
+    return estimate_peak(
+        model_config, group_size=group_size or config.group_size, seq_len=seq_len, batch_size=config.batch_size,
+        optimizer=config.optimizer, expert_bits=int(quant.get("bits", 8)),
+        group_bits_size=int(quant.get("group_size", 64)), compute_dtype_bytes=cb,
+        grad_checkpoint=config.grad_checkpoint, frozen_path=frozen, attention=attention,
+        grad_accumulation=config.grad_accumulation, master=config.master_dtype,
+        fused_update=fused, lean_gradients=lean_gradients(config), loss_chunk=config.loss_chunk,
+        moment_bits=8 if fused and config.optimizer_state == "int8" else 32,
+        keep_expert_activations=config.keep_expert_activations,
+    )

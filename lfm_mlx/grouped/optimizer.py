@@ -1,0 +1,250 @@
+"""The optimizer: fused AdamW (float32 or int8 moments, split or stochastically rounded masters), the
+per-phase warmup + cosine schedule, and the choice among AdamW, fused AdamW and Adafactor."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from lfm_mlx import adamw_kernel
+from lfm_mlx.grouped.config import TrainConfig
+from lfm_mlx.master_bits import join_master, split_master
+from lfm_mlx.moments import (
+    MOMENT_GROUP, V_FLOOR, WEIGHT_STREAM, pack_moment, pack_moment_noisy, round_to_bfloat16, unpack_moment,
+)
+
+
+UPDATE_CHUNK = 1 << 25  # elements of one tensor updated at a time with int8 moments (their float32 copies scale with it)
+
+
+def _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd):
+    """mlx.optimizers.AdamW's arithmetic (no bias correction, eps outside the sqrt) in float32:
+    the new weights, first and second moments, all float32."""
+    g = g.astype(mx.float32) * scale
+    m32 = b1 * m.astype(mx.float32) + (1 - b1) * g
+    v32 = b2 * v.astype(mx.float32) + (1 - b2) * g * g
+    p32 = p.astype(mx.float32) * (1 - lr * wd) - lr * m32 / (mx.sqrt(v32) + eps)
+    return p32, m32, v32
+
+
+def _adamw_dense(g, p, m, v, lr, scale, b1, b2, eps, wd):
+    p32, m32, v32 = _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd)
+    return p32.astype(p.dtype), m32.astype(m.dtype), v32.astype(v.dtype)
+
+
+def _adamw_split(g, high, low, m, v, lr, scale, b1, b2, eps, wd):
+    """_adamw_dense on a master split into bfloat16 weights and their low bits (`master_bits`):
+    the float32 master's update, bit for bit, and the new halves."""
+    p32, m32, v32 = _adamw_math(g, join_master(high, low), m, v, lr, scale, b1, b2, eps, wd)
+    return (*split_master(p32), m32, v32)
+
+
+def _adamw_dense_rounded(g, p, m, v, lr, scale, seed, b1, b2, eps, wd):
+    """_adamw_dense with the new bfloat16 weights rounded stochastically (`round_to_bfloat16`)."""
+    p32, m32, v32 = _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd)
+    return round_to_bfloat16(p32, seed + WEIGHT_STREAM), m32.astype(m.dtype), v32.astype(v.dtype)
+
+
+def _adamw_int8_math(g, p, m, v, lr, scale, seed, b1, b2, eps, wd, rounded):
+    """_adamw_math on int8 moments: the new weights (bfloat16 rounded stochastically when
+    `rounded`), the new first moment and the logarithm of the new second moment (float32), for
+    `_adamw_int8_state` to pack."""
+    p32, m32, v32 = _adamw_math(g, p, unpack_moment(m), mx.exp(unpack_moment(v)) - V_FLOOR, lr, scale,
+                                b1, b2, eps, wd)
+    p = round_to_bfloat16(p32, seed + WEIGHT_STREAM) if rounded else p32.astype(p.dtype)
+    return p, m32, mx.log(v32 + V_FLOOR)
+
+
+def _adamw_int8_split_math(g, high, low, m, v, lr, scale, seed, b1, b2, eps, wd):
+    """_adamw_int8_math on a split master: its new halves, then the moments for packing."""
+    p32, m32, log_v32 = _adamw_int8_math(g, join_master(high, low), m, v, lr, scale, seed, b1, b2, eps, wd, False)
+    return (*split_master(p32), m32, log_v32)
+
+
+def _adamw_int8_state(g, master: tuple, m, v, lr, scale, seed, b1, b2, eps, wd, rounded=False) -> tuple:
+    """_adamw_math on int8 moments, each stored rounded stochastically (unbiased): the first
+    moment linearly, the second as its logarithm (its values span orders of magnitude within a
+    group; a linear code would round small ones to zero and blow their step up). One noise draw
+    serves both, as u and 1 - u: each moment's rounding is still unbiased, at half the draws.
+    `master`: (weights,) or a split master's (bfloat16 weights, low bits); returns the new master's
+    arrays, then the packed moments."""
+    if len(master) == 2:
+        kernel = _adamw_int8_split_kernel
+    else:
+        kernel = _adamw_int8_rounded_kernel if rounded else _adamw_int8_kernel
+    *new_master, m32, log_v32 = kernel(g, *master, m, v, lr, scale, seed, b1, b2, eps, wd)
+    return (*new_master, pack_moment_noisy(m32, seed), pack_moment_noisy(log_v32, seed, flip=True))
+
+
+_adamw_kernel = mx.compile(_adamw_dense)
+_adamw_split_kernel = mx.compile(_adamw_split)
+_adamw_rounded_kernel = mx.compile(_adamw_dense_rounded)
+_adamw_int8_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=False))
+_adamw_int8_rounded_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=True))
+_adamw_int8_split_kernel = mx.compile(_adamw_int8_split_math)
+_join_kernel = mx.compile(join_master)
+
+
+def _leaves(tree, path: tuple = ()):
+    """(path, container, key) of every array in a nested dict / list tree."""
+    items = list(tree.items()) if isinstance(tree, dict) else list(enumerate(tree))
+    for key, value in items:
+        if isinstance(value, (dict, list)):
+            yield from _leaves(value, path + (key,))
+        elif isinstance(value, mx.array):
+            yield path + (key,), tree, key
+
+
+def _at(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path: tuple, value) -> None:
+    _at(tree, path[:-1])[path[-1]] = value
+
+
+def _rows(tree, start: int, end: int):
+    """Rows start:end (first axis) of every array in a nested dict."""
+    return tree_map(lambda a: a[start:end], tree)
+
+
+class FusedAdamW(optim.Optimizer):
+    """AdamW with mlx.optimizers.AdamW's math (defaults: no bias correction), as one compiled
+    kernel per tensor (float32 arithmetic) instead of a chain of separate passes, with the
+    gradient's scale (mean over tokens, clipping) folded in through `grad_scale`. Moments are
+    float32 whatever the parameters' dtype (mlx.optimizers keep them in the parameters' dtype).
+
+    `split_master`: a bfloat16 parameter is the upper half of a float32 master whose 16 low bits
+    the optimizer holds (state "low", `master_bits`): the update is the float32 master's, bit for
+    bit, and `merge_masters` writes the whole masters back into the model.
+    `state_bits=8` (other math, checked against the float32 step's loss by the benchmark) keeps
+    both moments as int8 codes (`pack_moment`; 1.125 bytes an element instead of 4) for tensors
+    whose last axis is a multiple of MOMENT_GROUP; large tensors then go UPDATE_CHUNK
+    elements (whole rows of the first axis) at a time."""
+
+    def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 state_bits: int = 32, stochastic_weights: bool = False, split_master: bool = False):
+        super().__init__()
+        if state_bits not in (8, 32):
+            raise ValueError(f"state_bits={state_bits}: use 32 (float32 moments) or 8 (int8 moments)")
+        self._maybe_schedule("learning_rate", learning_rate)
+        self.betas, self.eps, self.weight_decay = (float(betas[0]), float(betas[1])), float(eps), float(weight_decay)
+        self.state_bits = state_bits
+        self.stochastic_weights = stochastic_weights
+        self.split_master = split_master
+        self.grad_scale = mx.array(1.0, dtype=mx.float32)
+
+    def init_single(self, parameter: mx.array, state: dict):
+        zeros = mx.zeros(parameter.shape, dtype=mx.float32)
+        if self.state_bits == 8 and parameter.shape[-1] % MOMENT_GROUP == 0:
+            state["m"] = pack_moment(zeros)
+            state["v"] = pack_moment(mx.log(zeros + V_FLOOR))
+        else:
+            state["m"], state["v"] = zeros, mx.zeros(parameter.shape, dtype=mx.float32)
+        if self.split_master and parameter.dtype == mx.bfloat16:
+            state["low"] = mx.zeros(parameter.shape, dtype=mx.uint16)  # the master starts at the weights
+
+    def merge_masters(self, model: nn.Module) -> None:
+        """Replace every split parameter in `model` by its whole float32 master (after the last
+        step, before the group is requantized from it); the low bits leave the state."""
+        for path, holder, key in list(_leaves(self.state)):
+            if key == "low":
+                _set(model, path[:-1], _join_kernel(_at(model, path[:-1]), holder.pop(key)))
+
+    def update(self, model: nn.Module, gradients: dict) -> None:
+        """As Optimizer.update, but one tensor at a time, each evaluated before the next, and each
+        gradient dropped from `gradients` once applied (the caller's tree is emptied): the update
+        then holds one tensor's temporaries instead of all of them (MLX evaluates breadth first)."""
+        if not self._initialized:
+            self.init(gradients)
+        for name, scheduler in self._schedulers.items():
+            self.state[name] = scheduler(self.step)
+        self.state["step"] = self.step + 1
+        for path, holder, key in _leaves(gradients):
+            gradient = holder[key]
+            holder[key] = None  # the caller's reference goes: the gradient is freed once used
+            new = self._update_tensor(gradient, _at(model, path), _at(self.state, path))
+            del gradient
+            _set(model, path, new)  # into the model at once: the old weights go now, not after every tensor
+
+    def _update_tensor(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        """The new weights of one tensor (its moments replaced in `state`), a block of rows at a time."""
+        rows = parameter.shape[0] if parameter.ndim > 1 else 1  # a vector is one row
+        per_block = max(1, UPDATE_CHUNK // max(parameter.size // rows, 1))
+        # Float32 moments: the compiled update holds nothing beyond its outputs, so the whole tensor
+        # goes at once (blocks and their concatenation moved the data twice). Int8 moments unpack
+        # to float32 first, and that temporary scales with the block.
+        if rows <= per_block or not isinstance(state["m"], dict):
+            new = self.apply_single(gradient, parameter, state)
+            mx.eval(new, state)
+            return new
+        pieces, moments = [], {name: [] for name in state}  # m, v (and a split master's low bits)
+        for start in range(0, rows, per_block):
+            end = min(start + per_block, rows)
+            part = {name: _rows(value, start, end) for name, value in state.items()}
+            pieces.append(self.apply_single(gradient[start:end], parameter[start:end], part))
+            mx.eval(pieces[-1], part)
+            for name in moments:
+                moments[name].append(part[name])
+        for name, parts in moments.items():
+            state[name] = (mx.concatenate(parts) if isinstance(parts[0], mx.array)
+                           else {k: mx.concatenate([p[k] for p in parts]) for k in parts[0]})
+        new = mx.concatenate(pieces)
+        mx.eval(new, state)
+        return new
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        lr = self.learning_rate.astype(mx.float32)
+        (b1, b2), eps, wd = self.betas, self.eps, self.weight_decay
+        rounded = self.stochastic_weights and parameter.dtype == mx.bfloat16
+        if isinstance(state["m"], dict) or rounded:
+            seed = mx.random.randint(0, 1 << 31, (1,)).astype(mx.uint32)  # from the step's seeded RNG
+        if "low" in state and isinstance(state["m"], dict):
+            p, state["low"], state["m"], state["v"] = _adamw_int8_state(
+                gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale, seed, b1, b2, eps, wd)
+        elif "low" in state:
+            p, state["low"], state["m"], state["v"] = adamw_kernel.update(
+                _adamw_split_kernel, gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale,
+                b1, b2, eps, wd)
+        elif isinstance(state["m"], dict):
+            p, state["m"], state["v"] = _adamw_int8_state(gradient, (parameter,), state["m"], state["v"], lr,
+                                                          self.grad_scale, seed, b1, b2, eps, wd, rounded)
+        elif rounded:
+            p, state["m"], state["v"] = _adamw_rounded_kernel(gradient, parameter, state["m"], state["v"], lr,
+                                                              self.grad_scale, seed, b1, b2, eps, wd)
+        else:
+            p, state["m"], state["v"] = adamw_kernel.update(_adamw_kernel, gradient, (parameter,), state["m"],
+                                                            state["v"], lr, self.grad_scale, b1, b2, eps, wd)
+        return p
+
+
+def lr_schedule(config: TrainConfig, steps: int) -> Callable:
+    """Linear warmup then cosine decay to min_lr_ratio x learning_rate, over one phase."""
+    peak = config.learning_rate
+    warmup = min(config.warmup_steps, steps // 2)
+    cosine = optim.cosine_decay(peak, max(steps - warmup, 1), end=peak * config.min_lr_ratio)
+    if warmup == 0:
+        return cosine
+    ramp = optim.linear_schedule(peak / (warmup + 1), peak, warmup)
+    return optim.join_schedules([ramp, cosine], [warmup])
+
+
+def make_optimizer(config: TrainConfig, steps: int) -> optim.Optimizer:
+    schedule = lr_schedule(config, steps)
+    if config.optimizer == "adamw" and config.fused_update:
+        return FusedAdamW(learning_rate=schedule, betas=config.betas, eps=config.eps,
+                          weight_decay=config.weight_decay, state_bits=8 if config.optimizer_state == "int8" else 32,
+                          stochastic_weights=config.master_dtype == "compute-stochastic",
+                          split_master=config.master_dtype == "split")
+    if config.optimizer == "adamw":
+        return optim.AdamW(learning_rate=schedule, betas=list(config.betas), eps=config.eps,
+                           weight_decay=config.weight_decay)
+    return optim.Adafactor(learning_rate=schedule, relative_step=False, scale_parameter=False,
+                           weight_decay=config.weight_decay)
