@@ -53,6 +53,7 @@ import psutil
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
+import lfm_mlx
 from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
@@ -167,8 +168,6 @@ def _version(dist: str) -> str | None:
 
 def machine_info() -> dict:
     """Platform, CPU, RAM, MLX backend and device (GPU name when there is one), and versions."""
-    import lfm_mlx
-
     backend = backend_name()
     try:
         info = mx.device_info()
