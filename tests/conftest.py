@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from lfm_mlx.synthetic import write_synthetic_model
+
+
+@pytest.fixture(autouse=True, scope="session")
+def machine_cache(tmp_path_factory) -> Path:
+    """Per-machine caches (the expert path `auto` measured) go to the session's temp dir, not ~/.cache."""
+    path = tmp_path_factory.mktemp("machine-cache")
+    os.environ["LFM_MLX_CACHE"] = str(path)  # subprocesses (the CLI tests) inherit it
+    return path
 
 
 @pytest.fixture(scope="session")

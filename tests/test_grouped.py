@@ -86,6 +86,31 @@ def tensors(model_dir: Path) -> dict[str, mx.array]:
 # ---------------------------------------------------------------- training end to end
 
 
+def test_two_fresh_auto_runs_on_one_machine_take_the_same_expert_path(tiny_moe_mixed_dir, rows_path, tmp_path,
+                                                                       monkeypatch, machine_cache):
+    """`frozen_path: auto` measures once per machine and shape; a second fresh run reuses the choice
+    (timings vary, and the paths sum in other orders), so the same config gives the same weights."""
+    import lfm_mlx.grouped.trainer as trainer_module
+
+    monkeypatch.setenv("LFM_MLX_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def measured(*args, **kwargs):  # each run would time another winner
+        calls.append(1)
+        return {"qmm": 1.0, "dequant": 2.0, "batched": 3.0} if len(calls) == 1 else {"qmm": 3.0, "dequant": 1.0,
+                                                                                       "batched": 2.0}
+
+    monkeypatch.setattr(trainer_module, "measure_frozen_paths", measured)
+    runs = []
+    for name in ("first", "second"):
+        GroupedMoETrainer(make_config(tiny_moe_mixed_dir, rows_path, tmp_path / name, frozen_path="auto")).train()
+        runs.append(json.loads((tmp_path / name / "frozen_path.json").read_text()))
+    assert len(calls) == 1 and runs[0]["choice"] == runs[1]["choice"] == "qmm"
+    assert "measured on this machine before" in runs[1]["reason"] and runs[1]["seconds"] == runs[0]["seconds"]
+    first, second = tensors(tmp_path / "first" / "model"), tensors(tmp_path / "second" / "model")
+    assert first.keys() == second.keys() and all(mx.array_equal(first[k], second[k]).item() for k in first)
+
+
 def test_training_lowers_loss_and_saves_a_loadable_mixed_model(tiny_moe_mixed_dir, rows_path, tmp_path):
     config = make_config(tiny_moe_mixed_dir, rows_path, tmp_path / "run", steps_per_group=8,
                          frozen_path="auto", eval_each_group=True)

@@ -3,8 +3,11 @@ whether attention's backward holds the score matrix."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
@@ -12,11 +15,44 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from lfm_mlx import dequant_kernel, row_gather
+from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.expert_batch import BatchedSwitchGLU
 from lfm_mlx.grouped.experts import FROZEN_CLASSES, _ff, set_frozen_path
 
 
 PROBE_TOKENS = 1024  # tokens of the start-up expert-path probe (at most the longest example)
+
+
+def frozen_path_cache() -> Path:
+    """Where `frozen_path: auto` keeps its measured choices: one per machine and shape, so two fresh runs
+    of one config on one machine take the same path (the paths sum in other orders: other weights)."""
+    root = os.environ.get("LFM_MLX_CACHE") or Path.home() / ".cache" / "lfm_mlx"
+    return Path(root) / "frozen_path.json"
+
+
+def frozen_path_key(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype) -> str:
+    """What the measurement depends on: the device, the MoE block's shape, the dtype and the probe."""
+    args = model.model.args
+    shape = (args.hidden_size, args.moe_intermediate_size, args.num_experts, args.num_experts_per_tok)
+    return f"{mx.default_device()} | moe {shape} | {dtype} | {seq_len} tokens | layer {layer}"
+
+
+def remembered_frozen_path(key: str) -> dict | None:
+    """The record measured earlier on this machine for `key`, or None (absent or unreadable cache)."""
+    try:
+        return json.loads(frozen_path_cache().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def remember_frozen_path(key: str, record: dict) -> None:
+    """Keep `record` for later runs; a cache that cannot be written only costs a new measurement."""
+    path = frozen_path_cache()
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+        atomic_write_json(path, {**(known if isinstance(known, dict) else {}), key: record})
+    except (OSError, ValueError):
+        pass
 
 
 def _time(fn: Callable, *args, repeats: int = 3) -> float:

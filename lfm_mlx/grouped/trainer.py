@@ -34,7 +34,8 @@ from lfm_mlx.grouped.experts import _ff, _layer_of, activate_group, moe_layers, 
 from lfm_mlx.grouped.group import end_group, park_group_start
 from lfm_mlx.grouped.optimizer import lr_schedule, make_optimizer
 from lfm_mlx.grouped.probes import (
-    PROBE_TOKENS, measure_frozen_paths, probe_attention, probe_dequant_kernel, probe_row_gather,
+    PROBE_TOKENS, frozen_path_cache, frozen_path_key, measure_frozen_paths, probe_attention, probe_dequant_kernel,
+    probe_row_gather, remember_frozen_path, remembered_frozen_path,
 )
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, _step_seed, steps_per_group
 from lfm_mlx.grouped.step import (
@@ -221,10 +222,18 @@ class GroupedMoETrainer:
         if cfg.frozen_path != "auto":
             return {"choice": cfg.frozen_path, "reason": "set in the config"} | kernels
         layer = self.schedule.groups[0][0]
-        times = measure_frozen_paths(self.model, layer, seq, self.dtype, cfg.seed)
-        choice = min(times, key=times.get)
-        record = {"choice": choice, "reason": "faster forward+backward of one MoE block",
-                  "seconds": times, "seq_len": seq, "layer": layer, "device": str(mx.default_device())} | kernels
+        key = frozen_path_key(self.model, layer, seq, self.dtype)
+        record = remembered_frozen_path(key)
+        if record is not None:
+            record = record | {"reason": f"{record['reason']}, measured on this machine before (kept in "
+                                         f"{frozen_path_cache()}; delete it to measure again)"} | kernels
+        else:
+            times = measure_frozen_paths(self.model, layer, seq, self.dtype, cfg.seed)
+            record = {"choice": min(times, key=times.get), "reason": "faster forward+backward of one MoE block",
+                      "seconds": times, "seq_len": seq, "layer": layer, "device": str(mx.default_device())}
+            remember_frozen_path(key, record)
+            record = record | kernels
+        choice = record["choice"]
         if choice != "qmm":
             try:
                 record[f"estimate_{choice}"] = self._admit(model_config, choice)
