@@ -241,6 +241,22 @@ def test_consecutive_non_finite_steps_stop_with_the_example_ids(tiny_moe_mixed_d
     assert (tmp_path / "run" / "checkpoints" / "ckpt-00000003-0000").is_dir()
 
 
+def test_train_says_in_one_line_what_it_starts_and_in_one_what_it_made(tiny_moe_mixed_dir, rows_path, tmp_path,
+                                                                          capsys):
+    config = make_config(tiny_moe_mixed_dir, rows_path, tmp_path / "run", memory={"total_gb": 8, "soft_gb": 5,
+                                                                                   "hard_gb": 6})
+    yaml_path = tmp_path / "train.yaml"
+    yaml_path.write_text(yaml.safe_dump({**config.model_dump(mode="json", exclude_unset=True), "progress": True}))
+    assert main([str(yaml_path)]) == 0
+    out, err = capsys.readouterr()
+    start = [line for line in err.splitlines() if line.startswith("lfm-mlx train: starting")]
+    assert len(start) == 1, err
+    for fact in (tiny_moe_mixed_dir.name, str(mx.default_device()), "BLAS:", "experts qmm", "2 group(s) x 4 steps",
+                 "= 8 steps", "soft/hard 5/6 GB of 8", "rows ", str(tmp_path / "run")):
+        assert fact in start[0], (fact, start[0])
+    assert out.startswith(f"trained model: {tmp_path / 'run' / 'model'}") and "steps 8" in out, out
+
+
 # ---------------------------------------------------------------- memory watchdog
 
 

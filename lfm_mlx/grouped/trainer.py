@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from tqdm import tqdm
 
-from lfm_mlx import adamw_kernel, moments
+from lfm_mlx import adamw_kernel, cpu_blas, moments
 from lfm_mlx.checkpoint import (
     CHECKPOINTS, Checkpoint, ParkedArrays, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint,
     restore_tree, save_checkpoint,
@@ -241,6 +241,24 @@ class GroupedMoETrainer:
                 record.update(choice="qmm", reason=f"{choice} is faster but over budget: {str(err).splitlines()[0]}")
         return record
 
+    def _start_line(self, resolved: dict, resuming: bool) -> str:
+        """One line a user reads before the first step: what trains where, on what budget, with which rows."""
+        import psutil
+
+        def short(dtype: str) -> str:
+            return dtype.replace("mlx.core.", "")
+
+        manifest, memory = self.dataset.manifest, self.config.memory
+        dropped = manifest["rows_read"] - manifest["kept"]
+        return (f"lfm-mlx train: {'resuming' if resuming else 'starting'} {self.model_dir.name} on "
+                f"{mx.default_device()} (BLAS: {cpu_blas.describe()}); compute {short(resolved['compute_dtype'])}, masters "
+                f"{short(resolved['master_dtype'])}, experts {self.frozen}; {len(resolved['groups'])} group(s) x "
+                f"{self.spg} steps x {self.config.epochs} epoch(s) = {resolved['total_steps']} "
+                f"steps; memory soft/hard {memory.soft_gb:g}/{memory.hard_gb:g} GB of {memory.total_gb:g} "
+                f"(machine {psutil.virtual_memory().total / 1e9:.1f} GB); rows {manifest['kept']} of "
+                f"{manifest['rows_read']}" + (f" ({dropped} dropped: run_dir/data_manifest.json)" if dropped else "")
+                + f"; run_dir {self.run_dir}")
+
     # ------------------------------------------------------------ training
 
     def _micro_ids(self, phase: int) -> list[list[str]]:
@@ -299,6 +317,8 @@ class GroupedMoETrainer:
         }
         atomic_write_json(self.run_dir / "train_config.json", resolved)
         atomic_write_json(self.run_dir / "frozen_path.json", frozen)
+        if cfg.progress:
+            print(self._start_line(resolved, resume is not None), file=sys.stderr, flush=True)
 
         # ---- state: fresh or restored
         state = {"phase": 0, "step_in_phase": 0, "global_step": 0, "skipped_steps": 0, "consecutive_skips": 0,
