@@ -90,7 +90,7 @@ def test_two_fresh_auto_runs_on_one_machine_take_the_same_expert_path(tiny_moe_m
                                                                        monkeypatch, machine_cache):
     """`frozen_path: auto` measures once per machine and shape; a second fresh run reuses the choice
     (timings vary, and the paths sum in other orders), so the same config gives the same weights."""
-    import lfm_mlx.grouped.trainer as trainer_module
+    import lfm_mlx.grouped.probes as probes
 
     monkeypatch.setenv("LFM_MLX_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -100,7 +100,7 @@ def test_two_fresh_auto_runs_on_one_machine_take_the_same_expert_path(tiny_moe_m
         return {"qmm": 1.0, "dequant": 2.0, "batched": 3.0} if len(calls) == 1 else {"qmm": 3.0, "dequant": 1.0,
                                                                                        "batched": 2.0}
 
-    monkeypatch.setattr(trainer_module, "measure_frozen_paths", measured)
+    monkeypatch.setattr(probes, "measure_frozen_paths", measured)
     runs = []
     for name in ("first", "second"):
         GroupedMoETrainer(make_config(tiny_moe_mixed_dir, rows_path, tmp_path / name, frozen_path="auto")).train()

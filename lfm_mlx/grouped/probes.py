@@ -45,6 +45,21 @@ def remembered_frozen_path(key: str) -> dict | None:
         return None
 
 
+def auto_frozen_path(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype, seed: int) -> dict:
+    """`frozen_path: auto`'s record: the choice measured earlier on this machine for this shape, else
+    measured now (`measure_frozen_paths`) and kept for the next run."""
+    key = frozen_path_key(model, layer, seq_len, dtype)
+    record = remembered_frozen_path(key)
+    if record is not None:
+        return record | {"reason": f"{record['reason']}, measured on this machine before (kept in "
+                                   f"{frozen_path_cache()}; delete it to measure again)"}
+    times = measure_frozen_paths(model, layer, seq_len, dtype, seed)
+    record = {"choice": min(times, key=times.get), "reason": "faster forward+backward of one MoE block",
+              "seconds": times, "seq_len": seq_len, "layer": layer, "device": str(mx.default_device())}
+    remember_frozen_path(key, record)
+    return record
+
+
 def remember_frozen_path(key: str, record: dict) -> None:
     """Keep `record` for later runs; a cache that cannot be written only costs a new measurement."""
     path = frozen_path_cache()

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+import psutil
 from tqdm import tqdm
 
 from lfm_mlx import adamw_kernel, cpu_blas, moments
@@ -34,8 +35,7 @@ from lfm_mlx.grouped.experts import _ff, _layer_of, activate_group, moe_layers, 
 from lfm_mlx.grouped.group import end_group, park_group_start
 from lfm_mlx.grouped.optimizer import lr_schedule, make_optimizer
 from lfm_mlx.grouped.probes import (
-    PROBE_TOKENS, frozen_path_cache, frozen_path_key, measure_frozen_paths, probe_attention, probe_dequant_kernel,
-    probe_row_gather, remember_frozen_path, remembered_frozen_path,
+    PROBE_TOKENS, auto_frozen_path, probe_attention, probe_dequant_kernel, probe_row_gather,
 )
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, _step_seed, steps_per_group
 from lfm_mlx.grouped.step import (
@@ -136,8 +136,6 @@ class GroupedMoETrainer:
 
     def _check_physical_memory(self) -> None:
         """memory.total_gb above the machine's RAM: the hard stop would never fire before the OS kills the run."""
-        import psutil
-
         physical = psutil.virtual_memory().total / GB
         memory = self.config.memory
         if memory.total_gb <= physical * 1.02 or memory.above_physical:  # 2%: vendors round their figures
@@ -221,18 +219,7 @@ class GroupedMoETrainer:
             return {"choice": resumed["frozen_path"], "reason": "recorded when the run started"} | kernels
         if cfg.frozen_path != "auto":
             return {"choice": cfg.frozen_path, "reason": "set in the config"} | kernels
-        layer = self.schedule.groups[0][0]
-        key = frozen_path_key(self.model, layer, seq, self.dtype)
-        record = remembered_frozen_path(key)
-        if record is not None:
-            record = record | {"reason": f"{record['reason']}, measured on this machine before (kept in "
-                                         f"{frozen_path_cache()}; delete it to measure again)"} | kernels
-        else:
-            times = measure_frozen_paths(self.model, layer, seq, self.dtype, cfg.seed)
-            record = {"choice": min(times, key=times.get), "reason": "faster forward+backward of one MoE block",
-                      "seconds": times, "seq_len": seq, "layer": layer, "device": str(mx.default_device())}
-            remember_frozen_path(key, record)
-            record = record | kernels
+        record = auto_frozen_path(self.model, self.schedule.groups[0][0], seq, self.dtype, cfg.seed) | kernels
         choice = record["choice"]
         if choice != "qmm":
             try:
@@ -243,8 +230,6 @@ class GroupedMoETrainer:
 
     def _start_line(self, resolved: dict, resuming: bool) -> str:
         """One line a user reads before the first step: what trains where, on what budget, with which rows."""
-        import psutil
-
         def short(dtype: str) -> str:
             return dtype.replace("mlx.core.", "")
 
@@ -255,7 +240,7 @@ class GroupedMoETrainer:
                 f"{short(resolved['master_dtype'])}, experts {self.frozen}; {len(resolved['groups'])} group(s) x "
                 f"{self.spg} steps x {self.config.epochs} epoch(s) = {resolved['total_steps']} "
                 f"steps; memory soft/hard {memory.soft_gb:g}/{memory.hard_gb:g} GB of {memory.total_gb:g} "
-                f"(machine {psutil.virtual_memory().total / 1e9:.1f} GB); rows {manifest['kept']} of "
+                f"(machine {psutil.virtual_memory().total / GB:.1f} GB); rows {manifest['kept']} of "
                 f"{manifest['rows_read']}" + (f" ({dropped} dropped: run_dir/data_manifest.json)" if dropped else "")
                 + f"; run_dir {self.run_dir}")
 
