@@ -98,3 +98,23 @@ def plot_bars(labels: Sequence[str], values: Sequence[float], out_png: str | Pat
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_points(points: Sequence[tuple[str, float, float]], out_png: str | Path, title: str, xlabel: str,
+                ylabel: str, marked: str | None = None) -> Path:
+    """One labelled point per (label, x, y); the point labelled `marked` drawn as a red star."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, x, y in points:
+        star = label == marked
+        ax.scatter([x], [y], marker="*" if star else "o", s=180 if star else 40,
+                   color="tab:red" if star else "tab:blue", zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
