@@ -38,7 +38,8 @@ OUTTYPES = {
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 # llama.cpp quantizer presets we offer (llama_ftype values, from gguf's copy of the enum)
-QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "IQ4_XS")
+QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS",
+               "IQ3_M", "IQ3_XS", "IQ2_M")
 ARCHS = {"lfm2": gguf.MODEL_ARCH.LFM2, "lfm2_moe": gguf.MODEL_ARCH.LFM2MOE}
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 # HF-only `{% generation %}` blocks -> an always-true block: same output, same whitespace control.
