@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from lfm_mlx import console
 from lfm_mlx.errors import InvalidInput, MissingInput
 from lfm_mlx.fsutil import atomic_write_json, atomic_write_text
 from lfm_mlx.suites import Case, Suite, argument_problems, load_suite, shipped_suites
@@ -407,11 +408,7 @@ def run_suites(suites: list[Suite], backend: Backend, repeats: int = 1, max_toke
         "cases": [],
     }
     total = sum(len(s.cases) for s in suites) * repeats
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="eval", unit="run", disable=None, file=sys.stderr)
+    bar = console.progress("eval", total, "run", show=progress)
     try:
         for suite in suites:
             for case in suite.cases:
@@ -423,8 +420,7 @@ def run_suites(suites: list[Suite], backend: Backend, repeats: int = 1, max_toke
                     run = suite.grade(case, response, raw) if hasattr(suite, "grade") else grade(case, response, suite, raw)
                     run["seconds"] = round(time.perf_counter() - start, 3)
                     runs.append(run)
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
                 passes = sum(r["passed"] for r in runs)
                 record = {"suite": suite.name, "id": case.id, "category": case.category, "expect": case.expect.kind,
                           "held_out": case.held_out, "passes": passes, "repeats": repeats,
@@ -438,8 +434,7 @@ def run_suites(suites: list[Suite], backend: Backend, repeats: int = 1, max_toke
     except KeyboardInterrupt:
         report["error"] = "interrupted (Ctrl-C)"
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     report["metrics"] = compute_metrics(report["cases"])
     return report
 
@@ -608,6 +603,20 @@ def load_suites(entries: list[str], bfcl_data: str | None = None, limit: int | N
     return suites
 
 
+def _start_line(backend: Backend, suites: list[Suite], args: argparse.Namespace) -> str:
+    """What the eval runs, on what, and where it writes."""
+    info = backend.describe()
+    if info["kind"] == "endpoint":
+        target = f"endpoint {info['url']}"
+    else:
+        adapters = f" + adapters {info['adapter_path']}" if info.get("adapter_path") else ""
+        target = f"{info['model']}{adapters} in-process, {info['dtype']} on {console.where()}"
+    cases = sum(len(s.cases) for s in suites)
+    decoding = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
+    return (f"{cases} case(s) x {args.repeats} repeat(s) of {', '.join(s.name for s in suites)} on {target}; "
+            f"{decoding}, at most {args.max_tokens} tokens; writing {Path(args.out)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--compare" in argv:
@@ -635,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="load --model with mlx_lm.load, as mlx_lm.server does (stored dtypes, bfloat16 for our "
                              "directories) instead of lfm_mlx.load's float32 on CPU: the server's answers token for "
                              "token, about 3x slower on CPU")
+    console.add_quiet(parser)
     args = parser.parse_args(argv)
     try:
         if args.limit is not None and args.limit < 1:
@@ -649,13 +659,17 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--adapter-path applies to --model; start the server with its own --adapter-path")
             backend = EndpointBackend(args.endpoint, args.endpoint_model, args.timeout)
         command = "lfm-mlx eval " + " ".join(shlex.quote(a) for a in argv)
+        console.say("eval", _start_line(backend, suites, args), args.quiet)
         report = evaluate(backend, suites, args.out, args.repeats, args.max_tokens, args.temperature, args.raw,
-                          command=command)
+                          progress=not args.quiet, command=command)
     except (ValueError, FileNotFoundError) as err:
         print(f"lfm-mlx eval: {err}", file=sys.stderr)
         return 2
-    print(summary_markdown(report))
-    print(f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'summary.md'}")
+    if not args.quiet:
+        print(summary_markdown(report))
+    m = report["metrics"]
+    print(f"eval: pass rate {_pct(m['pass_rate'])} ({m['passed']}/{m['runs']} runs); wrote "
+          f"{Path(args.out) / 'report.json'} and {Path(args.out) / 'summary.md'}")
     if not report["complete"]:
         print(f"lfm-mlx eval: stopped early: {report['error']} (partial report written)", file=sys.stderr)
         return 1

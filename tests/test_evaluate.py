@@ -339,3 +339,35 @@ def test_mlx_backend_with_adapters(tiny_model, mini_path, tmp_path):
         assert report["complete"]
         texts.append([c["runs"][0]["content"] for c in report["cases"]])
     assert texts[0] != texts[1]
+
+
+def test_cli_says_what_it_runs_shows_a_few_progress_lines_in_a_log_and_quiet_leaves_the_end_line(
+        tiny_model, mini_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:  # stdout and stderr are pipes, as in a log
+        return subprocess.run([sys.executable, "-m", "lfm_mlx", "eval", "--model", str(tiny_model), "--suite",
+                               str(mini_path), "--out", str(tmp_path / "eval"), "--max-tokens", "8", *extra],
+                              capture_output=True, text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+                              timeout=300)
+
+    result = cli("--repeats", "3")
+    assert result.returncode == 0, result.stderr
+    cases = len(load_suite(mini_path).cases)
+    start, *progress = result.stderr.splitlines()
+    assert start.startswith(f"lfm-mlx eval: {cases} case(s) x 3 repeat(s) of mini on {tiny_model} in-process, "
+                            "float32 on Device(cpu, 0) (BLAS: "), start
+    assert start.endswith(f"writing {tmp_path / 'eval'}"), start
+    assert "\r" not in result.stderr and 1 <= len(progress) <= 4, result.stderr  # a line a quarter, not a refresh a run
+    assert progress[-1].startswith(f"lfm-mlx eval: 100% ({3 * cases}/{3 * cases} runs"), progress
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    end = result.stdout.splitlines()[-1]
+    assert end == (f"eval: pass rate {100 * report['metrics']['pass_rate']:.1f}% ({report['metrics']['passed']}/"
+                   f"{3 * cases} runs); wrote {tmp_path / 'eval' / 'report.json'} and {tmp_path / 'eval' / 'summary.md'}")
+    assert "| overall |" in result.stdout  # the summary table before it
+
+    quiet = cli("--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.splitlines() == [quiet.stdout.strip()]
+    assert quiet.stdout.startswith("eval: pass rate ")
