@@ -79,7 +79,7 @@ def progress(verb: str, total: int, unit: str, initial: int = 0, show: bool = Tr
     from tqdm import tqdm
 
     if not show or total <= 0:
-        return tqdm(disable=True)
+        return tqdm(total=total, disable=True)
     if sys.stderr.isatty():
         return tqdm(total=total, initial=initial, desc=verb, unit=unit, dynamic_ncols=True, file=sys.stderr)
     return Lines(verb, total, unit, initial)

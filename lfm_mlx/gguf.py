@@ -10,6 +10,8 @@ with per-tensor type overrides and an importance matrix computed with MLX from o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import re
 import time
@@ -18,13 +20,14 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import gguf
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from lfm_mlx import console
 from lfm_mlx.errors import debugging
 from lfm_mlx.fsutil import atomic_file, check_free_space, locked, recover, refuse_overlap
 from lfm_mlx.models import check_safetensors, check_tokenizer, read_config, weight_files
@@ -638,13 +641,13 @@ def quantize_gguf(src_gguf: str | Path, dst_gguf: str | Path, qtype: str = "Q4_K
         params.imatrix = entries
         keep.append(entries)
 
-    with locked(dst_gguf, sibling=True), atomic_file(dst_gguf) as tmp:
+    with locked(dst_gguf, sibling=True), atomic_file(dst_gguf) as tmp, _captured_log(llama_cpp) as log:
         code = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), llama_cpp.byref(params))
         if code != 0:
+            said = "".join(log).strip().splitlines()[-12:]
             raise RuntimeError(
-                f"llama.cpp could not quantize {src_gguf} to {qtype} (code {code}); its log above says why "
-                f"(a wrong tensor override pattern, or an imatrix that does not fit the tensors)"
-            )
+                f"llama.cpp could not quantize {src_gguf} to {qtype} (code {code}); a wrong tensor override pattern, "
+                f"or an imatrix that does not fit the tensors? llama.cpp's last words:\n  " + "\n  ".join(said))
     types = gguf_tensor_types(dst_gguf)
     return {
         "source": str(src_gguf), "out": str(dst_gguf), "qtype": qtype,
@@ -652,6 +655,25 @@ def quantize_gguf(src_gguf: str | Path, dst_gguf: str | Path, qtype: str = "Q4_K
         "tensor_types": dict(Counter(types.values())), "overrides": overrides,
         "imatrix_entries": len(imatrix or {}), "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+@contextlib.contextmanager
+def _captured_log(llama_cpp) -> Iterator[list[str]]:
+    """llama.cpp's log kept in a list instead of stderr: the quantizer logs every key and tensor
+    (hundreds of lines for an 8B), and its level numbers differ between versions."""
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        from llama_cpp._logger import llama_log_callback  # llama-cpp-python's own, set when it was imported
+
+        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
 
 
 # ---------------------------------------------------------------- importance matrix
@@ -801,6 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imatrix-from", metavar="JSONL",
                         help="compute an importance matrix from these transcripts (chat rows or text)")
     parser.add_argument("--json", help="write the report as JSON to this path")
+    console.add_quiet(parser)
     args = parser.parse_args(argv)
     if args.quantize and args.outtype == "q8_0":
         parser.error("--quantize needs a float export (--outtype bf16, f16 or f32): "
@@ -823,25 +846,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from tqdm import tqdm
-
+    out = Path(args.out)
+    variants = {qtype: out.with_name(f"{out.stem}-{qtype}.gguf") for qtype in args.quantize}
+    console.say("gguf", f"exporting {args.model_dir} to {out} ({args.outtype} matrices; norms, conv, router and "
+                        f"expert_bias float32)" + "".join(f", then {qtype} to {dst} with llama.cpp's quantizer"
+                                                          for qtype, dst in variants.items())
+                + (f" (importance matrix from {args.imatrix_from})" if args.imatrix_from else ""), args.quiet)
     bar = None
 
     def progress(i: int, n: int, name: str) -> None:
         nonlocal bar
-        bar = bar or tqdm(total=n, unit="tensor", desc="gguf")
+        if bar is None:
+            bar = console.progress("gguf", n, "tensor", show=not args.quiet)
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)
 
-    report = {"export": export_gguf(args.model_dir, args.out, args.outtype, on_tensor=progress)}
+    report = {"export": export_gguf(args.model_dir, out, args.outtype, on_tensor=progress)}
     if bar is not None:
         bar.close()
-    print(f"wrote {args.out}: {report['export']['bytes'] / 1e9:.3f} GB {report['export']['tensor_types']}")
+    written = [f"{out} ({report['export']['bytes'] / 1e9:.3f} GB)"]
+    console.say("gguf", f"wrote {written[0]}: {report['export']['tensor_types']}", args.quiet)
+    if args.imatrix_from:
+        console.say("gguf", f"importance matrix from {args.imatrix_from} ...", args.quiet)
     imatrix = compute_imatrix(args.model_dir, read_samples(args.imatrix_from)) if args.imatrix_from else None
-    out = Path(args.out)
-    for qtype in args.quantize:
-        dst = out.with_name(f"{out.stem}-{qtype}.gguf")
-        result = quantize_gguf(out, dst, qtype, dict(args.tensor_type), imatrix)
-        report[qtype] = result
-        print(f"wrote {dst}: {result['bytes'] / 1e9:.3f} GB {result['tensor_types']}")
+    for qtype, dst in variants.items():
+        console.say("gguf", f"quantizing to {qtype} ...", args.quiet)
+        result = report[qtype] = quantize_gguf(out, dst, qtype, dict(args.tensor_type), imatrix)
+        written.append(f"{dst} ({result['bytes'] / 1e9:.3f} GB)")
+        console.say("gguf", f"wrote {written[-1]}: {result['tensor_types']}", args.quiet)
+    print(f"gguf: wrote {', '.join(written)}")
     return report

@@ -624,3 +624,36 @@ def test_untied_output_head(dirs, tmp_path):
     theirs = llama_logits(llama(tmp_path / "untied.gguf"), ids)
     assert relative_errors(expected, theirs).max() < 5e-3
     assert relative_errors(tied, theirs).min() > 0.5  # the tied head would give other logits
+
+
+def run_cli(*args) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lfm_mlx", "gguf", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, timeout=300)
+
+
+def test_cli_says_what_it_exports_a_line_a_quarter_in_a_log_and_quiet_leaves_the_end_line(dirs, tmp_path):
+    out = tmp_path / "model.gguf"
+    result = run_cli(dirs["mixed"], out)  # stderr is a pipe, as in a log
+    assert result.returncode == 0, result.stderr
+    start, *progress, wrote = result.stderr.splitlines()
+    assert start == f"lfm-mlx gguf: exporting {dirs['mixed']} to {out} (bf16 matrices; norms, conv, router and expert_bias float32)"
+    assert "\r" not in result.stderr and len(progress) == 4 and progress[-1].startswith("lfm-mlx gguf: 100% ("), progress
+    size = f"{out.stat().st_size / 1e9:.3f} GB"
+    assert wrote.startswith(f"lfm-mlx gguf: wrote {out} ({size}): {{") and result.stdout == f"gguf: wrote {out} ({size})\n"
+    quiet = run_cli(dirs["mixed"], out, "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == result.stdout
+
+
+def test_cli_quantizing_keeps_llama_cpps_log_out_of_the_output(dirs, tmp_path):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "model.gguf"
+    result = run_cli(dirs["mixed"], out, "--quantize", "Q8_0")  # llama.cpp once logged ~200 lines here
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("lfm-mlx gguf: ") for line in lines) and len(lines) == 8, result.stderr
+    assert lines[-2] == "lfm-mlx gguf: quantizing to Q8_0 ..."
+    assert result.stdout.startswith(f"gguf: wrote {out} (") and f", {tmp_path / 'model-Q8_0.gguf'} (" in result.stdout
