@@ -25,6 +25,7 @@ unchanged; it also holds the run: resolved config, data manifest, `metrics.jsonl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -38,8 +39,9 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from lfm_mlx import distributed
 from lfm_mlx.errors import InvalidInput, debugging
 from lfm_mlx.fsutil import (
     atomic_dir, atomic_file, atomic_write_json, atomic_write_text, check_free_space, locked, recover_directory,
@@ -362,25 +364,33 @@ def load_data(config: LoraConfig, tokenizer):
 # ---------------------------------------------------------------- training
 
 
-def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array,
+          n_total: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """Mean loss over the masked tokens; divided by `n_total` (every rank's tokens) it is this rank's
+    share of the global batch's mean, so the ranks' gradients sum to the whole batch's gradient."""
     from lfm_mlx.data import masked_loss
 
     total, count = masked_loss(model(inputs), targets, mask)
-    return total / mx.maximum(count, 1), count
+    return total / mx.maximum(count if n_total is None else n_total, 1), count
 
 
-def evaluate_loss(model: nn.Module, examples: list, batch_size: int) -> float | None:
-    """Token-weighted mean loss over every masked token of `examples` (None when empty)."""
+def evaluate_loss(model: nn.Module, examples: list, batch_size: int,
+                  world: distributed.World | None = None) -> float | None:
+    """Token-weighted mean loss over every masked token of `examples` (None when empty); with
+    several ranks each scores its slice and every rank gets the same total."""
     from lfm_mlx.data import iterate_batches, masked_loss
 
     if not examples:
         return None
     model.eval()
+    world = world or distributed.World()
     total, count = 0.0, 0
-    for batch in iterate_batches(examples, batch_size, seed=0, epoch=0):
+    mine = world.shard(examples)
+    for batch in iterate_batches(mine, batch_size, seed=0, epoch=0) if mine else ():
         loss_sum, n = masked_loss(model(batch.inputs), batch.targets, batch.loss_mask)
         mx.eval(loss_sum, n)
         total, count = total + loss_sum.item(), count + n.item()
+    total, count = world.sum_scalars(total, count)
     return total / max(count, 1)
 
 
@@ -396,13 +406,12 @@ def _schedule(config: LoraConfig, total_steps: int):
     return main
 
 
-def _restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, path: Path) -> None:
-    optimizer.init(model.trainable_parameters())
-    saved = mx.load(str(path))
-    current = dict(tree_flatten(optimizer.state))
-    if set(saved) != set(current):
-        raise ValueError(f"{path}: optimizer state does not match this run's LoRA layers; start a new out_dir")
-    optimizer.state = tree_map_with_path(lambda name, _: saved[name], optimizer.state)
+def _read_checkpoint(path: Path, adapters: dict, optimizer_state: dict) -> tuple[dict, dict]:
+    """The checkpoint's adapters and optimizer state, checked against this run's (rank 0 reads them)."""
+    saved = mx.load(str(path / "adapters.safetensors")), mx.load(str(path / "optimizer.safetensors"))
+    if set(saved[0]) != set(adapters) or set(saved[1]) != set(optimizer_state):
+        raise ValueError(f"{path}: adapters or optimizer state do not match this run's LoRA layers; start a new out_dir")
+    return saved
 
 
 class NonFiniteStop(RuntimeError):
@@ -470,33 +479,58 @@ def train_lora(config: LoraConfig, on_step: Callable[[dict], None] | None = None
     if problems:
         raise InvalidInput("invalid LoRA config:\n  " + "\n  ".join(problems))
     out = Path(config.out_dir)
-    refuse_overlap(out, {"base model": config.model})  # an output is never an input
-    with locked(out):
+    world = distributed.init()  # one process, or the ranks mlx.launch started: rank 0 alone holds the lock and writes
+
+    def claim(stack: contextlib.ExitStack) -> None:
+        refuse_overlap(out, {"base model": config.model})  # an output is never an input
+        stack.enter_context(locked(out))
         recover_directory(out)  # what killed writes left: temporaries, a half-replaced checkpoint
-        return _train_lora(config, out, on_step)
+
+    with contextlib.ExitStack() as stack:
+        world.on_main(claim, stack)
+        return _train_lora(config, out, on_step, world)
 
 
-def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] | None) -> dict:
-    from lfm_mlx.data import iterate_batches
+def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] | None,
+                world: distributed.World) -> dict:
+    from lfm_mlx.data import batch_order, make_batch
     from lfm_mlx.models import load
 
-    resume_state = _check_resumable(out, config)
+    resume_state = world.broadcast_json(world.on_main(_check_resumable, out, config))
+    if resume_state is not None and resume_state.get("world_size", 1) != world.size:
+        raise InvalidInput(
+            f"out_dir: {out} was trained by {resume_state.get('world_size', 1)} process(es) and this launch has "
+            f"{world.size}; resume it with the same count (mlx.launch -n {resume_state.get('world_size', 1)}), "
+            f"or choose a new out_dir")
 
     model, tokenizer, model_config = load(config.model, return_config=True)
     train, valid, test, manifest = load_data(config, tokenizer)
     mx.random.seed(config.seed)  # LoRA A matrices start random
     adapter = apply_lora(model, config)
     previous_manifest = out / "data_manifest.json"
-    if resume_state is not None and previous_manifest.exists() \
-            and json.loads(previous_manifest.read_text()) != json.loads(json.dumps(manifest)):
-        raise ValueError(f"data: the rows changed since {out}'s checkpoint (see {previous_manifest}); "
-                         f"restore them to resume, or choose a new out_dir")
-    n_trainable = sum(v.size for v in lora_parameters(model).values())
-    atomic_write_json(out / "adapter_config.json", adapter)
-    atomic_write_json(out / "run_config.json", config.to_dict())
-    atomic_write_json(out / "data_manifest.json", manifest)
+    if world.size > 1:  # every rank loads its own copy of the base and the rows: they must be rank 0's
+        mine = json.dumps([adapter["lfm_mlx"]["base_fingerprint"], manifest], sort_keys=True, default=str)
+        world.agree(None if world.broadcast_json(mine) == mine else InvalidInput(
+            f"rank {world.rank}: model {config.model} or data {config.data} differ from rank 0's; give every "
+            f"machine the same files"))
 
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    def write_run_files() -> None:
+        if resume_state is not None and previous_manifest.exists() \
+                and json.loads(previous_manifest.read_text()) != json.loads(json.dumps(manifest)):
+            raise ValueError(f"data: the rows changed since {out}'s checkpoint (see {previous_manifest}); "
+                             f"restore them to resume, or choose a new out_dir")
+        atomic_write_json(out / "adapter_config.json", adapter)
+        atomic_write_json(out / "run_config.json", config.to_dict())
+        atomic_write_json(out / "data_manifest.json", manifest)
+
+    world.on_main(write_run_files)
+    n_trainable = sum(v.size for v in lora_parameters(model).values())
+    if world.size > 1 and world.main and config.progress:
+        grad_bytes = sum(v.nbytes for v in lora_parameters(model).values())
+        print(f"[lora] {world.size} ranks, batch {config.batch_size} each (global {config.batch_size * world.size}); "
+              + distributed.cost_model(grad_bytes, world.size, f"{n_trainable:,} adapter gradients"), file=sys.stderr)
+
+    steps_per_epoch = math.ceil(len(train) / (config.batch_size * world.size))  # batch_size is per rank
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -506,11 +540,15 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
              "stopped_early": False, "elapsed_s": 0.0, "skipped_steps": 0, "consecutive_skips": 0,
              "config_changes": []}
     changes = {}
-    if resume_state is not None:
-        model.load_weights(str(out / "checkpoint" / "adapters.safetensors"), strict=False)
-        _restore_optimizer(optimizer, model, out / "checkpoint" / "optimizer.safetensors")
+    if resume_state is not None:  # rank 0 reads the checkpoint and hands it to the others bit for bit
+        optimizer.init(model.trainable_parameters())
+        like = lora_parameters(model), dict(tree_flatten(optimizer.state))
+        saved = world.on_main(_read_checkpoint, out / "checkpoint", *like) or (None, None)
+        model.load_weights(list(world.broadcast_arrays(saved[0], like[0]).items()), strict=False)
+        restored = world.broadcast_arrays(saved[1], like[1])
+        optimizer.state = tree_map_with_path(lambda name, _: restored[name], optimizer.state)
         state.update({k: resume_state.get(k, state[k]) for k in state})
-        _truncate_metrics(out / "metrics.jsonl", state["step"])
+        world.on_main(_truncate_metrics, out / "metrics.jsonl", state["step"])
         previous = resume_state.get("config", {})
         changes = {k: [previous.get(k), v] for k, v in config.to_dict().items()
                    if k in previous and json.dumps(previous[k]) != json.dumps(v)}
@@ -521,21 +559,26 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
 
     loss_and_grad = nn.value_and_grad(model, _loss)
     fingerprint = adapter["lfm_mlx"]["base_fingerprint"]
-    metrics_file = open(out / "metrics.jsonl", "a")
+    metrics_file = open(out / "metrics.jsonl", "a") if world.main else None
     started = time.perf_counter() - state["elapsed_s"]
 
     def log(row: dict) -> None:
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
         if on_step is not None:
             on_step(row)
 
     def save_best() -> None:
-        save_safetensors_atomic(out / "adapters.safetensors", lora_parameters(model), {"format": "mlx"})
+        world.on_main(save_safetensors_atomic, out / "adapters.safetensors", lora_parameters(model), {"format": "mlx"})
+
+    def checkpoint() -> None:
+        world.on_main(_checkpoint, out, model, optimizer, {**state, "config": config.to_dict(),
+                                                           "base_fingerprint": fingerprint, "world_size": world.size})
 
     def validate() -> bool:
         """Evaluate; update best / patience; True when training should stop."""
-        val = evaluate_loss(model, valid, config.batch_size)
+        val = evaluate_loss(model, valid, config.batch_size, world)
         model.train()
         if val is None:
             save_best()  # no validation set: the latest adapters are the result
@@ -551,7 +594,7 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
         return bool(config.patience) and state["bad_evals"] >= config.patience
 
     bar = None
-    if config.progress:
+    if config.progress and world.main:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=state["step"], desc="lora", unit="step", file=sys.stderr, disable=None)
@@ -563,9 +606,18 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
     model.train()
     try:
         while not done and state["epoch"] < config.epochs:
-            batches = iterate_batches(train, config.batch_size, config.seed, state["epoch"], start_batch=state["batch"])
-            for batch in batches:
-                (loss, tokens), grads = loss_and_grad(model, batch.inputs, batch.targets, batch.loss_mask)
+            # One seeded order of global batches; each rank takes its slice (all of it when alone).
+            order = batch_order([e.n_tokens for e in train], config.batch_size * world.size, config.seed, state["epoch"])
+            for indices in order[state["batch"]:]:
+                mine = world.shard(indices)
+                batch = make_batch([train[i] for i in mine]) if mine else None
+                tokens = batch.loss_mask.sum() if mine else mx.array(0, mx.int32)
+                tokens = world.sum(tokens)
+                if batch is not None:
+                    (loss, _), grads = loss_and_grad(model, batch.inputs, batch.targets, batch.loss_mask, tokens)
+                else:  # fewer examples left than ranks: this rank adds nothing
+                    loss, grads = mx.array(0.0), tree_map(mx.zeros_like, model.trainable_parameters())
+                loss, grads = world.sum(loss), world.all_sum_tree(grads)  # before clipping: every rank, one update
                 grad_norm = None
                 if config.max_grad_norm is not None:
                     grads, grad_norm = optim.clip_grad_norm(grads, config.max_grad_norm)
@@ -586,8 +638,7 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
                     log({"step": state["step"], "epoch": state["epoch"], "skipped": "a non-finite loss, gradient or "
                          "updated adapter weights; the step was undone", "loss": str(loss.item())})
                     if state["consecutive_skips"] >= config.max_consecutive_skips:
-                        _checkpoint(out, model, optimizer, {**state, "config": config.to_dict(),
-                                                            "base_fingerprint": fingerprint})
+                        checkpoint()
                         raise NonFiniteStop(
                             f"stopped at step {state['step']}: {state['consecutive_skips']} consecutive steps had a "
                             f"non-finite loss, gradient or update (each undone; {out / 'checkpoint'} holds the last "
@@ -600,6 +651,8 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
                        "grad_norm": None if grad_norm is None else grad_norm.item(),
                        "elapsed_s": round(time.perf_counter() - started, 3),
                        "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4)}
+                if world.size > 1:
+                    row.update(allreduce_bytes=world.reduce_bytes, allreduce_s=round(world.reduce_s, 6))
                 log(row)
                 if bar is not None:
                     bar.update(1)
@@ -611,8 +664,7 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
                     state["stopped_early"] = stop
                 if stop or last or state["step"] % config.save_every == 0:
                     state["elapsed_s"] = time.perf_counter() - started
-                    _checkpoint(out, model, optimizer, {**state, "config": config.to_dict(),
-                                                        "base_fingerprint": fingerprint})
+                    checkpoint()
                 if stop or last:
                     done = True
                     break
@@ -620,17 +672,19 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
                 state["epoch"] += 1
                 state["batch"] = 0
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         if bar is not None:
             bar.close()
 
     # The result is the best validation checkpoint (or the latest, without a validation set).
-    model.load_weights(str(out / "adapters.safetensors"), strict=False)
+    best = world.on_main(lambda: dict(mx.load(str(out / "adapters.safetensors"))))
+    model.load_weights(list(world.broadcast_arrays(best, lora_parameters(model)).items()), strict=False)
     summary = {
         "adapter_path": str(out), "model": config.model, "steps": state["step"], "total_steps": total_steps,
         "epochs_completed": round(state["step"] / steps_per_epoch, 3), "stopped_early": state["stopped_early"],
         "best_val_loss": state["best_val_loss"], "best_step": state["best_step"],
-        "test_loss": evaluate_loss(model, test, config.batch_size),
+        "test_loss": evaluate_loss(model, test, config.batch_size, world), "world_size": world.size,
         "trainable_parameters": n_trainable, "lora_layers": len(adapter["lora_parameters"]["keys"]),
         "examples": {"train": len(train), "valid": len(valid), "test": len(test)},
         "elapsed_s": round(time.perf_counter() - started, 3),
@@ -642,8 +696,9 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
         summary["warning"] = (f"validation loss never improved on step 0 ({state['best_val_loss']:.4f}) in "
                               f"{state['step']} steps, so the adapters kept are the untrained ones and leave the model "
                               f"unchanged; lower learning_rate (now {config.learning_rate}) or add training rows")
-        print(f"[lora] warning: {summary['warning']}", file=sys.stderr)
-    atomic_write_json(out / "summary.json", summary)
+        if world.main:
+            print(f"[lora] warning: {summary['warning']}", file=sys.stderr)
+    world.on_main(atomic_write_json, out / "summary.json", summary)
     return summary
 
 
