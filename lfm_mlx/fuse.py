@@ -25,12 +25,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from lfm_mlx import console
 from lfm_mlx.errors import InvalidInput, debugging
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json, check_free_space, locked, recover, refuse_overlap
 
@@ -200,12 +201,8 @@ def build_fused(adapter_model: nn.Module, base_model: nn.Module, scope: str, bit
     lora_modules = [(p, m) for p, m in adapter_model.named_modules() if isinstance(m, (LoRALinear, LoRASwitchLinear))]
     lora_paths = {p for p, _ in lora_modules}
     layers: list[dict] = []
-    iterator = lora_modules
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(lora_modules, desc="fuse", unit="layer", file=sys.stderr, disable=None)
-    for path, module in iterator:
+    bar = console.progress("fuse", len(lora_modules), "layer", show=progress)
+    for path, module in lora_modules:
         base = module.linear
         weight = dense_weight(base)
         delta = lora_delta(module)
@@ -220,6 +217,8 @@ def build_fused(adapter_model: nn.Module, base_model: nn.Module, scope: str, bit
         layers.append(row)
         base_model.update_modules(tree_unflatten([(path, fused)]))
         mx.eval(fused.parameters())
+        bar.update(1)
+    bar.close()
 
     replacements = []
     for path, module in base_model.named_modules():
@@ -411,9 +410,11 @@ def parse_bits(value: str | int | None) -> int | None:
 def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path, bits: int | str | None = 8,
          scope: str = "experts", group_size: int = 64, rows: str | Path | None = None,
          suite: str | Path | None = None, max_prompts: int = 32, new_tokens: int = 32,
-         thresholds: Thresholds | None = None, force: bool = False, progress: bool = True) -> dict:
+         thresholds: Thresholds | None = None, force: bool = False, progress: bool = True,
+         log: Callable[[str], None] | None = None) -> dict:
     """Fuse `adapter_path` into `model_dir`, write `save_path` if the fidelity gate passes (or
-    `force`), and return the fidelity report (also saved as save_path/fidelity.json).
+    `force`), and return the fidelity report (also saved as save_path/fidelity.json). `log(line)`
+    hears each phase; `progress` shows the merge per layer.
 
     Raises FidelityError (nothing written at `save_path`; the report goes next to it as
     `<save_path>.refused.json`) when the gate fails without `force`.
@@ -423,6 +424,7 @@ def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path,
     from lfm_mlx.models import load, resolve_model_path, save_model_dir
 
     bits = parse_bits(bits)
+    log = log or (lambda line: None)
     thresholds = thresholds or Thresholds()
     if scope not in SCOPES:
         raise ValueError(f"scope: {scope!r} must be one of {', '.join(SCOPES)}")
@@ -452,6 +454,7 @@ def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path,
         sequences = [seq for seq in sequences if seq.positions]
         if not sequences:
             raise ValueError("the prompt set has no scored positions (rows without assistant turns?); pass other rows or a suite")
+        log(f"scoring base + adapters on {len(sequences)} prompt(s)")
         reference = log_probs(adapter_model, sequences)
 
         base_model, _, _ = load(model_dir, dtype=mx.bfloat16, lazy=True, with_tokenizer=False, return_config=True)
@@ -470,6 +473,7 @@ def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path,
             "thresholds": asdict(thresholds),
         }
         with atomic_dir(save_path) as tmp:
+            log("writing the fused model, loading it back, scoring it and the base")
             save_model_dir(base_model, fused_config, resolve_model_path(model_dir), tmp)
             del base_model
             _force_pythonic(tmp)
@@ -581,13 +585,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-kl", type=float, default=None, help="maximum mean KL in nats per token (default: not gated)")
     parser.add_argument("--force", action="store_true", help="write the fused model even when the fidelity gate fails")
     parser.add_argument("--report", help="also write the fidelity report JSON here")
+    console.add_quiet(parser)
     args = parser.parse_args(argv)
     thresholds = Thresholds(min_top1=args.min_top1, min_survival=args.min_survival,
                             min_answer_agreement=args.min_answers, min_kept=args.min_kept,
                             max_kl=args.max_kl)
+    stored = "nothing quantized (bf16)" if args.bits == "bf16" else (
+        f"{'expert projections' if args.scope == 'experts' else 'every layer but routers and norms'} at "
+        f"{args.bits} bits (group {args.group_size})")
+    console.say("fuse", f"merging {args.adapter_path} into {args.model} on {console.where()}; {stored}; fidelity on up "
+                        f"to {args.max_prompts} prompt(s) of {args.rows or args.suite}; writing {args.save_path}"
+                        + (" even if the gate fails (--force)" if args.force else " if the gate passes"), args.quiet)
     try:
         report = fuse(args.model, args.adapter_path, args.save_path, args.bits, args.scope, args.group_size,
-                      args.rows, args.suite, args.max_prompts, args.new_tokens, thresholds, args.force)
+                      args.rows, args.suite, args.max_prompts, args.new_tokens, thresholds, args.force,
+                      progress=not args.quiet, log=lambda line: console.say("fuse", line, args.quiet))
     except FidelityError as err:
         print(format_report(err.report), file=sys.stderr)
         print(f"lfm-mlx fuse: {err}", file=sys.stderr)
@@ -599,10 +611,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lfm-mlx fuse: {err}", file=sys.stderr)
         return 2
-    print(format_report(report))
-    print(f"wrote {args.save_path}")
     if args.report:
         atomic_write_json(args.report, report)
+    if not args.quiet:
+        print(format_report(report))
+    fused = report["adapter_vs_fused"]
+    print(f"fused model: {args.save_path} ({report['size_bytes'] / 1e9:.3f} GB; fidelity "
+          f"{'passed' if report['passed'] else 'FAILED, written anyway (--force)'}: top-1 "
+          f"{fused['top1_agreement']:.4f}, fine-tune kept {report['fine_tune_kept']}; report "
+          f"{Path(args.save_path) / 'fidelity.json'})")
     return 0
 
 

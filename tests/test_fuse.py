@@ -110,6 +110,48 @@ def test_real_lora_fused_at_8_bits_passes_and_at_4_bits_is_refused(tiny_moe_mixe
     assert forced["forced"] and fused4.is_dir()
 
 
+def test_cli_says_what_it_fuses_a_line_per_phase_in_a_log_and_quiet_leaves_the_end_line(
+        tiny_moe_mixed_dir, adapters, repair_set, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def cli(save: Path, *extra: str) -> subprocess.CompletedProcess:  # stderr is a pipe, as in a log
+        return subprocess.run([sys.executable, "-m", "lfm_mlx", "fuse", "--model", str(tiny_moe_mixed_dir),
+                               "--adapter-path", str(adapters), "--save-path", str(save), "--rows", str(repair_set),
+                               *extra], capture_output=True, text=True,
+                              env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, timeout=300)
+
+    result = cli(tmp_path / "fused")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"lfm-mlx fuse: merging {adapters} into {tiny_moe_mixed_dir} on Device(cpu, 0) (BLAS: ")
+    assert ("; expert projections at 8 bits (group 64); fidelity on up to 32 prompt(s) of "
+            f"{repair_set}; writing {tmp_path / 'fused'} if the gate passes") in lines[0], lines[0]
+    assert lines[1].startswith("lfm-mlx fuse: scoring base + adapters on ") and lines[-1].startswith(
+        "lfm-mlx fuse: writing the fused model")
+    merge = [line for line in lines if "layers" in line and "%" in line]  # 18 LoRA layers, a line a quarter
+    assert "\r" not in result.stderr and len(merge) == 4 and len(lines) == 7, result.stderr
+    report = json.loads((tmp_path / "fused" / "fidelity.json").read_text())
+    end = result.stdout.splitlines()[-1]
+    assert end == (f"fused model: {tmp_path / 'fused'} ({report['size_bytes'] / 1e9:.3f} GB; fidelity passed: top-1 "
+                   f"{report['adapter_vs_fused']['top1_agreement']:.4f}, fine-tune kept {report['fine_tune_kept']}; "
+                   f"report {tmp_path / 'fused' / 'fidelity.json'})")
+    assert "PASSED" in result.stdout  # the report's lines before it
+
+    quiet = cli(tmp_path / "quiet", "-q")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith(f"fused model: {tmp_path / 'quiet'} (")
+    assert len(quiet.stdout.splitlines()) == 1
+
+
+def test_help_describes_fuse_in_full_sentences(capsys):
+    with pytest.raises(SystemExit):
+        F.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("Fuse LoRA adapters into a base model: dequantize, merge, re-quantize (8 bits by default), and check "
+            "that the fine-tune survived before writing anything.") in text
+
+
 def _gate_report(kept: float | None, shift: float, answers: float = 1.0) -> dict:
     """A fidelity report whose top-1 and survival pass, with the given fine-tune share and shift."""
     return {"adapter_vs_fused": {"decisive_top1_agreement": 0.99, "top1_agreement": 0.99, "mean_kl": 0.0,
