@@ -22,6 +22,7 @@ VERBS = {
     "lora": ("lfm_mlx.lora", "LoRA repair pass from a YAML config"),
     "fuse": ("lfm_mlx.fuse", "dequantize, merge adapters, quantize to 8 bits, check fidelity"),
     "gguf": ("lfm_mlx.gguf", "export a model directory to GGUF"),
+    "ladder": ("lfm_mlx.ladder", "quant ladder in llama.cpp: size, memory, speed, pass rate per type; a recommendation"),
     "demo": ("lfm_mlx.demo", "the whole pipeline end to end on a synthetic model"),
 }
 
