@@ -173,4 +173,4 @@ def cost_model(n_bytes: int, world_size: int, what: str) -> str:
 
 
 def _seconds(s: float) -> str:
-    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+    return f"{s * 1e6:.0f} us" if s < 1e-3 else f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
