@@ -41,7 +41,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from lfm_mlx import distributed
+from lfm_mlx import console, distributed
 from lfm_mlx.errors import InvalidInput, debugging
 from lfm_mlx.fsutil import (
     atomic_dir, atomic_file, atomic_write_json, atomic_write_text, check_free_space, locked, recover_directory,
@@ -535,6 +535,9 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer = optim.AdamW(learning_rate=_schedule(config, total_steps), weight_decay=config.weight_decay)
+    if config.progress and world.main:
+        console.say("lora", _start_line(config, adapter, model_config, manifest, (train, valid, test), total_steps,
+                                        n_trainable, resume_state))
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0,
              "stopped_early": False, "elapsed_s": 0.0, "skipped_steps": 0, "consecutive_skips": 0,
@@ -593,11 +596,7 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
             state["bad_evals"] += 1
         return bool(config.patience) and state["bad_evals"] >= config.patience
 
-    bar = None
-    if config.progress and world.main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=state["step"], desc="lora", unit="step", file=sys.stderr, disable=None)
+    bar = console.progress("lora", total_steps, "step", state["step"], show=config.progress and world.main)
     done = state["stopped_early"] or state["step"] >= total_steps
     if changes:
         log({"step": state["step"], "config_change": changes})
@@ -654,9 +653,8 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
                 if world.size > 1:
                     row.update(allreduce_bytes=world.reduce_bytes, allreduce_s=round(world.reduce_s, 6))
                 log(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=state["best_val_loss"] and f"{state['best_val_loss']:.3f}")
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=state["best_val_loss"] and f"{state['best_val_loss']:.3f}")
+                bar.update(1)
                 last = state["step"] >= total_steps
                 stop = False
                 if state["step"] % config.eval_every == 0 or last:
@@ -674,8 +672,7 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
     finally:
         if metrics_file is not None:
             metrics_file.close()
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     # The result is the best validation checkpoint (or the latest, without a validation set).
     best = world.on_main(lambda: dict(mx.load(str(out / "adapters.safetensors"))))
@@ -702,6 +699,22 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
     return summary
 
 
+def _start_line(config: LoraConfig, adapter: dict, model_config: dict, manifest: dict, splits: tuple,
+                total_steps: int, n_trainable: int, resume_state: dict | None) -> str:
+    """One line a user reads before the first step: what trains where, for how long, on which rows."""
+    from lfm_mlx.models import compute_dtype
+
+    parts = [manifest[k] for k in ("train", "valid", "test") if k in manifest] if "repair_set" in manifest else [manifest]
+    kept, read = sum(p["kept"] for p in parts), sum(p["rows_read"] for p in parts)
+    dropped = f" ({read - kept} dropped: out_dir/data_manifest.json)" if read > kept else ""
+    return (f"{'resuming at step ' + str(resume_state['step']) if resume_state else 'starting'}: rank {config.rank} "
+            f"adapters (scale {config.lora_scale:g}) on {len(adapter['lora_parameters']['keys'])} linear layers "
+            f"({', '.join(config.modules)}) of {config.model}, {n_trainable:,} parameters, on {console.where()}, "
+            f"compute {str(compute_dtype(model_config)).removeprefix('mlx.core.')}; {total_steps} steps at learning "
+            f"rate {config.learning_rate:g}; rows {kept} of {read}{dropped}, train/valid/test "
+            f"{'/'.join(str(len(s)) for s in splits)}; out_dir {config.out_dir}")
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -726,8 +739,11 @@ def main(argv: list[str] | None = None) -> int:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_parse_value,
                             default=argparse.SUPPRESS, metavar="VALUE", help=f"(default: {default!r})")
+    console.add_quiet(parser)
     args = vars(parser.parse_args(argv))
     path = args.pop("config", None)
+    if args.pop("quiet"):
+        args["progress"] = False
     try:
         config = load_config(path, args)
         summary = train_lora(config)
@@ -739,7 +755,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteStop as err:
         print(f"lfm-mlx lora: {err}", file=sys.stderr)
         return NonFiniteStop.exit_code
-    print(json.dumps(summary, indent=2))
+    if distributed.init().main:  # one line per job, not one per rank; the numbers are in summary.json
+        best = f"best step {summary['best_step']} of {summary['steps']}, valid loss {summary['best_val_loss']:.4f}" \
+            if summary["best_val_loss"] is not None else f"{summary['steps']} steps, no validation rows"
+        test = f", test loss {summary['test_loss']:.4f}" if summary["test_loss"] is not None else ""
+        print(f"adapters: {Path(config.out_dir) / 'adapters.safetensors'} ({best}{test}, skipped "
+              f"{summary['skipped_steps']}; summary {Path(config.out_dir) / 'summary.json'})")
     return 0
 
 

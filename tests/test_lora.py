@@ -100,10 +100,48 @@ def test_cli_trains_from_yaml_with_flag_overrides(tiny_moe_mixed_dir, repair_set
     path.write_text(f"model: {tiny_moe_mixed_dir}\ndata: {repair_set}\nout_dir: {tmp_path / 'out'}\nrank: 2\n"
                     "modules: [conv]\nprogress: false\n")
     assert lora.main([str(path), "--max-steps", "2", "--layers", "[7]"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["lora_layers"] == 2  # layer 7's conv in_proj and out_proj
+    assert out == (f"adapters: {tmp_path / 'out' / 'adapters.safetensors'} (best step {summary['best_step']} of 2, "
+                   f"valid loss {summary['best_val_loss']:.4f}, test loss {summary['test_loss']:.4f}, skipped 0; "
+                   f"summary {tmp_path / 'out' / 'summary.json'})\n")
     run = json.loads((tmp_path / "out" / "run_config.json").read_text())
     assert run["rank"] == 2 and run["layers"] == [7] and run["max_steps"] == 2
+
+
+def test_cli_says_what_it_trains_a_line_a_quarter_in_a_log_and_quiet_leaves_the_end_line(
+        tiny_moe_mixed_dir, repair_set, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def cli(out: Path, *extra: str) -> subprocess.CompletedProcess:  # stderr is a pipe, as in a log
+        return subprocess.run([sys.executable, "-m", "lfm_mlx", "lora", "--model", str(tiny_moe_mixed_dir), "--data",
+                               str(repair_set), "--out-dir", str(out), "--rank", "2", "--modules", "[conv]",
+                               "--max-steps", "8", *extra], capture_output=True, text=True,
+                              env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, timeout=300)
+
+    result = cli(tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    start, *progress = result.stderr.splitlines()
+    manifest = json.loads((tmp_path / "out" / "data_manifest.json").read_text())
+    rows = sum(manifest[k]["kept"] for k in ("train", "valid", "test") if k in manifest)
+    wrapped = len(json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_parameters"]["keys"])
+    assert start.startswith(f"lfm-mlx lora: starting: rank 2 adapters (scale 2) on {wrapped} linear layers (conv) of "
+                            f"{tiny_moe_mixed_dir}, "), start
+    for fact in ("on Device(cpu, 0) (BLAS: ", "compute float32; 8 steps at learning rate 0.0001; "
+                 f"rows {rows} of {rows}, train/valid/test ", f"; out_dir {tmp_path / 'out'}"):
+        assert fact in start, (fact, start)
+    assert "\r" not in result.stderr and len(progress) == 4, result.stderr  # a line a quarter, not a refresh a step
+    assert progress[-1].startswith("lfm-mlx lora: 100% (8/8 steps, ") and "; loss " in progress[-1], progress
+    assert result.stdout.startswith(f"adapters: {tmp_path / 'out' / 'adapters.safetensors'} (best step ")
+
+    again = cli(tmp_path / "out", "--max-steps", "10")  # a resume says so
+    assert again.stderr.startswith("lfm-mlx lora: resuming at step 8: "), again.stderr
+    quiet = cli(tmp_path / "quiet", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and len(quiet.stdout.splitlines()) == 1
+    assert quiet.stdout.startswith(f"adapters: {tmp_path / 'quiet' / 'adapters.safetensors'} (")
 
 
 def test_cli_reports_bad_config_and_exits_2(tmp_path, capsys):
