@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -54,14 +55,14 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 import lfm_mlx.grouped as grouped
+import lfm_mlx.grouped.group as grouped_group
 import lfm_mlx.grouped.step as grouped_step
-from lfm_mlx import adamw_kernel, dequant_kernel, moments
+from lfm_mlx.kernel_choices import KernelChoices
 from lfm_mlx.data import Batch, masked_loss
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
-    PROBE_TOKENS, TrainConfig, accumulate_gradients, activate_group, apply_update, estimate_for_config,
-    global_norm, lean_gradients, make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params,
-    probe_dequant_kernel, probe_row_gather, set_frozen_path,
+    PROBE_TOKENS, ActiveGroup, TrainConfig, accumulate_gradients, apply_update, estimate_for_config,
+    measure_frozen_paths, moe_layers, probe_dequant_kernel, probe_row_gather, set_frozen_path,
 )
 from lfm_mlx.mixed import parameter_bytes, quantize_experts
 from lfm_mlx.models import build_model, cast_floats, compute_dtype
@@ -70,6 +71,7 @@ from lfm_mlx.synthetic import hf_config
 GB = 1e9
 PARKING = Path(tempfile.mkdtemp(prefix="grouped_step-"))  # where a group's start copy waits (removed after each group)
 atexit.register(shutil.rmtree, PARKING, ignore_errors=True)  # and the folder with the run
+SPECULATION = grouped.speculation_counts()  # over every group this benchmark ran
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM datasheet, dense bf16 tensor-core peak
 
 # name -> settings changed from TrainConfig's defaults
@@ -210,60 +212,51 @@ def train_config(changes: dict, steps: int, lr: float = 1e-5) -> TrainConfig:
 
 
 class GroupStep:
-    """The trainer's step on one group: activate, step (timed, memory by phase), requantize."""
+    """The trainer's step on one group (`ActiveGroup`): activate, step (timed, memory by phase), requantize."""
 
     def __init__(self, model: nn.Module, layers: list[int], cfg: TrainConfig, path: str, steps: int,
-                 straightforward: bool = False):
-        self.model, self.layers, self.cfg, self.path = model, layers, cfg, path
-        self.straightforward = straightforward
-        set_frozen_path(model, path)
-        self.start = moe_params(model, layers)
-        dtype = model.model.embed_tokens.weight.dtype  # the compute dtype the model was cast to
+                 kernels: KernelChoices, straightforward: bool = False):
+        self.model, self.straightforward = model, straightforward
+        # The straightforward step dequantizes by mx.dequantize (the kernel is a lever).
+        kernels = replace(kernels, dequant=False) if straightforward else kernels
+        set_frozen_path(model, path, kernels=kernels)
         tick = time.perf_counter()
-        activate_group(model, layers, master_of(cfg, dtype), cfg.train_routers, lean_gradients(cfg),
-                       grouped.router_master_of(cfg, dtype))
-        mx.eval(model.parameters())
         # As the trainer: the group's int8 start copy waits in a file (offload_group_start).
-        self.start = grouped.park_group_start(self.start, cfg, PARKING)
+        self.group = ActiveGroup(model, layers, cfg, steps, path, PARKING, kernels=kernels)
         self.activate_s = time.perf_counter() - tick
-        self.optimizer = make_optimizer(cfg, steps)
-        self.loss_and_grad = make_loss_and_grad(model, layers[0], cfg.grad_checkpoint, cfg.stop_gradient,
-                                                cfg.loss_chunk, keep_expert_activations=cfg.keep_expert_activations)
+        self.optimizer = self.group.optimizer
         self.phases: dict = {}
 
     def step(self, batch: Batch) -> float:
-        """One optimizer step; records the backward and update peaks and the gradients' bytes."""
+        """One optimizer step; records the backward and update peaks and the gradients' bytes.
+        Straightforward: mean gradients first, as the trainer ran it before; else summed-loss
+        gradients with 1 / tokens folded into the update, as the trainer runs it now."""
         mlx_sync_reset()
         ticks = [time.perf_counter()]  # each phase ends in a host read or an evaluation: wall time is device time
-        if self.straightforward:  # as the trainer ran it: mean gradients, a norm for the log, clip
-            loss_sum, trained, grads = accumulate_gradients(self.model, self.loss_and_grad, [batch])
-            backward, grad_bytes = mx.get_peak_memory(), tree_bytes(grads)
+        seen = {}
+
+        def on_phase(name: str, grads) -> None:
+            if name == "backward":  # read before the update: a fused update consumes the gradients
+                seen.update(backward=mx.get_peak_memory(), grad_bytes=tree_bytes(grads))
             ticks.append(time.perf_counter())
-            norm = global_norm(grads)
-            ticks.append(time.perf_counter())
-            mx.reset_peak_memory()
-            apply_update(self.model, self.optimizer, grads, self.cfg.grad_clip)
-        else:  # as the trainer runs it now: summed-loss gradients, 1 / tokens folded into the update
-            loss_sum, trained, grads = accumulate_gradients(self.model, self.loss_and_grad, [batch], mean=False)
-            backward, grad_bytes = mx.get_peak_memory(), tree_bytes(grads)  # a fused update consumes them
-            ticks.append(time.perf_counter())
-            norm = global_norm(grads) / trained
-            ticks.append(time.perf_counter())
-            mx.reset_peak_memory()
-            apply_update(self.model, self.optimizer, grads, self.cfg.grad_clip, scale=1 / trained, norm=norm)
-        ticks.append(time.perf_counter())
+            if name == "norm":
+                mx.reset_peak_memory()
+
+        result = self.group.step([batch], mean=self.straightforward, on_phase=on_phase)
         update = mx.get_peak_memory()
-        self.phases = {"backward_peak": backward, "update_peak": update, "gradients": grad_bytes, "grad_norm": norm,
+        self.phases = {"backward_peak": seen["backward"], "update_peak": update, "gradients": seen["grad_bytes"],
+                       "grad_norm": result.norm,
                        "seconds": dict(zip(("gradients", "norm", "update"), np.diff(ticks).tolist()))}
-        del grads
-        return loss_sum / trained
+        return result.loss_sum / result.trained
 
     def finish(self) -> dict:
         tick = time.perf_counter()
-        retention = grouped.end_group(self.model, self.layers, self.start, self.path, self.optimizer)
+        for name, count in self.group.speculation.items():  # forward passes on guessed capacities, redone
+            SPECULATION[name] += count
+        retention = self.group.close()
         out = {"activate_s": self.activate_s, "requantize_s": time.perf_counter() - tick,
                "retention": retention["experts"]["retention"]}
-        del self.optimizer, self.loss_and_grad, self.start
+        del self.optimizer, self.group
         gc.collect()
         mx.clear_cache()
         return out
@@ -309,15 +302,15 @@ def swapped(module, attribute: str, replacement):
 
 
 # variant -> (module, attribute, replacement): the default with one piece swapped back
-ONE_GRAPH = (sys.modules[__name__], "make_loss_and_grad", functools.partial(grouped.make_loss_and_grad, walk=False))
+ONE_GRAPH = (grouped_group, "make_loss_and_grad", functools.partial(grouped.make_loss_and_grad, walk=False))
 # The straightforward step also runs its experts the plain way: gather_mm over experts dequantized
 # by mx.dequantize (the padded expert blocks and the dequantization kernel are levers).
 STRAIGHTFORWARD_PATH = "dequant"
 SWAPS = {
-    "straightforward": [ONE_GRAPH, (dequant_kernel, "_enabled", False)],
+    "straightforward": [ONE_GRAPH],
     "one-graph": [ONE_GRAPH],
     "mx-checkpoint": [ONE_GRAPH, (grouped_step, "_checkpointed", mx_checkpointed)],
-    "float32-gradients": [(sys.modules[__name__], "lean_gradients", lambda cfg: False)],
+    "float32-gradients": [(grouped_group, "lean_gradients", lambda cfg: False)],
 }
 
 
@@ -332,7 +325,8 @@ def run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: s
 def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: str, changes: dict, path: str,
                  flops: dict | None) -> dict:
     cfg = train_config(changes, args.warmup + args.steps)
-    runner = GroupStep(model, layers, cfg, path, args.warmup + args.steps, straightforward=name == "straightforward")
+    runner = GroupStep(model, layers, cfg, path, args.warmup + args.steps, args.kernels,
+                       straightforward=name == "straightforward")
     losses, times, phases = [], [], []
     for i in range(args.warmup + args.steps):
         tick = time.perf_counter()
@@ -367,7 +361,7 @@ def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: 
 
 
 def loss_curve(model: nn.Module, layers: list[int], batches: list[Batch], changes: dict, path: str, steps: int,
-               order: list[int], lr: float, start: dict) -> dict:
+               order: list[int], lr: float, start: dict, kernels: KernelChoices) -> dict:
     """From the weights `start` (name -> array), `steps` steps cycling over `batches` in `order`;
     the mean loss over all batches afterwards."""
     model.update(tree_unflatten(list(start.items())))  # every curve from the same weights
@@ -376,7 +370,7 @@ def loss_curve(model: nn.Module, layers: list[int], batches: list[Batch], change
     with contextlib.ExitStack() as stack:
         for module, attribute, replacement in SWAPS["straightforward"] if straightforward else []:
             stack.enter_context(swapped(module, attribute, replacement))
-        runner = GroupStep(model, layers, cfg, STRAIGHTFORWARD_PATH if straightforward else path, steps,
+        runner = GroupStep(model, layers, cfg, STRAIGHTFORWARD_PATH if straightforward else path, steps, kernels,
                            straightforward=straightforward)
         losses = [runner.step(batches[order[s % len(order)]]) for s in range(steps)]
     total, count = 0.0, 0
@@ -403,7 +397,7 @@ def loss_comparison(model, layers, dtype, args, path: str) -> dict:
             "straightforward_lr_plus_10pct": (STRAIGHTFORWARD, order_a, 1.1 * args.loss_lr)}
     out = {"steps": args.loss_steps, "batches": args.loss_batches, "learning_rate": args.loss_lr, "expert_path": path}
     for name, (changes, order, lr) in runs.items():
-        out[name] = loss_curve(model, layers, batches, changes, path, args.loss_steps, order, lr, start)
+        out[name] = loss_curve(model, layers, batches, changes, path, args.loss_steps, order, lr, start, args.kernels)
     model.update(tree_unflatten(list(start.items())))
     a, b = out["straightforward"]["final_loss"], out["default"]["final_loss"]
     repeat = abs(out["straightforward_again"]["final_loss"] - a)
@@ -432,7 +426,7 @@ def long_sequence(model, args, default_path: str) -> dict:
 
     def measure(size: int) -> dict:
         layers = moe[:size]
-        runner = GroupStep(model, layers, cfg, default_path, 2)
+        runner = GroupStep(model, layers, cfg, default_path, 2, args.kernels)
         times = []
         for _ in range(2):
             tick = time.perf_counter()
@@ -681,10 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     probe_len = min(PROBE_TOKENS, args.seq)
     results["dequant_kernel"] = probe_dequant_kernel(model, layers[0])
     results["row_gather_kernel"] = probe_row_gather(model, args.seq)
+    args.kernels = KernelChoices.from_records(results)  # the run's kernels, as the trainer's
     probe = _section(results, "expert_path_probe", out, lambda: {
-        "seq_len": probe_len, "seconds": measure_frozen_paths(model, layers[0], probe_len, dtype, args.seed)})
+        "seq_len": probe_len, "seconds": measure_frozen_paths(model, layers[0], probe_len, dtype, args.seed,
+                                                                   args.kernels)})
     _section(results, "block_timings_full_seq", out, lambda: {
-        f"{k}_ms": v * 1000 for k, v in measure_frozen_paths(model, moe_layers(model)[-1], args.seq, dtype).items()})
+        f"{k}_ms": v * 1000 for k, v in measure_frozen_paths(model, moe_layers(model)[-1], args.seq, dtype,
+                                                                   kernels=args.kernels).items()})
     seconds = probe.get("seconds", {"qmm": 1.0})
     chosen = min(seconds, key=seconds.get)
     results["expert_path_choice"] = chosen
@@ -704,9 +701,9 @@ def main(argv: list[str] | None = None) -> int:
             mx.clear_cache()
         atomic_write_json(out, results)
 
-    results["speculated_capacities"] = dict(grouped.SPECULATION)  # forward passes on guessed capacities, redone
-    results["moment_kernel"] = dict(moments.KERNEL)  # decided at the int8 moments' first update, if any ran
-    results["adamw_kernel"] = {layout: dict(record) for layout, record in adamw_kernel.KERNELS.items()}  # per master layout
+    results["speculated_capacities"] = dict(SPECULATION)  # forward passes on guessed capacities, redone
+    results["moment_kernel"] = dict(args.kernels.update.moments)  # decided at the int8 moments' first update, if any ran
+    results["adamw_kernel"] = {layout: dict(record) for layout, record in args.kernels.update.adamw.items()}  # per layout
     if args.loss_steps:
         _section(results, "loss_comparison", out, loss_comparison, model, layers, dtype, args, chosen)
     if args.long_seq:

@@ -83,9 +83,13 @@ _BODY = """
 _NAMES = {"float32": (["p"], ["p_out"]), "split": (["high", "low"], ["high_out", "low_out"])}
 
 _kernels: dict[str, object] = {}
-# The probes' records, one per master layout; choice "kernel" once a probe chose the CUDA kernel.
-KERNELS = {layout: {"choice": None, "reason": f"not probed yet: MLX's update until a tensor of {PROBE_ELEMENTS} "
-                                              "elements"} for layout in _NAMES}
+
+
+def unprobed() -> dict[str, dict]:
+    """A run's records of the probes before they ran, one per master layout (`KernelChoices.update.adamw`);
+    choice "kernel" once a probe chose the CUDA kernel."""
+    return {layout: {"choice": None, "reason": f"not probed yet: MLX's update until a tensor of {PROBE_ELEMENTS} "
+                                               "elements"} for layout in _NAMES}
 
 
 def layout_of(g: mx.array, master: tuple[mx.array, ...], m: mx.array, v: mx.array) -> str | None:
@@ -115,24 +119,26 @@ def _launch(layout, g, master, m, v, lr, scale, b1, b2, eps, wd):
                             output_shapes=[g.shape] * len(outputs), output_dtypes=outputs)
 
 
-def update(reference, g, master: tuple[mx.array, ...], m, v, lr, scale, b1, b2, eps, wd) -> tuple:
-    """(*new master, first moment, second moment): through the kernel once the probe (on the first
-    tensor of PROBE_ELEMENTS or more of this layout) chose it, else `reference(g, *master, m, v, ...)`
-    (the compiled MLX update). `master`: (float32 weights,) or (bfloat16 weights, uint16 low bits)."""
+def update(reference, g, master: tuple[mx.array, ...], m, v, lr, scale, b1, b2, eps, wd,
+           records: dict[str, dict] | None = None) -> tuple:
+    """(*new master, first moment, second moment): through the kernel once the probe (on the run's
+    first tensor of PROBE_ELEMENTS or more of this layout, into the run's `records`) chose it, else
+    `reference(g, *master, m, v, ...)` (the compiled MLX update; always without records).
+    `master`: (float32 weights,) or (bfloat16 weights, uint16 low bits)."""
     layout = layout_of(g, master, m, v)
-    if layout is not None:
-        record = KERNELS[layout]
+    if layout is not None and records is not None:
+        record = records[layout]
         if record["choice"] is None and g.size >= PROBE_ELEMENTS:
-            probe(layout, reference, g, master, m, v, lr, scale, b1, b2, eps, wd)
+            probe(layout, reference, g, master, m, v, lr, scale, b1, b2, eps, wd, record)
         if record["choice"] == "kernel":
             return tuple(_launch(layout, g, master, m, v, lr, scale, b1, b2, eps, wd))
     return tuple(reference(g, *master, m, v, lr, scale, b1, b2, eps, wd))
 
 
-def probe(layout, reference, g, master, m, v, lr, scale, b1, b2, eps, wd) -> dict:
+def probe(layout, reference, g, master, m, v, lr, scale, b1, b2, eps, wd, record: dict | None = None) -> dict:
     """Decide on a real update whether the kernel of `layout` is used: the same bits in every
-    output as `reference`, and faster. Records in KERNELS[layout]."""
-    record = KERNELS[layout]
+    output as `reference`, and faster. Records in `record` (the run's record of this layout)."""
+    record = {} if record is None else record
     record.clear()
     record["choice"] = "mlx"
     if mx.default_device() != mx.gpu or not mx.cuda.is_available():

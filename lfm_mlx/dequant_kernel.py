@@ -44,7 +44,6 @@ _SOURCE = """
 """
 
 _kernel = None
-_enabled = False  # set by `probe`; False: mx.dequantize everywhere
 
 
 def _build():
@@ -72,19 +71,18 @@ def _kernel_dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_si
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
-               mode: str = "affine") -> mx.array:
-    """`mx.dequantize`, through the custom kernel when the probe enabled it and the arrays fit."""
-    if _enabled and _fits(w, scales, biases, group_size, bits, mode):
+               mode: str = "affine", kernel: bool = False) -> mx.array:
+    """`mx.dequantize`, through the custom kernel when `kernel` (the probe chose it: `KernelChoices.dequant`)
+    and the arrays fit."""
+    if kernel and _fits(w, scales, biases, group_size, bits, mode):
         return _kernel_dequantize(w, scales, biases, group_size)
     return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
 
 
 def probe(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
           mode: str = "affine") -> dict:
-    """Decide, on these (real) arrays, whether `dequantize` uses the kernel; returns the record:
-    the choice, why, and the timings when both ran."""
-    global _enabled
-    _enabled = False
+    """Decide, on these (real) arrays, whether `dequantize` should use the kernel; returns the record:
+    the choice ("kernel" or "mx.dequantize"), why, and the timings when both ran."""
     if mx.default_device() != mx.gpu or not mx.cuda.is_available():
         return {"choice": "mx.dequantize", "reason": "not the CUDA backend"}
     if not _fits(w, scales, biases, group_size, bits, mode):
@@ -101,6 +99,6 @@ def probe(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: in
                                                                 bits=bits, mode=mode))}
     if differing:
         return record | {"choice": "mx.dequantize", "reason": f"{differing} elements differ from mx.dequantize"}
-    _enabled = record["kernel_s"] < record["mx_dequantize_s"]
-    return record | {"choice": "kernel" if _enabled else "mx.dequantize",
-                     "reason": "bit-identical, " + ("faster" if _enabled else "not faster")}
+    faster = record["kernel_s"] < record["mx_dequantize_s"]
+    return record | {"choice": "kernel" if faster else "mx.dequantize",
+                     "reason": "bit-identical, " + ("faster" if faster else "not faster")}

@@ -35,6 +35,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 from lfm_mlx.dequant_kernel import dequantize
+from lfm_mlx.kernel_choices import KernelChoices
 from lfm_mlx.row_gather import MISSING, gather_rows, sum_rows
 
 CAPACITY_MULTIPLE = 16  # capacity rounded up to this: fewer distinct matmul shapes, aligned tiles
@@ -57,31 +58,32 @@ class ExpertLayout:
     block_row: mx.array  # [tokens, k]: the block row holding each choice
     block_choice: mx.array  # [experts * capacity]: the choice each block row holds (MISSING: a spare row)
     capacity: int
+    kernel: bool = False  # rows moved by the row-gather kernels (`KernelChoices.row_gather`)
 
     def to_blocks(self, x: mx.array) -> mx.array:
         """Token rows `x` [tokens, dims] -> block rows [experts * capacity, dims]. Its gradient
         sums each token's k block rows (a spare row's gradient is exactly zero: never read)."""
-        gather = mx.custom_function(lambda v: gather_rows(v, self.source_token))
+        gather = mx.custom_function(lambda v: gather_rows(v, self.source_token, self.kernel))
 
         @gather.vjp
         def backward(primals, cotangent, output):
-            return sum_rows(cotangent, self.block_row)
+            return sum_rows(cotangent, self.block_row, self.kernel)
 
         return gather(x)
 
     def from_blocks(self, out: mx.array) -> mx.array:
         """Block rows `out` [experts * capacity, dims] -> one row per choice [tokens * k, dims].
         Its gradient is a gather too: each block row takes its choice's row (spare rows: zero)."""
-        gather = mx.custom_function(lambda v: gather_rows(v, self.block_row.reshape(-1)))
+        gather = mx.custom_function(lambda v: gather_rows(v, self.block_row.reshape(-1), self.kernel))
 
         @gather.vjp
         def backward(primals, cotangent, output):
-            return gather_rows(cotangent, self.block_choice)
+            return gather_rows(cotangent, self.block_choice, self.kernel)
 
         return gather(out)
 
 
-def expert_layout(indices: mx.array, num_experts: int) -> ExpertLayout:
+def expert_layout(indices: mx.array, num_experts: int, kernel: bool = False) -> ExpertLayout:
     """The block layout for top-k choices `indices` (any leading shape, k last), computed on the
     host: one read of the indices (the matmul shapes must be known)."""
     k = indices.shape[-1]
@@ -101,10 +103,12 @@ def expert_layout(indices: mx.array, num_experts: int) -> ExpertLayout:
     block_choice = np.full(position.size, MISSING, dtype=np.uint32)
     block_choice[block_row] = np.arange(n)
     return ExpertLayout(mx.array((order[position] // k).astype(np.uint32)),
-                        mx.array(block_row.reshape(-1, k).astype(np.uint32)), mx.array(block_choice), capacity)
+                        mx.array(block_row.reshape(-1, k).astype(np.uint32)), mx.array(block_choice), capacity,
+                        kernel)
 
 
-def speculative_layout(indices: mx.array, num_experts: int, capacity: int) -> tuple[ExpertLayout, mx.array]:
+def speculative_layout(indices: mx.array, num_experts: int, capacity: int,
+                       kernel: bool = False) -> tuple[ExpertLayout, mx.array]:
     """`expert_layout` computed on the device for a capacity guessed in advance: no host read, so
     the device need not finish the layers before it first. Returns the layout and the rows the
     busiest expert needed (lazy); when that exceeds `capacity` the layout is wrong (choices past the
@@ -123,26 +127,27 @@ def speculative_layout(indices: mx.array, num_experts: int, capacity: int) -> tu
     choice = order[mx.minimum(mx.expand_dims(starts, 1) + rows, n - 1)]
     block_choice = mx.where(mx.expand_dims(slot, 0) < mx.expand_dims(counts, 1), choice, MISSING)
     layout = ExpertLayout((choice // k).reshape(-1).astype(mx.uint32), block_row.reshape(-1, k).astype(mx.uint32),
-                          block_choice.reshape(-1).astype(mx.uint32), capacity)
+                          block_choice.reshape(-1).astype(mx.uint32), capacity, kernel)
     return layout, counts.max()
 
 
-def expert_weight(projection: nn.Module, dtype: mx.Dtype, like: mx.array) -> mx.array:
-    """A projection's expert weights `[experts, out, in]` in `dtype`, dequantized when quantized.
+def expert_weight(projection: nn.Module, dtype: mx.Dtype, like: mx.array, kernel: bool = False) -> mx.array:
+    """A projection's expert weights `[experts, out, in]` in `dtype`, dequantized when quantized
+    (by the dequantization kernel when `kernel`: `KernelChoices.dequant`).
     `like`: the activation the weights are used with; a module may tie its weight's preparation
     to it (`weight_for`) so the preparation runs just in time."""
     if hasattr(projection, "weight_for"):
         return projection.weight_for(like)
     if isinstance(projection, QuantizedSwitchLinear):
         w = dequantize(projection["weight"], projection["scales"], projection.get("biases"),
-                       projection.group_size, projection.bits, projection.mode)
+                       projection.group_size, projection.bits, projection.mode, kernel)
         return w.astype(dtype)
     return projection["weight"].astype(dtype)
 
 
-def _apply(projection: nn.Module, blocks: mx.array) -> mx.array:
+def _apply(projection: nn.Module, blocks: mx.array, kernel: bool = False) -> mx.array:
     """`blocks` [experts, capacity, in] through each expert's own weights: [experts, capacity, out]."""
-    w = expert_weight(projection, blocks.dtype, blocks)
+    w = expert_weight(projection, blocks.dtype, blocks, kernel)
     out = blocks @ w.swapaxes(-1, -2)
     if "bias" in projection:
         out = out + mx.expand_dims(projection["bias"], -2).astype(out.dtype)
@@ -162,10 +167,12 @@ class BatchedSwitchGLU(nn.Module):
     `keep_activations` (frozen projections only, with `keep_layout`): also remember the call's
     gate and up projections and its output (`kept_activations`); later calls return that output
     and their gradient is the backward pass alone (`_replay`): the walk's recomputation skips the
-    block's forward matmuls."""
+    block's forward matmuls.
+    `kernels`: the run's `KernelChoices` (row gathers, dequantization of frozen projections)."""
 
-    def __init__(self, glu: SwitchGLU):
+    def __init__(self, glu: SwitchGLU, kernels: KernelChoices | None = None):
         super().__init__()
+        self.kernels = kernels or KernelChoices()
         self.gate_proj, self.up_proj, self.down_proj = glu.gate_proj, glu.up_proj, glu.down_proj
         self.activation = glu.activation
         self.keep_layout, self.speculate, self.keep_activations = False, False, False
@@ -196,15 +203,17 @@ class BatchedSwitchGLU(nn.Module):
         if layout is None:
             indices = mx.stop_gradient(indices)
             if self.speculate and self.capacity_hint:
-                layout, self.needed = speculative_layout(indices, experts, self.capacity_hint)
+                layout, self.needed = speculative_layout(indices, experts, self.capacity_hint,
+                                                         self.kernels.row_gather)
             else:
-                layout = expert_layout(indices, experts)
+                layout = expert_layout(indices, experts, self.kernels.row_gather)
                 self.hint_from(layout.capacity)
             if self.keep_layout:
                 self.kept_layout = layout
         blocks = layout.to_blocks(x.reshape(-1, dims)).reshape(experts, layout.capacity, dims)
-        up, gate = _apply(self.up_proj, blocks), _apply(self.gate_proj, blocks)
-        out = _apply(self.down_proj, self.activation(up, gate))
+        dequant = self.kernels.dequant
+        up, gate = _apply(self.up_proj, blocks, dequant), _apply(self.gate_proj, blocks, dequant)
+        out = _apply(self.down_proj, self.activation(up, gate), dequant)
         out = layout.from_blocks(out.reshape(-1, dims)).reshape(*indices.shape, dims)
         if self.keep_activations and self.keep_layout:
             self.kept_activations = (up, gate, out)
@@ -220,12 +229,14 @@ class BatchedSwitchGLU(nn.Module):
 
         @replay.vjp
         def backward(primals, cotangent, output):
-            d_out = gather_rows(cotangent.reshape(-1, dims), layout.block_choice).reshape(*up.shape[:-1], dims)
-            d_hidden = d_out @ expert_weight(self.down_proj, d_out.dtype, d_out)
+            dequant = self.kernels.dequant
+            d_out = gather_rows(cotangent.reshape(-1, dims), layout.block_choice, layout.kernel)
+            d_out = d_out.reshape(*up.shape[:-1], dims)
+            d_hidden = d_out @ expert_weight(self.down_proj, d_out.dtype, d_out, dequant)
             _, (d_up, d_gate) = mx.vjp(self.activation, [up, gate], [d_hidden])
-            d_blocks = (d_up @ expert_weight(self.up_proj, d_up.dtype, d_up)
-                        + d_gate @ expert_weight(self.gate_proj, d_gate.dtype, d_gate))
-            return sum_rows(d_blocks.reshape(-1, dims), layout.block_row).reshape(x.shape)
+            d_blocks = (d_up @ expert_weight(self.up_proj, d_up.dtype, d_up, dequant)
+                        + d_gate @ expert_weight(self.gate_proj, d_gate.dtype, d_gate, dequant))
+            return sum_rows(d_blocks.reshape(-1, dims), layout.block_row, layout.kernel).reshape(x.shape)
 
         return replay(x)
 

@@ -127,8 +127,12 @@ _SOURCE = """
 
 _kernel = None
 PROBE_ELEMENTS = 1 << 20  # the probe waits for a moment this large: small ones time launch costs
-# The probe's record; choice "kernel" once it chose the CUDA kernel.
-KERNEL = {"choice": None, "reason": f"not probed yet: MLX's packing until a moment of {PROBE_ELEMENTS} elements"}
+
+
+def unprobed() -> dict:
+    """A run's record of the packing probe before it ran (`KernelChoices.update.moments`); choice
+    "kernel" once the probe chose the CUDA kernel."""
+    return {"choice": None, "reason": f"not probed yet: MLX's packing until a moment of {PROBE_ELEMENTS} elements"}
 
 
 def _kernel_pack(x: mx.array, seed: mx.array, flip: bool) -> dict[str, mx.array]:
@@ -152,28 +156,29 @@ _pack = mx.compile(lambda x, seed: pack_moment(x, moment_noise(x.shape, seed)))
 _pack_flipped = mx.compile(lambda x, seed: pack_moment(x, 1 - moment_noise(x.shape, seed)))
 
 
-def pack_moment_noisy(x: mx.array, seed: mx.array, flip: bool = False) -> dict[str, mx.array]:
+def pack_moment_noisy(x: mx.array, seed: mx.array, flip: bool = False, record: dict | None = None) -> dict[str, mx.array]:
     """`pack_moment` of x rounded stochastically with `moment_noise(x.shape, seed)` (1 - noise
-    with `flip`): through the CUDA kernel once the probe (on the first moment of PROBE_ELEMENTS or
-    more) found it identical and faster."""
-    if KERNEL["choice"] is None and x.size >= PROBE_ELEMENTS:
-        probe(x, seed)
-    if KERNEL["choice"] == "kernel":
+    with `flip`): through the CUDA kernel once the probe (on the run's first moment of PROBE_ELEMENTS
+    or more, into the run's `record`) found it identical and faster; without a record, MLX's graph."""
+    if record is not None and record["choice"] is None and x.size >= PROBE_ELEMENTS:
+        probe(x, seed, record)
+    if record is not None and record["choice"] == "kernel":
         return _kernel_pack(x, seed, flip)
     return (_pack_flipped if flip else _pack)(x, seed)
 
 
-def probe(x: mx.array, seed: mx.array) -> dict:
+def probe(x: mx.array, seed: mx.array, record: dict | None = None) -> dict:
     """Decide on a real moment `x` whether packing uses the kernel (same codes, scales and biases
-    bit for bit as MLX's graph, with and without flipped noise, and faster); records in KERNEL."""
-    KERNEL.clear()
-    KERNEL["choice"] = "mlx"
+    bit for bit as MLX's graph, with and without flipped noise, and faster); records in `record`."""
+    record = {} if record is None else record
+    record.clear()
+    record["choice"] = "mlx"
     if mx.default_device() != mx.gpu or not mx.cuda.is_available():
-        KERNEL["reason"] = "not the CUDA backend"
-        return KERNEL
+        record["reason"] = "not the CUDA backend"
+        return record
     if x.shape[-1] % MOMENT_GROUP:
-        KERNEL["reason"] = f"last axis {x.shape[-1]} is not a multiple of {MOMENT_GROUP}"
-        return KERNEL
+        record["reason"] = f"last axis {x.shape[-1]} is not a multiple of {MOMENT_GROUP}"
+        return record
 
     def reference(flip: bool) -> dict:
         return (_pack_flipped if flip else _pack)(x, seed)
@@ -188,9 +193,9 @@ def probe(x: mx.array, seed: mx.array) -> dict:
                     a, b = a.view(mx.uint32), b.view(mx.uint32)
                 differing += (a != b).sum().item()
     except Exception as err:  # a build or launch failure leaves MLX's graph in place
-        KERNEL["reason"] = f"kernel failed: {type(err).__name__}: {err}"
-        return KERNEL
-    KERNEL.update(elements=x.size, differing=differing, mlx_s=best_seconds(lambda: reference(False)),
+        record["reason"] = f"kernel failed: {type(err).__name__}: {err}"
+        return record
+    record.update(elements=x.size, differing=differing, mlx_s=best_seconds(lambda: reference(False)),
                   kernel_s=best_seconds(lambda: _kernel_pack(x, seed, False)))
-    choose(KERNEL, differing, "codes, scales or biases")
-    return KERNEL
+    choose(record, differing, "codes, scales or biases")
+    return record

@@ -59,7 +59,6 @@ _SUM_SOURCE = """
 """
 
 _kernels: dict[str, object] = {}
-KERNEL = {"choice": "mlx", "reason": "not probed"}  # set by `probe`
 
 
 def _kernel(name: str, source: str):
@@ -99,16 +98,17 @@ def sum_rows_mlx(src: mx.array, index: mx.array) -> mx.array:
     return total.astype(src.dtype)
 
 
-def gather_rows(src: mx.array, index: mx.array) -> mx.array:
-    """Rows of `src` [N, D] at `index` [M] (uint32; MISSING gives a zero row): [M, D]."""
-    if KERNEL["choice"] == "kernel" and _fits(src, False):
+def gather_rows(src: mx.array, index: mx.array, kernel: bool = False) -> mx.array:
+    """Rows of `src` [N, D] at `index` [M] (uint32; MISSING gives a zero row): [M, D]; through the
+    kernel when `kernel` (the probe chose it: `KernelChoices.row_gather`) and the rows fit."""
+    if kernel and _fits(src, False):
         return _launch("gather_rows", _GATHER_SOURCE, src, index, index.size, [])
     return gather_rows_mlx(src, index)
 
 
-def sum_rows(src: mx.array, index: mx.array) -> mx.array:
+def sum_rows(src: mx.array, index: mx.array, kernel: bool = False) -> mx.array:
     """For `index` [T, K] (uint32): out[t] = sum of src[index[t, j]] over j, accumulated in float32: [T, D]."""
-    if KERNEL["choice"] == "kernel" and _fits(src, True):
+    if kernel and _fits(src, True):
         return _launch("sum_rows", _SUM_SOURCE, src, index.reshape(-1), index.shape[0], [("K", index.shape[1])])
     return sum_rows_mlx(src, index)
 
@@ -116,15 +116,11 @@ def sum_rows(src: mx.array, index: mx.array) -> mx.array:
 def probe(tokens: int, choices: int, rows: int, dims: int, dtype: mx.Dtype) -> dict:
     """Decide whether the row gathers use the kernels, on random data of the expert blocks' shapes
     (`tokens` x `choices` rows gathered into `rows` block rows of `dims`): both kernels must match
-    MLX's ops bit for bit and be faster together. Returns (and records in KERNEL) the choice."""
-    KERNEL.clear()
-    KERNEL.update(choice="mlx")
+    MLX's ops bit for bit and be faster together. Returns the record: the choice ("kernel" or "mlx"), why."""
     if mx.default_device() != mx.gpu or not mx.cuda.is_available():
-        KERNEL["reason"] = "not the CUDA backend"
-        return dict(KERNEL)
+        return {"choice": "mlx", "reason": "not the CUDA backend"}
     if dtype != mx.bfloat16 or (dims * 2) % VECTOR_BYTES:
-        KERNEL["reason"] = f"rows of {dims} {dtype} values"
-        return dict(KERNEL)
+        return {"choice": "mlx", "reason": f"rows of {dims} {dtype} values"}
     key = mx.random.key(0)
     x = mx.random.normal((tokens, dims), key=key).astype(dtype)
     blocks = mx.random.normal((rows, dims), key=key).astype(dtype)
@@ -143,9 +139,7 @@ def probe(tokens: int, choices: int, rows: int, dims: int, dtype: mx.Dtype) -> d
             record[f"{name}_kernel_s"] = best_seconds(mine)
             record[f"{name}_mlx_s"] = best_seconds(theirs)
     except Exception as err:  # a build or launch failure leaves MLX's ops in place
-        KERNEL["reason"] = f"kernel failed: {type(err).__name__}: {err}"
-        return dict(KERNEL)
+        return {"choice": "mlx", "reason": f"kernel failed: {type(err).__name__}: {err}"}
     record.update(kernel_s=record["gather_kernel_s"] + record["sum_kernel_s"],
                   mlx_s=record["gather_mlx_s"] + record["sum_mlx_s"])
-    KERNEL.update(choose(record, record["gather_differing"] + record["sum_differing"], "rows"))
-    return dict(KERNEL)
+    return {"choice": "mlx", **choose(record, record["gather_differing"] + record["sum_differing"], "rows")}

@@ -51,22 +51,21 @@ import mlx.core as mx
 import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 import lfm_mlx
 from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
+from lfm_mlx.kernel_choices import KernelChoices
 from lfm_mlx.grouped import (
-    TrainConfig, accumulate_gradients, activate_group, apply_update, end_group, estimate_for_config, global_norm,
-    lean_gradients, make_loss_and_grad, make_optimizer, master_of, measure_frozen_paths, moe_layers, moe_params,
-    park_group_start, probe_attention, probe_dequant_kernel, probe_row_gather, router_master_of, set_frozen_path,
+    ActiveGroup, TrainConfig, choose_expert_path, estimate_for_config, load_mixed_model, master_of, moe_layers,
+    probe_attention, probe_kernels, set_frozen_path,
 )
 from lfm_mlx.memory import (
     BACKWARD, GB, PERSISTENT, UPDATE, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop,
     MemorySoftLimitWarning, MemoryWatchdog, StepMemoryReader, read_memory,
 )
 from lfm_mlx.mixed import quantize_experts
-from lfm_mlx.models import build_model, cast_floats, compute_dtype, load, read_config, resolve_model_path
+from lfm_mlx.models import build_model, cast_floats, compute_dtype, read_config, resolve_model_path
 from lfm_mlx.report import text_table
 from lfm_mlx.schedule import GroupSchedule
 from lfm_mlx.synthetic import PRESETS, hf_config, write_tokenizer
@@ -223,14 +222,11 @@ def build_preset(preset: str, seed: int = 0) -> tuple[nn.Module, dict]:
 def load_model_dir(path: str) -> tuple[nn.Module, dict, Path]:
     """A model directory (mixed int8-expert, or bf16/HF: its experts are quantized in memory)."""
     model_dir = resolve_model_path(path)
-    model, _, config = load(model_dir, with_tokenizer=False, return_config=True)
-    if config.get("model_type") != "lfm2_moe":
-        raise ValueError(f"{model_dir}: model_type {config.get('model_type')!r} has no experts; the sweep needs "
+    model_type = read_config(model_dir).get("model_type")
+    if model_type != "lfm2_moe":
+        raise ValueError(f"{model_dir}: model_type {model_type!r} has no experts; the sweep needs "
                          "an LFM2-MoE model (lfm2_moe)")
-    first = model.model.layers[moe_layers(model)[0]].feed_forward.switch_mlp.gate_proj
-    if not isinstance(first, QuantizedSwitchLinear):
-        config = quantize_experts(model, config)
-        mx.eval(model.parameters())
+    model, config = load_mixed_model(model_dir)
     return model, config, model_dir
 
 
@@ -325,34 +321,28 @@ def apply_calibration(raw: MemoryEstimate, fit: dict | None) -> MemoryEstimate:
 
 
 def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConfig, steps: int,
-             watchdog: MemoryWatchdog, reader: StepMemoryReader, frozen: str, master: mx.Dtype) -> dict:
-    """`steps` real grouped-training steps on `layers`, made of the trainer's own pieces
-    (`make_loss_and_grad`, `accumulate_gradients`, `global_norm`, `apply_update`), the watchdog
-    checking after each step as in training.
+             watchdog: MemoryWatchdog, reader: StepMemoryReader, frozen: str,
+             kernels: KernelChoices | None = None) -> dict:
+    """`steps` real grouped-training steps on `layers`, the trainer's own (`ActiveGroup`), the
+    watchdog checking after each step as in training.
 
     Returns per-step seconds and memory samples. Raises MemoryHardStop (with the samples taken so
     far in `err.sweep_samples`). The group is requantized afterwards, so the model is as before."""
-    start = moe_params(model, layers)
-    activate_group(model, layers, master, train.train_routers, lean_gradients(train),
-                   router_master_of(train, model.model.embed_tokens.weight.dtype))
-    optimizer = make_optimizer(train, steps)
-    loss_and_grad = make_loss_and_grad(model, layers[0], train.grad_checkpoint, train.stop_gradient,
-                                       train.loss_chunk, keep_expert_activations=train.keep_expert_activations)
-    mx.eval(model.parameters())
-    start = park_group_start(start, train, train.run_dir)  # as the trainer
+    group = ActiveGroup(model, layers, train, steps, frozen, train.run_dir, kernels=kernels)  # parked as the trainer
     samples = []
+
+    def end_phase(name: str, grads) -> None:
+        if name in ("backward", "update"):
+            reader.end_phase(name)
+
     try:
         for step in range(steps):
             reader.reset()
             tick = time.perf_counter()
-            loss_sum, trained, grads = accumulate_gradients(model, loss_and_grad, [batch])
-            reader.end_phase("backward")
-            norm = global_norm(grads)
-            apply_update(model, optimizer, grads, train.grad_clip)  # even when not finite: memory is the point
-            reader.end_phase("update")
+            # mean-loss gradients, every update applied (even when not finite: memory is the point)
+            result = group.step([batch], mean=True, on_phase=end_phase)
             seconds = time.perf_counter() - tick
-            del grads
-            loss = loss_sum / max(trained, 1)
+            loss, norm = result.loss, result.norm
             record = {"step": step, "seconds": seconds, "loss": loss if math.isfinite(loss) else str(loss),
                       "grad_norm": norm if math.isfinite(norm) else str(norm)}
             try:
@@ -362,8 +352,8 @@ def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConf
                 raise
             samples.append({**record, **sample.to_dict(), **reader.last})
     finally:
-        end_group(model, layers, start, frozen, optimizer)
-        del optimizer
+        group.close()
+        del group
         gc.collect()
         mx.clear_cache()
     return {"samples": samples}
@@ -436,6 +426,7 @@ class _Setup:
     frozen: dict
     master: mx.Dtype
     report: dict  # the report's fixed sections
+    kernels: KernelChoices = field(default_factory=KernelChoices)
 
 
 def prepare(cfg: SweepConfig, log=print) -> _Setup:
@@ -471,16 +462,12 @@ def prepare(cfg: SweepConfig, log=print) -> _Setup:
         model, config, model_dir = load_model_dir(cfg.model)
     build_s = time.perf_counter() - tick
     moe = moe_layers(model)
-    kernel = probe_dequant_kernel(model, moe[0])
-    gather_kernel = probe_row_gather(model, batch.inputs.shape[1])
-    if cfg.frozen_path == "auto":
-        times = measure_frozen_paths(model, moe[0], min(256, batch.inputs.shape[1]), dtype, cfg.seed)
-        frozen = {"choice": min(times, key=times.get), "reason": "faster forward+backward of one MoE block",
-                  "seconds": times}
-    else:
-        frozen = {"choice": cfg.frozen_path, "reason": "set on the command line"}
-    frozen["dequant_kernel"], frozen["row_gather_kernel"] = kernel, gather_kernel
-    set_frozen_path(model, frozen["choice"])
+    records = probe_kernels(model, moe[0], batch.inputs.shape[1])
+    kernels = KernelChoices.from_records(records)
+    # measured at 256 tokens every time (not kept per machine: a sweep measures, it does not train)
+    frozen = choose_expert_path(model, moe[0], cfg.frozen_path, min(256, batch.inputs.shape[1]), dtype, cfg.seed,
+                                kernels, remember=False, given="set on the command line") | records
+    set_frozen_path(model, frozen["choice"], kernels=kernels)
     gc.collect()
     mx.clear_cache()
     master = master_of(train, dtype)
@@ -502,7 +489,7 @@ def prepare(cfg: SweepConfig, log=print) -> _Setup:
                   "source": "data" if cfg.data else "random tokens", "data": data_info},
         "baseline": baseline, "attention": attention, "frozen_path": frozen, "tolerance": TOLERANCE,
     }
-    return _Setup(train, config, model, batch, baseline, attention, frozen, master, report)
+    return _Setup(train, config, model, batch, baseline, attention, frozen, master, report, kernels)
 
 
 def sweep_size(setup: _Setup, cfg: SweepConfig, size: int, fit: dict | None, points: list[dict],
@@ -531,7 +518,7 @@ def sweep_size(setup: _Setup, cfg: SweepConfig, size: int, fit: dict | None, poi
         warnings.simplefilter("always", MemorySoftLimitWarning)
         try:
             samples = run_size(setup.model, layers, setup.batch, setup.train, cfg.steps, watchdog, reader,
-                               setup.frozen["choice"], setup.master)["samples"]
+                               setup.frozen["choice"], setup.kernels)["samples"]
             record["status"] = "ok"
         except MemoryHardStop as err:
             samples = err.sweep_samples

@@ -262,3 +262,23 @@ def test_the_path_probe_times_the_blocks_as_the_walk_runs_them():
     assert len(calls) == 1  # one host layout for the warm-up and the three timed calls
     switch = model.model.layers[4].feed_forward.switch_mlp
     assert isinstance(switch, BatchedSwitchGLU) and switch.kept_layout is None and not switch.keep_layout
+
+
+def test_kernel_choices_are_passed_down_not_left_behind():
+    """What the frozen experts and the expert blocks run is what the run's KernelChoices say, set by
+    `set_frozen_path`: a later call with other choices (or none) replaces them, nothing stays behind."""
+    from lfm_mlx.kernel_choices import KernelChoices
+
+    model = tiny_model()
+    chosen = KernelChoices(dequant=True, row_gather=True)
+    set_frozen_path(model, "batched", kernels=chosen)
+    switch = model.model.layers[2].feed_forward.switch_mlp
+    assert switch.kernels is chosen and switch.gate_proj.use_kernel
+    layout = expert_layout(mx.array([[0, 1], [1, 2]]), 4, switch.kernels.row_gather)
+    assert layout.kernel
+    set_frozen_path(model, "dequant")  # no choices given: MLX's ops
+    gate = model.model.layers[2].feed_forward.switch_mlp.gate_proj
+    assert isinstance(gate, DequantSwitchLinear) and not gate.use_kernel
+    set_frozen_path(model, "batched")
+    assert model.model.layers[2].feed_forward.switch_mlp.kernels == KernelChoices()
+    assert not expert_layout(mx.array([[0, 1], [1, 2]]), 4).kernel

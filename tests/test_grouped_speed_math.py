@@ -264,21 +264,19 @@ def test_optimised_defaults_reach_the_straightforward_loss():
 
 
 def test_the_float32_update_stays_on_mlx_off_cuda():
-    """The CUDA AdamW kernel is probed on the first large float32 update; elsewhere MLX's compiled
-    update runs and the record says why."""
+    """The CUDA AdamW kernel is probed on the run's first large float32 update, into the run's own
+    record (`KernelChoices.update`, not the process's); elsewhere MLX's compiled update runs and the
+    record says why."""
     from lfm_mlx import adamw_kernel
-    record = adamw_kernel.KERNELS["float32"]
-    saved = dict(record)
-    try:
-        record.clear()
-        record["choice"] = None
-        weights = {"w": mx.zeros((1024, 1024), dtype=mx.float32)}
-        FusedAdamW(learning_rate=1e-3).update(weights, {"w": mx.ones((1024, 1024), dtype=mx.bfloat16)})
-        assert record == {"choice": "mlx", "reason": "not the CUDA backend"}
-        assert abs(weights["w"][0, 0].item() + 1e-3 * 0.1 / (0.001 ** 0.5 + 1e-8)) < 1e-9  # AdamW's first step
-    finally:
-        record.clear()
-        record.update(saved)
+    from lfm_mlx.kernel_choices import UpdateKernels
+    kernels = UpdateKernels()
+    assert kernels.adamw["float32"]["choice"] is None
+    weights = {"w": mx.zeros((1024, 1024), dtype=mx.float32)}
+    FusedAdamW(learning_rate=1e-3, kernels=kernels).update(weights, {"w": mx.ones((1024, 1024), dtype=mx.bfloat16)})
+    assert kernels.adamw["float32"] == {"choice": "mlx", "reason": "not the CUDA backend"}
+    assert kernels.adamw["split"]["choice"] is None  # no split tensor was updated
+    assert UpdateKernels().adamw["float32"]["choice"] is None  # another run decides afresh
+    assert abs(weights["w"][0, 0].item() + 1e-3 * 0.1 / (0.001 ** 0.5 + 1e-8)) < 1e-9  # AdamW's first step
     g = mx.zeros((8,), dtype=mx.bfloat16)
     moments = (mx.zeros((8,)), mx.zeros((8,)))
     assert adamw_kernel.layout_of(g, (mx.zeros((8,)),), *moments) == "float32"

@@ -24,8 +24,9 @@ reseeded from (seed, step) before every step, which is what makes resume after a
 
 The package, one concern per module: `config` (TrainConfig and derived settings), `experts` (expert
 modules, activate and requantize a group), `step` (forward, loss, the layer walk, the update),
-`optimizer` (fused AdamW, schedule), `group` (a group's start and end), `probes` (start-up
-measurements), `run` (steps, batches, results), `trainer` (GroupedMoETrainer), `cli` (main).
+`optimizer` (fused AdamW, schedule), `group` (ActiveGroup: a group's life from activation to
+requantization), `probes` (start-up measurements), `setup` (model loading and the expert-path choice
+shared with the sweep), `run` (steps, batches, results), `trainer` (GroupedMoETrainer), `cli` (main).
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ from lfm_mlx.grouped.experts import (
     set_frozen_path, summarize_stats, unpack_codes, update_stats,
 )
 from lfm_mlx.grouped.step import (
-    SPECULATION, accumulate_gradients, apply_update, chunked_masked_loss, evaluate_loss, forward_hidden,
-    forward_logits, global_norm, make_loss_and_grad, recompute_in_backward, trained_weight_norm, walk_loss_and_grad,
+    accumulate_gradients, apply_update, chunked_masked_loss, evaluate_loss, forward_hidden, forward_logits,
+    global_norm, make_loss_and_grad, recompute_in_backward, speculation_counts, trained_weight_norm, walk_loss_and_grad,
 )
 from lfm_mlx.grouped.optimizer import FusedAdamW, lr_schedule, make_optimizer
-from lfm_mlx.grouped.group import end_group, park_group_start
+from lfm_mlx.grouped.group import ActiveGroup, StepResult, end_group, park_group_start
 from lfm_mlx.grouped.probes import (
     PROBE_TOKENS, measure_frozen_paths, probe_attention, probe_dequant_kernel, probe_row_gather,
 )
+from lfm_mlx.grouped.setup import choose_expert_path, load_mixed_model, probe_kernels
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, steps_per_group
 from lfm_mlx.grouped.trainer import GroupedMoETrainer
 from lfm_mlx.grouped.cli import EXIT_CONFIG, EXIT_OVER_BUDGET, main
@@ -59,10 +61,11 @@ __all__ = [
     "lean_gradients", "master_of", "router_master_of", "split_master_in_use", "FROZEN_CLASSES", "PROJECTIONS",
     "STORAGE_DTYPE", "DequantSwitchLinear", "TrainableSwitchLinear", "activate_group", "after",
     "cast_keeping_gradient_dtype", "make_quantized", "moe_layers", "moe_params", "quantize_affine",
-    "requantize_group", "set_frozen_path", "summarize_stats", "unpack_codes", "update_stats", "SPECULATION",
+    "requantize_group", "set_frozen_path", "summarize_stats", "unpack_codes", "update_stats", "speculation_counts",
     "accumulate_gradients", "apply_update", "chunked_masked_loss", "evaluate_loss", "forward_hidden",
     "forward_logits", "global_norm", "make_loss_and_grad", "recompute_in_backward", "trained_weight_norm",
-    "walk_loss_and_grad", "FusedAdamW", "lr_schedule", "make_optimizer", "end_group", "park_group_start",
+    "walk_loss_and_grad", "FusedAdamW", "lr_schedule", "make_optimizer", "ActiveGroup", "StepResult", "end_group",
+    "park_group_start", "choose_expert_path", "load_mixed_model", "probe_kernels",
     "PROBE_TOKENS", "measure_frozen_paths", "probe_attention", "probe_dequant_kernel", "probe_row_gather",
     "BatchStream", "NonFiniteStop", "TrainResult", "steps_per_group", "GroupedMoETrainer", "EXIT_CONFIG",
     "EXIT_OVER_BUDGET", "main", "pack_codes", "pack_moment", "unpack_moment",

@@ -13,6 +13,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from lfm_mlx import dequant_kernel
 from lfm_mlx.expert_batch import BatchedSwitchGLU
+from lfm_mlx.kernel_choices import KernelChoices
 from lfm_mlx.moments import pack_codes
 
 
@@ -66,12 +67,15 @@ class TrainableSwitchLinear(SwitchLinear):
 
 class DequantSwitchLinear(QuantizedSwitchLinear):
     """Frozen int8 experts dequantized just in time and run through gather_mm (same parameters as
-    QuantizedSwitchLinear): much faster than gather_qmm's backward on CUDA, more transient memory."""
+    QuantizedSwitchLinear): much faster than gather_qmm's backward on CUDA, more transient memory.
+    `use_kernel`: through the dequantization kernel (`KernelChoices.dequant`, set by `set_frozen_path`)."""
+
+    use_kernel = False
 
     def weight_for(self, x: mx.array) -> mx.array:
         """The experts dequantized to x's dtype."""
         w = dequant_kernel.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size,
-                                      self.bits, self.mode)
+                                      self.bits, self.mode, self.use_kernel)
         return w.astype(x.dtype)
 
     def __call__(self, x, indices, sorted_indices=False):
@@ -85,10 +89,14 @@ FROZEN_CLASSES = {"qmm": QuantizedSwitchLinear, "dequant": DequantSwitchLinear, 
 
 
 def make_quantized(cls: type, weight: mx.array, scales: mx.array, biases: mx.array | None,
-                   group_size: int, bits: int, mode: str = "affine") -> QuantizedSwitchLinear:
-    """A frozen quantized expert stack of class `cls` holding the given arrays."""
+                   group_size: int, bits: int, mode: str = "affine",
+                   kernels: KernelChoices | None = None) -> QuantizedSwitchLinear:
+    """A frozen quantized expert stack of class `cls` holding the given arrays (dequantized by the
+    kernel when `cls` dequantizes and `kernels.dequant`)."""
     module = cls(group_size, 1, 1, bias=False, group_size=group_size, bits=bits, mode=mode)  # tiny init
     module.weight, module.scales, module.biases = weight, scales, biases
+    if isinstance(module, DequantSwitchLinear):
+        module.use_kernel = (kernels or KernelChoices()).dequant
     module.freeze()
     return module
 
@@ -115,16 +123,20 @@ def _layer_of(name: str) -> int:
     return int(name.split(".")[2])
 
 
-def set_frozen_path(model: nn.Module, path: str, skip: list[int] = ()) -> None:
+def set_frozen_path(model: nn.Module, path: str, skip: list[int] = (), kernels: KernelChoices | None = None) -> None:
     """Switch every frozen expert stack (outside `skip`) to the `qmm`, `dequant` or `batched` path
-    (`batched` also runs the trained experts as padded expert blocks: `expert_batch`)."""
+    (`batched` also runs the trained experts as padded expert blocks: `expert_batch`), with the
+    run's `kernels` (default: none, MLX's ops)."""
+    kernels = kernels or KernelChoices()
     cls = FROZEN_CLASSES[path]
     for i in moe_layers(model):
         ff = _ff(model, i)
         if path == "batched" and not isinstance(ff.switch_mlp, BatchedSwitchGLU):
-            ff.switch_mlp = BatchedSwitchGLU(ff.switch_mlp)
+            ff.switch_mlp = BatchedSwitchGLU(ff.switch_mlp, kernels)
         elif path != "batched" and isinstance(ff.switch_mlp, BatchedSwitchGLU):
             ff.switch_mlp = ff.switch_mlp.unbatched()
+        if isinstance(ff.switch_mlp, BatchedSwitchGLU):
+            ff.switch_mlp.kernels = kernels
         if i in skip:
             continue
         switch = ff.switch_mlp
@@ -132,7 +144,9 @@ def set_frozen_path(model: nn.Module, path: str, skip: list[int] = ()) -> None:
             m = getattr(switch, proj)
             if isinstance(m, QuantizedSwitchLinear) and type(m) is not cls:
                 setattr(switch, proj, make_quantized(cls, m.weight, m.scales, m.get("biases"), m.group_size,
-                                                     m.bits, m.mode))
+                                                     m.bits, m.mode, kernels))
+            elif isinstance(m, DequantSwitchLinear):
+                m.use_kernel = kernels.dequant
 
 
 def activate_group(model: nn.Module, layers: list[int], master: mx.Dtype, train_routers: bool = True,
@@ -232,7 +246,8 @@ def summarize_stats(parts: list[dict[str, float]]) -> dict[str, float | None]:
 
 
 def requantize_group(model: nn.Module, layers: list[int], start: dict[str, mx.array], frozen: str,
-                     stochastic_key: Callable[[str], mx.array] | None = None) -> dict:
+                     stochastic_key: Callable[[str], mx.array] | None = None,
+                     kernels: KernelChoices | None = None) -> dict:
     """Requantize the group's trained experts (and round its routers to bf16), in place.
 
     `start` holds the group's parameters at the start of the group (`moe_params`). Returns the
@@ -257,7 +272,8 @@ def requantize_group(model: nn.Module, layers: list[int], start: dict[str, mx.ar
             if m.bits in (2, 4, 8):
                 codes = (unpack_codes(start[f"{name}.weight"], m.bits), unpack_codes(wq, m.bits))
             layer_parts.append(update_stats(w0, m.weight, kept, codes))
-            setattr(ff.switch_mlp, proj, make_quantized(cls, wq, scales, biases, m.group_size, m.bits, m.mode))
+            setattr(ff.switch_mlp, proj, make_quantized(cls, wq, scales, biases, m.group_size, m.bits, m.mode,
+                                                        kernels))
             mx.eval(getattr(ff.switch_mlp, proj).parameters())
         expert_parts += layer_parts
         router0 = start[f"{prefix}.gate.weight"]

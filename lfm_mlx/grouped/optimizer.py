@@ -13,6 +13,7 @@ from mlx.utils import tree_map
 
 from lfm_mlx import adamw_kernel
 from lfm_mlx.grouped.config import TrainConfig
+from lfm_mlx.kernel_choices import KernelChoices, UpdateKernels
 from lfm_mlx.master_bits import join_master, split_master
 from lfm_mlx.moments import (
     MOMENT_GROUP, V_FLOOR, WEIGHT_STREAM, pack_moment, pack_moment_noisy, round_to_bfloat16, unpack_moment,
@@ -66,19 +67,21 @@ def _adamw_int8_split_math(g, high, low, m, v, lr, scale, seed, b1, b2, eps, wd)
     return (*split_master(p32), m32, log_v32)
 
 
-def _adamw_int8_state(g, master: tuple, m, v, lr, scale, seed, b1, b2, eps, wd, rounded=False) -> tuple:
+def _adamw_int8_state(g, master: tuple, m, v, lr, scale, seed, b1, b2, eps, wd, rounded=False,
+                      record: dict | None = None) -> tuple:
     """_adamw_math on int8 moments, each stored rounded stochastically (unbiased): the first
     moment linearly, the second as its logarithm (its values span orders of magnitude within a
     group; a linear code would round small ones to zero and blow their step up). One noise draw
     serves both, as u and 1 - u: each moment's rounding is still unbiased, at half the draws.
     `master`: (weights,) or a split master's (bfloat16 weights, low bits); returns the new master's
-    arrays, then the packed moments."""
+    arrays, then the packed moments. `record`: the run's packing-kernel record (`UpdateKernels.moments`)."""
     if len(master) == 2:
         kernel = _adamw_int8_split_kernel
     else:
         kernel = _adamw_int8_rounded_kernel if rounded else _adamw_int8_kernel
     *new_master, m32, log_v32 = kernel(g, *master, m, v, lr, scale, seed, b1, b2, eps, wd)
-    return (*new_master, pack_moment_noisy(m32, seed), pack_moment_noisy(log_v32, seed, flip=True))
+    return (*new_master, pack_moment_noisy(m32, seed, record=record),
+            pack_moment_noisy(log_v32, seed, flip=True, record=record))
 
 
 _adamw_kernel = mx.compile(_adamw_dense)
@@ -130,8 +133,10 @@ class FusedAdamW(optim.Optimizer):
     elements (whole rows of the first axis) at a time."""
 
     def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 state_bits: int = 32, stochastic_weights: bool = False, split_master: bool = False):
+                 state_bits: int = 32, stochastic_weights: bool = False, split_master: bool = False,
+                 kernels: UpdateKernels | None = None):
         super().__init__()
+        self.kernels = kernels or UpdateKernels()  # the run's kernel records (a fresh one probes anew)
         if state_bits not in (8, 32):
             raise ValueError(f"state_bits={state_bits}: use 32 (float32 moments) or 8 (int8 moments)")
         self._maybe_schedule("learning_rate", learning_rate)
@@ -208,20 +213,23 @@ class FusedAdamW(optim.Optimizer):
             seed = mx.random.randint(0, 1 << 31, (1,)).astype(mx.uint32)  # from the step's seeded RNG
         if "low" in state and isinstance(state["m"], dict):
             p, state["low"], state["m"], state["v"] = _adamw_int8_state(
-                gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale, seed, b1, b2, eps, wd)
+                gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale, seed, b1, b2, eps, wd,
+                record=self.kernels.moments)
         elif "low" in state:
             p, state["low"], state["m"], state["v"] = adamw_kernel.update(
                 _adamw_split_kernel, gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale,
-                b1, b2, eps, wd)
+                b1, b2, eps, wd, self.kernels.adamw)
         elif isinstance(state["m"], dict):
             p, state["m"], state["v"] = _adamw_int8_state(gradient, (parameter,), state["m"], state["v"], lr,
-                                                          self.grad_scale, seed, b1, b2, eps, wd, rounded)
+                                                          self.grad_scale, seed, b1, b2, eps, wd, rounded,
+                                                          self.kernels.moments)
         elif rounded:
             p, state["m"], state["v"] = _adamw_rounded_kernel(gradient, parameter, state["m"], state["v"], lr,
                                                               self.grad_scale, seed, b1, b2, eps, wd)
         else:
             p, state["m"], state["v"] = adamw_kernel.update(_adamw_kernel, gradient, (parameter,), state["m"],
-                                                            state["v"], lr, self.grad_scale, b1, b2, eps, wd)
+                                                            state["v"], lr, self.grad_scale, b1, b2, eps, wd,
+                                                            self.kernels.adamw)
         return p
 
 
@@ -236,13 +244,15 @@ def lr_schedule(config: TrainConfig, steps: int) -> Callable:
     return optim.join_schedules([ramp, cosine], [warmup])
 
 
-def make_optimizer(config: TrainConfig, steps: int) -> optim.Optimizer:
+def make_optimizer(config: TrainConfig, steps: int, kernels: KernelChoices | None = None) -> optim.Optimizer:
+    """The group's fresh optimizer; a fused AdamW records its kernel probes in the run's `kernels.update`."""
     schedule = lr_schedule(config, steps)
     if config.optimizer == "adamw" and config.fused_update:
         return FusedAdamW(learning_rate=schedule, betas=config.betas, eps=config.eps,
                           weight_decay=config.weight_decay, state_bits=8 if config.optimizer_state == "int8" else 32,
                           stochastic_weights=config.master_dtype == "compute-stochastic",
-                          split_master=config.master_dtype == "split")
+                          split_master=config.master_dtype == "split",
+                          kernels=kernels.update if kernels is not None else None)
     if config.optimizer == "adamw":
         return optim.AdamW(learning_rate=schedule, betas=list(config.betas), eps=config.eps,
                            weight_decay=config.weight_decay)

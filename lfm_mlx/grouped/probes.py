@@ -18,6 +18,7 @@ from lfm_mlx import dequant_kernel, row_gather
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.expert_batch import BatchedSwitchGLU
 from lfm_mlx.grouped.experts import FROZEN_CLASSES, _ff, set_frozen_path
+from lfm_mlx.kernel_choices import KernelChoices
 
 
 PROBE_TOKENS = 1024  # tokens of the start-up expert-path probe (at most the longest example)
@@ -45,7 +46,8 @@ def remembered_frozen_path(key: str) -> dict | None:
         return None
 
 
-def auto_frozen_path(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype, seed: int) -> dict:
+def auto_frozen_path(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype, seed: int,
+                     kernels: KernelChoices | None = None) -> dict:
     """`frozen_path: auto`'s record: the choice measured earlier on this machine for this shape, else
     measured now (`measure_frozen_paths`) and kept for the next run."""
     key = frozen_path_key(model, layer, seq_len, dtype)
@@ -53,7 +55,7 @@ def auto_frozen_path(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype
     if record is not None:
         return record | {"reason": f"{record['reason']}, measured on this machine before (kept in "
                                    f"{frozen_path_cache()}; delete it to measure again)"}
-    times = measure_frozen_paths(model, layer, seq_len, dtype, seed)
+    times = measure_frozen_paths(model, layer, seq_len, dtype, seed, kernels)
     record = {"choice": min(times, key=times.get), "reason": "faster forward+backward of one MoE block",
               "seconds": times, "seq_len": seq_len, "layer": layer, "device": str(mx.default_device())}
     remember_frozen_path(key, record)
@@ -99,7 +101,7 @@ def probe_row_gather(model: nn.Module, tokens: int) -> dict:
 
 
 def measure_frozen_paths(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype,
-                         seed: int = 0) -> dict[str, float]:
+                         seed: int = 0, kernels: KernelChoices | None = None) -> dict[str, float]:
     """Seconds for forward + input-gradient of one frozen MoE block on (1, seq_len) tokens, with
     experts through int8 gather_qmm ("qmm"), dequantized just in time ("dequant"), or as padded
     expert blocks ("batched"), each as the layer walk runs it: the blocks' layout known beforehand
@@ -110,7 +112,7 @@ def measure_frozen_paths(model: nn.Module, layer: int, seq_len: int, dtype: mx.D
     x = mx.random.normal((1, seq_len, model.model.args.hidden_size), key=mx.random.key(seed)).astype(dtype)
     times = {}
     for path in FROZEN_CLASSES:
-        set_frozen_path(model, path)
+        set_frozen_path(model, path, kernels=kernels)
         switch = block.switch_mlp
         grad = mx.grad(lambda v: block(v).astype(mx.float32).sum())
         if isinstance(switch, BatchedSwitchGLU):

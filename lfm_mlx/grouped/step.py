@@ -170,12 +170,14 @@ def _one_ahead(work, in_flight):
     return work
 
 
-SPECULATION = {"passes": 0, "redone": 0}  # the walk's forward passes on guessed capacities, and how many fell short
+def speculation_counts() -> dict[str, int]:
+    """A fresh count of the walk's forward passes on guessed capacities, and of how many fell short."""
+    return {"passes": 0, "redone": 0}
 
 
-def _speculation_held(switches: dict[int, BatchedSwitchGLU]) -> bool:
+def _speculation_held(switches: dict[int, BatchedSwitchGLU], counts: dict[str, int] | None = None) -> bool:
     """After a forward pass with speculated capacities, already evaluated: whether every guess held.
-    One host read for all blocks; each block's next guess follows what it needed."""
+    One host read for all blocks; each block's next guess follows what it needed; counted in `counts`."""
     guessed = [switch for switch in switches.values() if switch.needed is not None]
     if not guessed:
         return True
@@ -183,13 +185,15 @@ def _speculation_held(switches: dict[int, BatchedSwitchGLU]) -> bool:
     held = all(need <= switch.capacity_hint for switch, need in zip(guessed, needs))
     for switch, need in zip(guessed, needs):
         switch.hint_from(need)
-    SPECULATION["passes"] += 1
-    SPECULATION["redone"] += not held
+    if counts is not None:
+        counts["passes"] += 1
+        counts["redone"] += not held
     return held
 
 
 def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array, first_active: int,
-                       loss_chunk: int = 0, keep_expert_activations: bool = False) -> tuple[tuple[mx.array, mx.array], dict]:
+                       loss_chunk: int = 0, keep_expert_activations: bool = False,
+                       speculation: dict[str, int] | None = None) -> tuple[tuple[mx.array, mx.array], dict]:
     """((loss sum, trained tokens), grads) like `nn.value_and_grad` of the summed masked loss, by
     walking the layers: a forward pass that keeps only each layer's input from `first_active` up,
     then the backward pass one layer at a time, top down, each layer's forward recomputed in its
@@ -204,7 +208,8 @@ def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, ma
     The math is per-layer gradient checkpointing, but MLX evaluates one layer's work at a time:
     one graph for the whole step lets its breadth-first evaluation start the recomputation (and
     dequantization) of many layers at once, which held 17.7 GB beyond the weights at the 8B shapes
-    (2,048 tokens, group 4). Layers below `first_active` hold nothing trainable: the walk stops there."""
+    (2,048 tokens, group 4). Layers below `first_active` hold nothing trainable: the walk stops there.
+    `speculation`: counts of the guessed passes and the redone ones (`speculation_counts`)."""
     inner = model.model
     walked = range(first_active, len(inner.layers))
     switches = {i: layer.feed_forward.switch_mlp for i, layer in enumerate(inner.layers)
@@ -229,7 +234,7 @@ def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, ma
                                            [mx.array(1.0, dtype=mx.float32)])
             trained = mask.astype(mx.bool_).sum()
             mx.eval(loss, trained, cotangent)
-            if _speculation_held(switches):
+            if _speculation_held(switches, speculation):
                 break
         flat = {}
         for i in reversed(walked):
@@ -249,7 +254,7 @@ def walk_loss_and_grad(model: nn.Module, inputs: mx.array, targets: mx.array, ma
 
 def make_loss_and_grad(model: nn.Module, first_active: int, grad_checkpoint: bool = True,
                        stop_gradient: bool = True, loss_chunk: int = 0, walk: bool = True,
-                       keep_expert_activations: bool = False) -> Callable:
+                       keep_expert_activations: bool = False, speculation: dict[str, int] | None = None) -> Callable:
     """value_and_grad of the summed masked loss over the model's trainable parameters:
     f(model, inputs, targets, mask) -> ((loss sum, trained tokens), grads).
     `loss_chunk` > 0 computes the cross-entropy that many tokens at a time (`chunked_masked_loss`).
@@ -257,7 +262,7 @@ def make_loss_and_grad(model: nn.Module, first_active: int, grad_checkpoint: boo
     `walk=False` builds one graph for the step instead (checkpointed by `recompute_in_backward`)."""
     if grad_checkpoint and stop_gradient and walk:
         return lambda m, inputs, targets, mask: walk_loss_and_grad(m, inputs, targets, mask, first_active, loss_chunk,
-                                                                   keep_expert_activations)
+                                                                   keep_expert_activations, speculation)
 
     def loss_fn(m, inputs, targets, mask):
         if loss_chunk:

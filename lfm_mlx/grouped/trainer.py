@@ -3,6 +3,7 @@ over the group schedule."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -14,36 +15,31 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+from mlx.utils import tree_flatten
 import psutil
 from tqdm import tqdm
 
-from lfm_mlx import adamw_kernel, cpu_blas, moments
+from lfm_mlx import cpu_blas
 from lfm_mlx.checkpoint import (
     CHECKPOINTS, Checkpoint, ParkedArrays, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint,
-    restore_tree, save_checkpoint,
+    save_checkpoint,
 )
 from lfm_mlx.data import build_dataset
 from lfm_mlx.fsutil import (
     atomic_dir, atomic_write_json, atomic_write_text, check_free_space, locked, recover_directory, refuse_overlap,
 )
 from lfm_mlx.grouped.config import (
-    CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, estimate_for_config, lean_gradients, master_of, router_master_of,
+    CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, estimate_for_config, master_of,
 )
-from lfm_mlx.grouped.experts import _ff, _layer_of, activate_group, moe_layers, moe_params, set_frozen_path
-from lfm_mlx.grouped.group import end_group, park_group_start
-from lfm_mlx.grouped.optimizer import lr_schedule, make_optimizer
-from lfm_mlx.grouped.probes import (
-    PROBE_TOKENS, auto_frozen_path, probe_attention, probe_dequant_kernel, probe_row_gather,
-)
+from lfm_mlx.grouped.experts import _layer_of, moe_params, set_frozen_path
+from lfm_mlx.grouped.group import ActiveGroup
+from lfm_mlx.grouped.probes import PROBE_TOKENS, probe_attention
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, _step_seed, steps_per_group
-from lfm_mlx.grouped.step import (
-    accumulate_gradients, apply_update, evaluate_loss, global_norm, make_loss_and_grad, trained_weight_norm,
-)
+from lfm_mlx.grouped.setup import choose_expert_path, load_mixed_model, probe_kernels
+from lfm_mlx.grouped.step import evaluate_loss, trained_weight_norm
+from lfm_mlx.kernel_choices import KernelChoices
 from lfm_mlx.memory import GB, MemoryBudgetExceeded, MemoryHardStop, MemoryReading, MemoryWatchdog
-from lfm_mlx.mixed import quantize_experts
-from lfm_mlx.models import compute_dtype, load, read_config, resolve_model_path, save_model_dir, weight_files
+from lfm_mlx.models import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
 from lfm_mlx.schedule import GroupSchedule
 
 
@@ -198,11 +194,7 @@ class GroupedMoETrainer:
         return probe_attention(heads, int(model_config["hidden_size"]) // heads, compute_dtype(model_config), seq)
 
     def _load_model(self, model_config: dict) -> dict:
-        model, _, config = load(self.model_dir, with_tokenizer=False, return_config=True)
-        if not isinstance(_ff(model, moe_layers(model)[0]).switch_mlp.gate_proj, QuantizedSwitchLinear):
-            config = quantize_experts(model, config)  # a bf16 / HF model: make the int8-expert mix in memory
-            mx.eval(model.parameters())
-        self.model = model
+        self.model, config = load_mixed_model(self.model_dir)
         self.dtype = compute_dtype(config)
         self.master = master_of(self.config, self.dtype)
         return config
@@ -213,13 +205,14 @@ class GroupedMoETrainer:
         # Bit-identical either way, so a resumed run may probe again.
         # Long enough that the kernels' launch costs weigh as in a real step; capped so the probe stays short.
         seq = min(PROBE_TOKENS, max(e.n_tokens for e in self.dataset.train))
-        kernels = {"dequant_kernel": probe_dequant_kernel(self.model, self.schedule.groups[0][0]),
-                   "row_gather_kernel": probe_row_gather(self.model, seq)}
+        kernels = probe_kernels(self.model, self.schedule.groups[0][0], seq)
+        self.kernels = KernelChoices.from_records(kernels)  # this run's, passed down from here
         if resumed is not None:
             return {"choice": resumed["frozen_path"], "reason": "recorded when the run started"} | kernels
+        record = choose_expert_path(self.model, self.schedule.groups[0][0], cfg.frozen_path, seq, self.dtype,
+                                    cfg.seed, self.kernels) | kernels
         if cfg.frozen_path != "auto":
-            return {"choice": cfg.frozen_path, "reason": "set in the config"} | kernels
-        record = auto_frozen_path(self.model, self.schedule.groups[0][0], seq, self.dtype, cfg.seed) | kernels
+            return record
         choice = record["choice"]
         if choice != "qmm":
             try:
@@ -308,7 +301,7 @@ class GroupedMoETrainer:
         # ---- state: fresh or restored
         state = {"phase": 0, "step_in_phase": 0, "global_step": 0, "skipped_steps": 0, "consecutive_skips": 0,
                  "tokens_seen": 0, "history": [], "initial_valid_loss": None, "layers_done": [], "config_changes": []}
-        set_frozen_path(self.model, self.frozen)
+        set_frozen_path(self.model, self.frozen, kernels=self.kernels)
         if resume is None:
             self._truncate_metrics(0)
             valid = evaluate_loss(self.model, self.dataset.valid, cfg.batch_size, self.pad_id) if (
@@ -323,7 +316,7 @@ class GroupedMoETrainer:
             active = groups[state["phase"] % len(groups)] if state["step_in_phase"] else []
             done = {k: v for k, v in resume.weights.items() if _layer_of(k) not in active}
             self.model.load_weights(list(done.items()) + list(resume.group_start.items()), strict=False)
-            set_frozen_path(self.model, self.frozen)
+            set_frozen_path(self.model, self.frozen, kernels=self.kernels)
             self._log({"kind": "resume", "step": state["global_step"], "checkpoint": resume.path.name})
             if changes:  # allowed by --allow-config-change: kept in the run's history and every later checkpoint
                 state["config_changes"].append({"step": state["global_step"], "checkpoint": resume.path.name,
@@ -346,28 +339,16 @@ class GroupedMoETrainer:
         groups = self.schedule.groups
         epoch, index = divmod(phase, len(groups))
         layers = groups[index]
-        start = moe_params(self.model, layers)
-        activate_group(self.model, layers, self.master, cfg.train_routers, lean_gradients(cfg),
-                       router_master_of(cfg, self.dtype))
-        optimizer = self.optimizer = make_optimizer(cfg, self.spg)
-        schedule = lr_schedule(cfg, self.spg)  # the optimizer's own, to check a step's rate before applying it
-        first = 0
-        if resume is not None and state["step_in_phase"]:
-            trained = {k: v for k, v in resume.weights.items() if _layer_of(k) in layers}
-            self.model.load_weights(list(trained.items()), strict=False)
-            optimizer.init(self.model.trainable_parameters())
-            if not set(resume.optimizer or {}) <= {"step", "learning_rate"}:  # else no step of it was applied yet
-                optimizer.state = restore_tree(optimizer.state, resume.optimizer or {}, f"{resume.path}/optimizer")
-            first = state["step_in_phase"]
-        mx.eval(self.model.parameters())
-        # The int8 start copy waits on disk until the group ends (requantization, retention, checkpoints).
-        start = park_group_start(start, cfg, self.run_dir)
+        mid_group = resume is not None and state["step_in_phase"]
+        group = ActiveGroup(self.model, layers, cfg, self.spg, self.frozen, self.run_dir, self.dtype,
+                            resume=resume if mid_group else None, kernels=self.kernels)
+        optimizer = self.optimizer = group.optimizer
+        start = group.start
+        first = state["step_in_phase"] if mid_group else 0
         order = self._micro_ids(phase)
-        if resume is not None and state["step_in_phase"] and resume.state.get("data_order") != order:
+        if mid_group and resume.state.get("data_order") != order:
             raise ConfigError(f"{resume.path}: the data order of phase {phase} differs from the checkpoint's; "
                               "the training data or its split changed; use a new run_dir")
-        loss_and_grad = make_loss_and_grad(self.model, layers[0], cfg.grad_checkpoint, cfg.stop_gradient,
-                                           cfg.loss_chunk, keep_expert_activations=cfg.keep_expert_activations)
         phase_start = time.perf_counter()
 
         def snapshot(step_in_phase: int) -> dict:
@@ -382,23 +363,18 @@ class GroupedMoETrainer:
             mx.random.seed(_step_seed(cfg.seed, global_step))
             tick = time.perf_counter()
             micro = self._batches(phase, step)
-            # Gradients of the summed loss: the division by the trained tokens happens inside the
-            # update (one pass over the gradients fewer); the norm is that of the mean-loss gradients.
-            loss_sum, trained, grads = accumulate_gradients(self.model, loss_and_grad,
-                                                            [self.stream.batch(m) for m in micro], mean=False)
-            scale = 1.0 / max(trained, 1)
-            if self.grad_hook is not None:
-                grads, scale = self.grad_hook(global_step, tree_map(lambda g: g * scale, grads)), 1.0
-            ids = [row for m in micro for row in self.stream.row_ids(m)]
-            tokens = sum(self.dataset.train[i].n_tokens - 1 for m in micro for i in self.stream.indices(m))
-            norm = global_norm(grads) * scale
-            loss = loss_sum / max(trained, 1)
             # The step's learning rate too: one the config would refuse (an API caller can skip
             # validation) would write non-finite or ~1e38 weights, so such a step is not applied.
-            step_lr = schedule(optimizer.step).item()
-            finite = math.isfinite(loss) and math.isfinite(norm) and 0 < step_lr < 1
+            step_lr = group.next_learning_rate()
+            hook = None if self.grad_hook is None else functools.partial(self.grad_hook, global_step)
+            result = group.step([self.stream.batch(m) for m in micro], grad_hook=hook,
+                                accept=lambda loss, norm: math.isfinite(loss) and math.isfinite(norm)
+                                and 0 < step_lr < 1)
+            loss, norm, trained = result.loss, result.norm, result.trained
+            ids = [row for m in micro for row in self.stream.row_ids(m)]
+            tokens = sum(self.dataset.train[i].n_tokens - 1 for m in micro for i in self.stream.indices(m))
             state["global_step"] = global_step + 1
-            if not finite:
+            if not result.applied:
                 state["skipped_steps"] += 1
                 state["consecutive_skips"] += 1
                 self._log({"kind": "skipped", "step": global_step + 1, "phase": phase, "row_ids": ids,
@@ -412,8 +388,6 @@ class GroupedMoETrainer:
                                         "applied")
                 progress.update(1)
                 continue
-            apply_update(self.model, optimizer, grads, cfg.grad_clip, scale=scale, norm=norm)
-            del grads
             weight_norm = trained_weight_norm(self.model)
             if not math.isfinite(weight_norm):
                 # The update freed the old weights as it went (memory stays flat), so it is undone by
@@ -453,17 +427,16 @@ class GroupedMoETrainer:
             digest = hashlib.sha256(f"{cfg.seed}/{phase}/{name}".encode()).digest()
             return mx.random.key(int.from_bytes(digest[:4], "little"))
 
-        retention = end_group(self.model, layers, start, self.frozen, optimizer,
-                              rounding_key if cfg.stochastic_rounding else None)
+        retention = group.close(rounding_key if cfg.stochastic_rounding else None)
         valid = evaluate_loss(self.model, self.dataset.valid, cfg.batch_size, self.pad_id) if (
             cfg.eval_each_group and self.dataset.valid) else None
         record = {"kind": "group_end", "step": state["global_step"], "epoch": epoch, "phase": phase,
                   "group": index, "layers": layers, "retention": retention, "valid_loss": valid,
                   "seconds": time.perf_counter() - phase_start}
         if cfg.optimizer_state == "int8":
-            record["moment_kernel"] = dict(moments.KERNEL)  # how the int8 moments were packed
+            record["moment_kernel"] = dict(self.kernels.update.moments)  # how the int8 moments were packed
         elif cfg.optimizer == "adamw" and cfg.fused_update:
-            record["adamw_kernel"] = {layout: dict(kernel) for layout, kernel in adamw_kernel.KERNELS.items()}
+            record["adamw_kernel"] = {layout: dict(kernel) for layout, kernel in self.kernels.update.adamw.items()}
         self._log(record)
         state["history"].append({k: record[k] for k in ("phase", "group", "layers", "valid_loss", "retention")})
         state["layers_done"] = sorted(set(state["layers_done"]) | set(layers))
