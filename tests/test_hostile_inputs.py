@@ -329,3 +329,26 @@ def test_lfm_mlx_debug_shows_the_traceback_of_a_user_error(tmp_path, verb):
     result = subprocess.run([sys.executable, "-m", "lfm_mlx", verb, *argv], capture_output=True, text=True,
                             env={**ENV, "LFM_MLX_DEBUG": "1"}, timeout=120)
     assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+
+def test_the_bad_row_hint_names_options_that_work_and_the_end_line_counts_the_dropped_rows(tiny_moe_mixed_dir,
+                                                                                           tmp_path):
+    ctx = Ctx(tmp_path, tiny_moe_mixed_dir, tiny_moe_mixed_dir, tiny_moe_mixed_dir)
+    with ctx.rows.open("a") as rows:
+        rows.write('{"messages": [{"role": "user", "content": "no answer"}]}\n')  # row 9 has no assistant turn
+    train = ctx.train_yaml(steps_per_group=1, group_size=6, eval_each_group=False, frozen_path="qmm",
+                           memory={"total_gb": 8, "soft_gb": 5, "hard_gb": 6})
+    lora = ctx.lora_yaml(rank=2, modules=["conv"], max_steps=2)
+    ends = {}
+    for argv, hint in ((["train", train, "--quiet"], ["--set", "skip_invalid=true"]),
+                       (["lora", lora, "--quiet"], ["--skip-invalid", "true"])):
+        refused = subprocess.run([sys.executable, "-m", "lfm_mlx", *map(str, argv)], capture_output=True, text=True,
+                                 env=ENV, timeout=300)
+        assert refused.returncode == 2 and f"{ctx.rows}:9: " in refused.stderr, refused.stderr
+        assert f"`lfm-mlx {argv[0]} CONFIG {' '.join(hint)}`" in refused.stderr  # the option as the message spells it
+        done = subprocess.run([sys.executable, "-m", "lfm_mlx", *map(str, argv + hint)], capture_output=True,
+                              text=True, env=ENV, timeout=300)
+        assert done.returncode == 0 and done.stderr == "" and len(done.stdout.splitlines()) == 1, done.stderr
+        ends[argv[0]] = done.stdout
+    assert "rows 8 of 9, dropped {" in ends["train"], ends["train"]  # the end line says rows were dropped

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from lfm_mlx import console
 from lfm_mlx.errors import UserError, debugging
 from lfm_mlx.grouped.config import CHANGEABLE_ON_RESUME, ConfigError, TrainConfig
 from lfm_mlx.grouped.run import NonFiniteStop
@@ -44,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
                         choices=CHANGEABLE_ON_RESUME,
                         help="resume although KEY changed (repeatable; recorded in metrics.jsonl, the checkpoints "
                              f"and summary.json): {', '.join(CHANGEABLE_ON_RESUME)}")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no start line, no progress")
+    console.add_quiet(parser)
     parser.add_argument("--print-config", action="store_true", help="print the validated config and exit")
     args = parser.parse_args(argv)
     try:
         overrides = _parse_overrides(args.overrides)
-        if args.no_progress:
+        if args.no_progress or args.quiet:
             overrides["progress"] = False
         config = TrainConfig.from_yaml(args.config, overrides)
     except UserError as err:
