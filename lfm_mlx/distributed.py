@@ -117,34 +117,30 @@ class World:
 
     def all_sum_tree(self, tree: Any) -> Any:
         """Sum a tree of arrays (gradients) over the ranks, each in its own dtype, in a few flat buffers.
-        Records the payload bytes and the seconds of the reduction (inputs evaluated first)."""
+        Records the payload bytes and the seconds from this rank's gradients being ready to the sums
+        arriving (so waiting for a slower rank counts too)."""
         if self.size == 1:
             return tree
         flat = tree_flatten(tree)
         mx.eval([v for _, v in flat])
         start = time.perf_counter()
-        summed, chunk, size = {}, [], 0
+        summed, chunk = {}, []
 
         def flush() -> None:
-            if chunk:
-                buffer = self.sum(mx.concatenate([v.reshape(-1) for _, v in chunk]))
-                offsets = [0]
-                for _, v in chunk:
-                    offsets.append(offsets[-1] + v.size)
-                for (name, v), a, b in zip(chunk, offsets, offsets[1:]):
-                    summed[name] = buffer[a:b].reshape(v.shape)
-                chunk.clear()
+            buffer = self.sum(mx.concatenate([v.reshape(-1) for _, v in chunk]))
+            mx.eval(buffer)  # one chunk at a time: the extra memory stays at CHUNK_BYTES
+            offset = 0
+            for name, v in chunk:
+                summed[name] = buffer[offset:offset + v.size].reshape(v.shape)
+                offset += v.size
+            chunk.clear()
 
-        for dtype in sorted({v.dtype for _, v in flat}, key=str):
-            for name, v in flat:
-                if v.dtype == dtype:
-                    if size + v.nbytes > CHUNK_BYTES:
-                        flush()
-                        size = 0
-                    chunk.append((name, v))
-                    size += v.nbytes
+        for name, v in sorted(flat, key=lambda item: str(item[1].dtype)):  # stable: the same order on every rank
+            if chunk and (v.dtype != chunk[0][1].dtype or sum(c.nbytes for _, c in chunk) + v.nbytes > CHUNK_BYTES):
+                flush()
+            chunk.append((name, v))
+        if chunk:
             flush()
-            size = 0
         mx.eval(list(summed.values()))
         self.reduce_s = time.perf_counter() - start
         self.reduce_bytes = sum(v.nbytes for _, v in flat)
