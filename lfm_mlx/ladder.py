@@ -146,7 +146,10 @@ def _measured(rung: dict, result: dict, parent_texts: dict | None, out_dir: Path
 
 
 def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def judge(ladder: dict) -> None:
@@ -183,9 +186,8 @@ def judge(ladder: dict) -> None:
         if rung is best:
             rung["verdict"] = "recommended"
             continue
-        same = rung["bytes"] == best["bytes"] and rung["tensor_types"] == best["tensor_types"]
-        rung["reasons"] = [f"within tolerance, but the same size and tensor types as {best['name']} (llama.cpp fell "
-                           "back to the same types)" if same else
+        rung["reasons"] = [f"within tolerance, but the same size as {best['name']}, which comes first"
+                           if rung["bytes"] == best["bytes"] else
                            f"within tolerance, but {_size(rung['bytes'] - best['bytes'])} larger than {best['name']}"]
     if best is not None:
         why = (f"the smallest file within {tolerance} case(s) of the parent ({best['passed']}/{best['runs']} vs "
@@ -346,8 +348,9 @@ def run_ladder(model_dir: str | Path, out_dir: str | Path, suite: str, types: li
             if imatrix_from is not None:
                 import numpy as np
 
-                imatrix = work / "imatrix.npz"
-                np.savez(imatrix, **compute_imatrix(model_dir, read_samples(imatrix_from)))
+                imatrix, samples = work / "imatrix.npz", read_samples(imatrix_from)
+                log(f"ladder: importance matrix from {len(samples)} transcripts (MLX)")
+                np.savez(imatrix, **compute_imatrix(model_dir, samples))
             for rung in rungs:
                 rung["file"] = _file_name(model_dir.name, rung["name"], taken)
                 ladder["rungs"].append(rung)

@@ -104,7 +104,7 @@ def test_the_rule_and_its_reasons():
     judge(ladder)
     verdicts = {r["name"]: (r["verdict"], " ".join(r["reasons"])) for r in ladder["rungs"]}
     assert ladder["recommendation"]["rung"] == "Q3_K_M" and verdicts["Q3_K_M"] == ("recommended", "")
-    assert "30.00 MB" not in verdicts["Q8_0"][1] and "larger than Q3_K_M" in verdicts["Q8_0"][1]
+    assert verdicts["Q8_0"] == ("rejected", "within tolerance, but 30 B larger than Q3_K_M")
     assert "loses b (0/3; parent 2/3)" in verdicts["IQ3_XS"][1]
     assert "passes 3/6, more than 1 case(s) below the parent's 5/6" in verdicts["Q2_K"][1]
     assert verdicts["IQ2_M"] == ("rejected", "failed to quantize: refused")
