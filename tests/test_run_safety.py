@@ -291,8 +291,47 @@ def test_an_absurd_learning_rate_never_leaves_a_non_finite_tensor_and_resume_wit
         assert result.steps == 8 and result.skipped_steps == 2 and non_finite_tensors(tmp_path / "run") == []
 
 
-def test_weights_that_overflow_after_an_update_stop_the_run_unsaved(tiny_moe_mixed_dir, tmp_path):
-    from lfm_mlx.grouped import GroupedMoETrainer, NonFiniteStop
+def test_an_update_that_makes_the_weights_non_finite_is_undone_as_if_the_step_were_skipped(tiny_moe_mixed_dir,
+                                                                                            tmp_path):
+    """Steps 2 and 6 (one before any checkpoint, one after the first group's) go bad after their
+    update; the run undoes them and ends bit-identical to one whose steps 2 and 6 were skipped."""
+    from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+    from lfm_mlx.grouped import GroupedMoETrainer
+    from tests.test_grouped import make_config, read_metrics, tensors, tool_rows
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in tool_rows(16)))
+    bad = {1, 5}  # 0-based: metrics steps 2 and 6
+
+    def skip(step, grads):  # a non-finite gradient: the step is never applied
+        return tree_map(lambda g: g * float("nan"), grads) if step in bad else grads
+
+    fired = set()
+
+    def overflow(step, grads):  # the weights overflow after the update (once: a replay runs clean)
+        if step in bad and step not in fired:
+            fired.add(step)
+            model = trainer.model
+            name, value = tree_flatten(model.trainable_parameters())[0]
+            model.update(tree_unflatten([(name, mx.full(value.shape, 1e30, value.dtype))]))
+        return grads
+
+    skipped = GroupedMoETrainer(make_config(tiny_moe_mixed_dir, rows, tmp_path / "skipped"), grad_hook=skip).train()
+    trainer = GroupedMoETrainer(make_config(tiny_moe_mixed_dir, rows, tmp_path / "undone"), grad_hook=overflow)
+    undone = trainer.train()
+    assert fired == bad and undone.skipped_steps == skipped.skipped_steps == 2 and undone.steps == 8
+    ours, theirs = tensors(undone.model_dir), tensors(skipped.model_dir)
+    assert ours.keys() == theirs.keys() and all(mx.array_equal(ours[k], theirs[k]).item() for k in ours)
+    metrics = [r for r in read_metrics(tmp_path / "undone") if r["kind"] in ("step", "skipped")]
+    assert [r["step"] for r in metrics] == list(range(1, 9))  # the replay left no duplicate records
+    assert [r["step"] for r in metrics if r["kind"] == "skipped"] == [2, 6]
+    assert all("the step was undone" in r["reason"] for r in metrics if r["kind"] == "skipped")
+    assert non_finite_tensors(tmp_path / "undone") == []
+
+
+def test_weights_that_overflow_after_every_update_stop_with_exit_65_and_nothing_non_finite_written(
+        tiny_moe_mixed_dir, tmp_path):
     from tests.test_grouped import make_config, tool_rows
 
     model = tmp_path / "model"
@@ -304,12 +343,17 @@ def test_weights_that_overflow_after_an_update_stop_the_run_unsaved(tiny_moe_mix
     mx.save_safetensors(str(weights_path), weights, metadata={"format": "mlx"})
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(row) + "\n" for row in tool_rows(16)))
-    config = make_config(model, rows, tmp_path / "run", group_size=6, group_stride=6)
-    with pytest.raises(NonFiniteStop, match="nothing was saved") as stop:
-        GroupedMoETrainer(config).train()
-    assert stop.value.step == 1 and not (tmp_path / "run" / "checkpoints").exists()
-    skipped = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert skipped["kind"] == "skipped" and skipped["weight_norm"] == "inf"
+    config = make_config(model, rows, tmp_path / "run", group_size=6, group_stride=6, max_consecutive_skips=3)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
+    result = cli("train", path)
+    assert result.returncode == 65 and "Traceback" not in result.stderr, result.stderr
+    assert "stopped at step 3: 3 consecutive steps were skipped, the last because its update made the trained " \
+           "weights non-finite" in result.stderr and "--allow-config-change learning_rate" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["weight_norm"]) for r in records if r["kind"] == "skipped"] == [(1, "inf"), (2, "inf"),
+                                                                                         (3, "inf")]
+    assert not (tmp_path / "run" / "model").exists() and non_finite_tensors(tmp_path / "run") == []
 
 
 def nan_model(source: Path, target: Path) -> Path:

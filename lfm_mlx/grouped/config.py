@@ -106,9 +106,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0, description="steps; 0: only at group boundaries")
     keep_checkpoints: int = Field(2, ge=0)
-    max_consecutive_skips: int = Field(5, ge=1, description="steps in a row skipped (not applied) for a non-finite "
-                                       "loss or gradient or a learning rate outside (0, 1) before the run stops; "
-                                       "trained weights non-finite after an update stop it at once, unsaved")
+    max_consecutive_skips: int = Field(5, ge=1, description="steps in a row skipped before the run stops (exit 65): "
+                                       "not applied for a non-finite loss or gradient or a learning rate outside "
+                                       "(0, 1), or undone when the update made the trained weights non-finite")
     eval_each_group: bool = True
     progress: bool = True
     memory: MemorySettings = Field(default_factory=MemorySettings)

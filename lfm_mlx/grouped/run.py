@@ -27,6 +27,15 @@ class NonFiniteStop(RuntimeError):
             "--allow-config-change learning_rate")
 
 
+class UndoStep(Exception):
+    """Step `step`'s update made the trained weights non-finite: the trainer replays the run from its
+    newest checkpoint (as a resume does, bit for bit) with that step skipped."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"undo step {step}")
+
+
 def _lower(learning_rate: float) -> float:
     """A learning rate to suggest after non-finite steps: a tenth, or the default for an absurd one."""
     return learning_rate / 10 if 0 < learning_rate < 1 else 1e-5

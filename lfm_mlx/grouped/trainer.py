@@ -17,9 +17,8 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 import psutil
-from tqdm import tqdm
 
-from lfm_mlx import cpu_blas
+from lfm_mlx import console
 from lfm_mlx.checkpoint import (
     CHECKPOINTS, Checkpoint, ParkedArrays, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint,
     save_checkpoint,
@@ -34,7 +33,7 @@ from lfm_mlx.grouped.config import (
 from lfm_mlx.grouped.experts import _layer_of, moe_params, set_frozen_path
 from lfm_mlx.grouped.group import ActiveGroup
 from lfm_mlx.grouped.probes import PROBE_TOKENS, probe_attention
-from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, _step_seed, steps_per_group
+from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, UndoStep, _step_seed, steps_per_group
 from lfm_mlx.grouped.setup import choose_expert_path, load_mixed_model, probe_kernels
 from lfm_mlx.grouped.step import evaluate_loss, trained_weight_norm
 from lfm_mlx.kernel_choices import KernelChoices
@@ -66,6 +65,7 @@ class GroupedMoETrainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.n_records = 0
         self.optimizer: optim.Optimizer | None = None  # the active group's, fresh per group
+        self.undone: dict[int, dict] = {}  # global step -> its 'skipped' record: steps a replay skips
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -229,11 +229,11 @@ class GroupedMoETrainer:
         manifest, memory = self.dataset.manifest, self.config.memory
         dropped = manifest["rows_read"] - manifest["kept"]
         return (f"lfm-mlx train: {'resuming' if resuming else 'starting'} {self.model_dir.name} on "
-                f"{mx.default_device()} (BLAS: {cpu_blas.describe()}); compute {short(resolved['compute_dtype'])}, masters "
+                f"{console.where()}; compute {short(resolved['compute_dtype'])}, masters "
                 f"{short(resolved['master_dtype'])}, experts {self.frozen}; {len(resolved['groups'])} group(s) x "
                 f"{self.spg} steps x {self.config.epochs} epoch(s) = {resolved['total_steps']} "
                 f"steps; memory soft/hard {memory.soft_gb:g}/{memory.hard_gb:g} GB of {memory.total_gb:g} "
-                f"(machine {psutil.virtual_memory().total / GB:.1f} GB); rows {manifest['kept']} of "
+                f"(machine {console.machine_gb():.1f} GB); rows {manifest['kept']} of "
                 f"{manifest['rows_read']}" + (f" ({dropped} dropped: run_dir/data_manifest.json)" if dropped else "")
                 + f"; run_dir {self.run_dir}")
 
@@ -257,7 +257,15 @@ class GroupedMoETrainer:
         with locked(self.run_dir):
             recover_directory(self.run_dir)  # what killed writes left: temporaries, a half-replaced model
             recover_directory(self.run_dir / CHECKPOINTS)
-            return self._train(restart)
+            while True:
+                try:
+                    return self._train(restart)
+                except UndoStep as undo:  # replay from the newest checkpoint (as a resume), the step skipped
+                    self.model = self.optimizer = None  # one model in memory, not two
+                    restart = False
+                    if self.config.progress:
+                        console.say("train", f"step {undo.step} made the trained weights non-finite; undoing it: "
+                                             "replaying from the newest checkpoint with that step skipped")
 
     def _train(self, restart: bool) -> TrainResult:
         cfg = self.config
@@ -324,7 +332,7 @@ class GroupedMoETrainer:
                 state["consecutive_skips"] = 0
                 self._log({"kind": "config_change", "step": state["global_step"], "changes": changes})
 
-        progress = _progress(self.n_phases * self.spg, state["global_step"], cfg.progress)
+        progress = console.progress("train", self.n_phases * self.spg, "step", state["global_step"], cfg.progress)
         self.watchdog.start()  # the first sample counts the first step, not the model loading before it
         try:
             for phase in range(state["phase"], self.n_phases):
@@ -360,6 +368,12 @@ class GroupedMoETrainer:
 
         for step in range(first, self.spg):
             global_step = phase * self.spg + step
+            if global_step + 1 in self.undone:  # undone before this replay: skipped, logged and counted again
+                state.update(global_step=global_step + 1, skipped_steps=state["skipped_steps"] + 1,
+                             consecutive_skips=state["consecutive_skips"] + 1)
+                self._log(self.undone[global_step + 1])
+                progress.update(1)
+                continue
             mx.random.seed(_step_seed(cfg.seed, global_step))
             tick = time.perf_counter()
             micro = self._batches(phase, step)
@@ -390,16 +404,22 @@ class GroupedMoETrainer:
                 continue
             weight_norm = trained_weight_norm(self.model)
             if not math.isfinite(weight_norm):
-                # The update freed the old weights as it went (memory stays flat), so it is undone by
-                # stopping unsaved: the newest checkpoint keeps the last good weights.
+                # The update freed the old weights as it went (memory stays flat), so it is undone by a
+                # replay from the newest checkpoint, bit-identical as a resume, that skips this step.
                 state["skipped_steps"] += 1
                 state["consecutive_skips"] += 1
-                self._log({"kind": "skipped", "step": global_step + 1, "phase": phase, "row_ids": ids, "loss": loss,
-                           "grad_norm": norm, "weight_norm": str(weight_norm),
-                           "reason": "after the update the trained weights are non-finite or overflow float32"})
-                raise NonFiniteStop(global_step + 1, state["consecutive_skips"], ids, cfg.learning_rate,
-                                    f"after the update the trained weights are non-finite or overflow float32 (norm "
-                                    f"{weight_norm}, learning rate {step_lr:g}); nothing was saved")
+                record = {"kind": "skipped", "step": global_step + 1, "phase": phase, "row_ids": ids, "loss": loss,
+                          "grad_norm": norm, "weight_norm": str(weight_norm),
+                          "reason": "after the update the trained weights were non-finite or overflowed float32; "
+                                    "the step was undone"}
+                self._log(record)
+                if state["consecutive_skips"] >= cfg.max_consecutive_skips:
+                    raise NonFiniteStop(global_step + 1, state["consecutive_skips"], ids, cfg.learning_rate,
+                                        f"{state['consecutive_skips']} consecutive steps were skipped, the last "
+                                        f"because its update made the trained weights non-finite or overflow float32 "
+                                        f"(norm {weight_norm}, learning rate {step_lr:g}); nothing was saved")
+                self.undone[global_step + 1] = record
+                raise UndoStep(global_step + 1)
             state["consecutive_skips"] = 0
             seconds = time.perf_counter() - tick
             state["tokens_seen"] += tokens
@@ -414,8 +434,8 @@ class GroupedMoETrainer:
                        "tokens_per_s": tokens / seconds, "step_s": seconds,
                        "peak_memory_gb": (sample.peak if sample else mx.get_peak_memory()) / GB,
                        "active_memory_gb": (sample.active if sample else mx.get_active_memory()) / GB})
-            progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", group=f"{index}/{len(self.schedule)}", epoch=epoch)
+            progress.update(1)
             if stop is not None:  # the step is done and logged: save it, then stop before memory runs out
                 self._checkpoint(snapshot(step + 1), set(state["layers_done"]), layers, start, optimizer)
                 raise stop
@@ -464,8 +484,3 @@ class GroupedMoETrainer:
                            "tokens_seen": state["tokens_seen"], "frozen_path": frozen})
         return result
 
-
-def _progress(total: int, initial: int, enabled: bool):
-    # disable=None: a bar on a terminal only; a log file gets no carriage-return refreshes
-    return tqdm(total=total, initial=initial, disable=None if enabled else True, desc="train", unit="step",
-                dynamic_ncols=True)
