@@ -53,6 +53,7 @@ import psutil
 from mlx.utils import tree_flatten
 
 import lfm_mlx
+from lfm_mlx import console
 from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.kernel_choices import KernelChoices
@@ -784,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hard-gb", type=float, default=60.0, help="hard stop (default 60)")
     parser.add_argument("--out", default="runs/sweep", help="output directory (default runs/sweep)")
     parser.add_argument("--seed", type=int, default=0)
+    console.add_quiet(parser)
     args = parser.parse_args(argv)
     try:
         budget = MemoryBudget(total_gb=args.budget_gb, soft_gb=args.soft_gb, hard_gb=args.hard_gb)
@@ -792,18 +794,28 @@ def main(argv: list[str] | None = None) -> int:
                           master_dtype=args.master_dtype, frozen_path=args.frozen_path, calibrate=args.calibrate,
                           budget=budget, out=args.out, seed=args.seed)
         cfg.check()
-        report = run_sweep(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+        console.say("sweep", f"group sizes {','.join(map(str, sorted(set(cfg.group_sizes))))} of "
+                             f"{cfg.model or 'preset ' + cfg.preset} on {console.where()}: {cfg.steps} step(s) each of "
+                             + (f"the longest row of {cfg.data} (at most {cfg.seq_len} tokens)" if cfg.data else
+                                f"{cfg.seq_len} random tokens")
+                             + f", {cfg.optimizer}, masters {cfg.master_dtype}, experts {cfg.frozen_path}; memory "
+                               f"soft/hard {args.soft_gb:g}/{args.hard_gb:g} GB of {args.budget_gb:g} (machine "
+                               f"{console.machine_gb():.1f} GB); writing {cfg.out}", args.quiet)
+        report = run_sweep(cfg, log=lambda line: console.say("sweep", line, args.quiet))
     except (ValueError, FileNotFoundError) as err:
         print(f"lfm-mlx sweep: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     json_path = Path(cfg.out) / REPORT_NAME
-    print(format_table(report))
-    print(f"report: {json_path}")
+    if not args.quiet:
+        print(format_table(report))
     try:
-        print(f"plot: {plot_sweep(json_path, Path(cfg.out) / PLOT_NAME)}")
+        plot = str(plot_sweep(json_path, Path(cfg.out) / PLOT_NAME))
     except ImportError as err:  # a bare accelerator box; the plot is made from the JSON, so make it later
-        print(f"plot: not made ({err}); run lfm_mlx.sweep.plot_sweep('{json_path}') where matplotlib is installed")
-    return 0 if report["last_safe_size"] is not None else EXIT_NOTHING_FITS
+        plot = f"not made ({err}); run lfm_mlx.sweep.plot_sweep('{json_path}') where matplotlib is installed"
+    safe = report["last_safe_size"]
+    print(f"sweep: {'largest group size within the budget: ' + str(safe) if safe is not None else 'no group size fits'}"
+          f"; report {json_path}, plot {plot}")
+    return 0 if safe is not None else EXIT_NOTHING_FITS
 
 
 if __name__ == "__main__":

@@ -137,3 +137,21 @@ def test_bad_input_names_the_setting_and_the_fix(tmp_path, capsys):
     assert "give comma-separated integers" in capsys.readouterr().err
     assert main(["--preset", "tiny-moe", "--soft-gb", "61", "--out", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "soft_gb < hard_gb" in capsys.readouterr().err
+
+
+def test_cli_says_what_it_sweeps_a_line_per_size_and_quiet_leaves_the_end_line(generous, tmp_path):
+    proc, out, report = generous
+    start, *lines = proc.stderr.splitlines()
+    assert start.startswith("lfm-mlx sweep: group sizes 1,2,4,6,8 of preset tiny-moe on Device(cpu, 0) (BLAS: "), start
+    assert (": 2 step(s) each of 256 random tokens, adamw, masters split, experts auto; memory soft/hard 54/60 GB of 64 "
+            "(machine ") in start and start.endswith(f"; writing {out}"), start
+    assert "\r" not in proc.stderr and all(line.startswith("lfm-mlx sweep: ") for line in lines), proc.stderr
+    assert sum(line.startswith("lfm-mlx sweep: size ") for line in lines) >= 4  # a line per size measured
+    plot = f"{out / PLOT_NAME}" if (out / PLOT_NAME).exists() else "not made ("
+    assert proc.stdout.splitlines()[-1].startswith(
+        f"sweep: largest group size within the budget: 6; report {out / REPORT_NAME}, plot {plot}")
+
+    quiet = run_cli(tmp_path, "--seq-len", "64", "--steps", "2", "--group-sizes", "1", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert quiet.stdout.startswith("sweep: largest group size within the budget: 1; report ")
+    assert len(quiet.stdout.splitlines()) == 1
