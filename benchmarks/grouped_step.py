@@ -61,7 +61,7 @@ from lfm_mlx.kernel_choices import KernelChoices
 from lfm_mlx.data import Batch, masked_loss
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
-    PROBE_TOKENS, ActiveGroup, TrainConfig, accumulate_gradients, apply_update, estimate_for_config,
+    PROBE_TOKENS, ActiveGroup, StepSettings, TrainConfig, accumulate_gradients, apply_update, estimate_for_config,
     measure_frozen_paths, moe_layers, probe_dequant_kernel, probe_row_gather, set_frozen_path,
 )
 from lfm_mlx.mixed import parameter_bytes, quantize_experts
@@ -310,7 +310,7 @@ SWAPS = {
     "straightforward": [ONE_GRAPH],
     "one-graph": [ONE_GRAPH],
     "mx-checkpoint": [ONE_GRAPH, (grouped_step, "_checkpointed", mx_checkpointed)],
-    "float32-gradients": [(grouped_group, "lean_gradients", lambda cfg: False)],
+    "float32-gradients": [(StepSettings, "lean_gradients", property(lambda settings: False))],
 }
 
 

@@ -190,54 +190,61 @@ def weights_bytes(config: dict, expert_bits: int = 8, group_bits_size: int = 64,
     return quantized + rest * compute_dtype_bytes + counts["expert_bias"] * 4
 
 
-def estimate_peak(
-    config: dict,
-    group_size: int,
-    seq_len: int,
-    batch_size: int = 1,
-    optimizer: str = "adamw",
-    expert_bits: int = 8,
-    group_bits_size: int = 64,
-    compute_dtype_bytes: int = 2,
-    grad_checkpoint: bool = True,
-    frozen_path: str = "qmm",
-    attention: str = "materialized",
-    optimizer_state_bytes: int = 4,
-    grad_accumulation: int = 1,
-    calibration: float = 1.0,
-    scales: dict[str, float] | None = None,
-    baseline: int = 0,
-    master: str | None = None,
-    fused_update: bool = False,
-    lean_gradients: bool = False,
-    loss_chunk: int = 0,
-    moment_bits: int = 32,
-    keep_expert_activations: bool = False,
-) -> MemoryEstimate:
-    """Estimate the peak memory of one grouped-training step.
+@dataclass(frozen=True)
+class StepShape:
+    """What one grouped-training step holds, as the estimate needs it (`TrainConfig.settings(...)
+    .step_shape(...)` makes it from a config).
 
-    `group_size` MoE layers train (experts dequantized to the compute dtype, routers trainable), on
-    batches of `batch_size` x `seq_len` tokens (the longest example). `group_bits_size` is the
-    quantization group (elements per scale/bias pair). The worst case is assumed: the group sits at
-    the first MoE layer, so backward runs through every layer from there to the top.
-    `frozen_path`: "qmm" (frozen experts through int8 gather_qmm), "dequant" (dequantized just in
-    time) or "batched" (dequantized just in time, padded expert blocks: the same weights' memory).
-    `attention`: "materialized" (scores held as fp32 B*H*S*S, as MLX's sdpa backward does on CPU)
-    or "fused". `optimizer_state_bytes`: 4 for fp32 state, 2 when the optimizer keeps state in
-    a bf16 parameter's dtype. `baseline`: the runtime's bytes before any weight (`runtime_baseline()`).
+    `group_size` MoE layers train (experts dequantized, routers trainable), on batches of
+    `batch_size` x `seq_len` tokens (the longest example). `group_bits_size` is the quantization
+    group (elements per scale/bias pair). `frozen_path`: "qmm" (frozen experts through int8
+    gather_qmm), "dequant" (dequantized just in time) or "batched" (dequantized just in time, padded
+    expert blocks: the same weights' memory). `attention`: "materialized" (scores held as fp32
+    B*H*S*S, as MLX's sdpa backward does on CPU) or "fused". `optimizer_state_bytes`: 4 for fp32
+    state, 2 when the optimizer keeps state in a bf16 parameter's dtype.
 
-    The grouped trainer's settings, when given (None keeps the older description through
-    `compute_dtype_bytes`, `optimizer_state_bytes` and `scales`):
+    The grouped trainer's settings, when given (`master` None keeps the older description through
+    `compute_dtype_bytes`, `optimizer_state_bytes` and the estimate's scales):
     `master` "float32" / "compute" / "compute-stochastic" (a master copy of the group's experts and
-    routers in float32 or the compute dtype);
-    `fused_update` the grouped trainer's FusedAdamW (float32 moments, one tensor updated at a time);
-    `lean_gradients` the experts' gradients in the compute dtype, whatever the master's;
-    `loss_chunk` tokens per cross-entropy chunk (0: all logits at once);
-    `moment_bits` 8 for the fused update's int8 moments (1.125 bytes an element with their scales);
-    `keep_expert_activations` the frozen expert blocks keep their gate and up projections and
-    output for the backward pass (batched path, checkpointed).
-    `master` "split" (bfloat16 weights and their 16 low bits) counts as float32: the same bytes.
-    """
+    routers in float32 or the compute dtype; "split", bfloat16 weights and their 16 low bits, counts
+    as float32: the same bytes); `fused_update` the grouped trainer's FusedAdamW (float32 moments, one
+    tensor updated at a time); `lean_gradients` the experts' gradients in the compute dtype, whatever
+    the master's; `loss_chunk` tokens per cross-entropy chunk (0: all logits at once); `moment_bits` 8
+    for the fused update's int8 moments (1.125 bytes an element with their scales);
+    `keep_expert_activations` the frozen expert blocks keep their gate and up projections and output
+    for the backward pass (batched path, checkpointed)."""
+
+    group_size: int
+    seq_len: int
+    batch_size: int = 1
+    optimizer: str = "adamw"
+    expert_bits: int = 8
+    group_bits_size: int = 64
+    compute_dtype_bytes: int = 2
+    grad_checkpoint: bool = True
+    frozen_path: str = "qmm"
+    attention: str = "materialized"
+    optimizer_state_bytes: int = 4
+    grad_accumulation: int = 1
+    master: str | None = None
+    fused_update: bool = False
+    lean_gradients: bool = False
+    loss_chunk: int = 0
+    moment_bits: int = 32
+    keep_expert_activations: bool = False
+
+
+def estimate_peak(config: dict, shape: StepShape | None = None, *, calibration: float = 1.0,
+                  scales: dict[str, float] | None = None, baseline: int = 0, **fields) -> MemoryEstimate:
+    """Estimate the peak memory of one grouped-training step of `shape` (a `StepShape`; its fields may
+    also come, or be changed, as keywords: `estimate_peak(config, group_size=4, seq_len=2048)`) on the
+    model of `config`. The worst case is assumed: the group sits at the first MoE layer, so backward
+    runs through every layer from there to the top. `baseline`: the runtime's bytes before any weight
+    (`runtime_baseline()`); `calibration` and `scales` as in `MemoryEstimate`."""
+    shape = dataclasses.replace(shape, **fields) if shape is not None else StepShape(**fields)
+    (group_size, seq_len, batch_size, optimizer, expert_bits, group_bits_size, compute_dtype_bytes, grad_checkpoint,
+     frozen_path, attention, optimizer_state_bytes, grad_accumulation, master, fused_update, lean_gradients,
+     loss_chunk, moment_bits, keep_expert_activations) = dataclasses.astuple(shape)
     problems = []
     if optimizer not in ("adamw", "adafactor"):
         problems.append(f"optimizer={optimizer!r}: use 'adamw' or 'adafactor'")

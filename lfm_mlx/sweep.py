@@ -58,7 +58,7 @@ from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.kernel_choices import KernelChoices
 from lfm_mlx.grouped import (
-    ActiveGroup, TrainConfig, choose_expert_path, estimate_for_config, load_mixed_model, master_of, moe_layers,
+    ActiveGroup, TrainConfig, choose_expert_path, estimate_for_config, load_mixed_model, moe_layers,
     probe_attention, probe_kernels, set_frozen_path,
 )
 from lfm_mlx.memory import (
@@ -471,7 +471,7 @@ def prepare(cfg: SweepConfig, log=print) -> _Setup:
     set_frozen_path(model, frozen["choice"], kernels=kernels)
     gc.collect()
     mx.clear_cache()
-    master = master_of(train, dtype)
+    master = train.settings(dtype).master
     report = {
         "kind": "lfm_mlx.sweep/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

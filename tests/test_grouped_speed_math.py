@@ -204,10 +204,10 @@ def test_the_fused_update_and_chunked_loss_lower_the_memory_estimate():
     after = estimate_for_config(big, default, "dequant", 2048).components()
     assert after["optimizer_state"] == before["optimizer_state"]  # float32 moments both
     assert after["optimizer_update"] < 0.2 * before["optimizer_update"]  # one tensor at a time
-    from lfm_mlx.memory import estimate_peak
+    from lfm_mlx.memory import StepShape, estimate_peak
 
     def gradients(lean: bool) -> int:  # bf16 compute (the GPU's; the CPU computes in float32)
-        return estimate_peak(big, 4, 2048, compute_dtype_bytes=2, master="float32", fused_update=True,
+        return estimate_peak(big, StepShape(4, 2048), compute_dtype_bytes=2, master="float32", fused_update=True,
                              lean_gradients=lean).components()["gradients"]
 
     assert gradients(True) < 0.51 * gradients(False)  # the experts' gradients in bf16

@@ -143,3 +143,28 @@ def test_a_split_master_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
         resumed_opt.update(resumed, {"w": g})
     assert mx.array_equal(resumed.w, straight.w).item()
     assert mx.array_equal(resumed_opt.state["w"]["low"], straight_opt.state["w"]["low"]).item()
+
+
+def test_settings_are_one_object_and_the_old_functions_agree():
+    """`TrainConfig.settings(compute)` holds what the free functions derived; they stay as aliases,
+    and the estimate's StepShape comes from the same settings."""
+    from lfm_mlx.grouped import StepSettings, estimate_for_config, lean_gradients, split_master_in_use
+    from lfm_mlx.memory import estimate_peak
+    from lfm_mlx.models import compute_dtype
+    from lfm_mlx.synthetic import hf_config
+
+    for changes in ({}, {"master_dtype": "float32"}, {"fused_update": False}, {"grad_accumulation": 2},
+                    {"master_dtype": "compute"}, {"optimizer": "adafactor", "fused_update": False}):
+        config = TrainConfig(model="m", data=["d"], run_dir="r", **changes)
+        for compute in (mx.bfloat16, mx.float32):
+            settings = config.settings(compute)
+            assert isinstance(settings, StepSettings)
+            assert settings.master == master_of(config, compute)
+            assert settings.router_master == router_master_of(config, compute)
+            assert settings.split_master == split_master_in_use(config, compute)
+            assert settings.lean_gradients == lean_gradients(config)
+    big = hf_config("lfm2.5-8b-a1b") | {"quantization": {"bits": 8, "group_size": 64}}
+    config = TrainConfig(model="m", data=["d"], run_dir="r")
+    shape = config.settings(compute_dtype(big)).step_shape(big, "dequant", 2048)
+    assert (shape.group_size, shape.master, shape.fused_update, shape.lean_gradients) == (4, "split", True, True)
+    assert estimate_peak(big, shape).total == estimate_for_config(big, config, "dequant", 2048).total

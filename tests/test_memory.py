@@ -19,6 +19,7 @@ from lfm_mlx.memory import (
     MemorySoftLimitWarning,
     MemoryWatchdog,
     StepMemoryReader,
+    StepShape,
     estimate_peak,
     parameter_counts,
     read_memory,
@@ -70,13 +71,13 @@ def test_estimate_grows_with_group_and_sequence():
     assert all(a < b for a, b in zip(totals, totals[1:]))
     by_len = [estimate_peak(BIG, group_size=4, seq_len=s).total for s in (256, 1024, 4096, 10240)]
     assert all(a < b for a, b in zip(by_len, by_len[1:]))
-    assert estimate_peak(BIG, 4, 2048, batch_size=2).total > estimate_peak(BIG, 4, 2048).total
+    assert estimate_peak(BIG, StepShape(4, 2048), batch_size=2).total > estimate_peak(BIG, StepShape(4, 2048)).total
     # The usual levers lower it.
-    base = estimate_peak(BIG, 4, 2048, grad_checkpoint=False)
-    assert estimate_peak(BIG, 4, 2048, optimizer="adafactor", grad_checkpoint=False).total < base.total
-    assert estimate_peak(BIG, 4, 2048, grad_checkpoint=True).total < base.total
-    assert estimate_peak(BIG, 4, 2048, grad_checkpoint=False, frozen_path="dequant").total > base.total
-    assert estimate_peak(BIG, 4, 2048, grad_checkpoint=False, attention="fused").total < base.total
+    base = estimate_peak(BIG, StepShape(4, 2048), grad_checkpoint=False)
+    assert estimate_peak(BIG, StepShape(4, 2048), optimizer="adafactor", grad_checkpoint=False).total < base.total
+    assert estimate_peak(BIG, StepShape(4, 2048), grad_checkpoint=True).total < base.total
+    assert estimate_peak(BIG, StepShape(4, 2048), grad_checkpoint=False, frozen_path="dequant").total > base.total
+    assert estimate_peak(BIG, StepShape(4, 2048), grad_checkpoint=False, attention="fused").total < base.total
 
 
 def test_estimate_components_and_calibration():
@@ -99,7 +100,7 @@ def test_estimate_components_and_calibration():
     scaled = estimate_peak(BIG, group_size=4, seq_len=2048, scales={"logits": 0.5})
     assert scaled.total == e.total - parts["logits"] // 2
     with pytest.raises(ValueError, match="optimizer='sgd'.*scales for unknown components \\['logit'\\]"):
-        estimate_peak(BIG, 4, 2048, optimizer="sgd", scales={"logit": 2.0})
+        estimate_peak(BIG, StepShape(4, 2048), optimizer="sgd", scales={"logit": 2.0})
 
 
 def test_runtime_baseline_adds_to_total_outside_the_calibration():
@@ -120,7 +121,7 @@ def test_runtime_baseline_adds_to_total_outside_the_calibration():
         MemoryWatchdog(MemoryBudget()).admit(estimate_peak(BIG, group_size=10, seq_len=2048, baseline=2 * 10**9))
     assert info.value.suggestions[0].startswith("group size 9 (est. 56.35 GB)")
     with pytest.raises(ValueError, match="baseline=-1 must be >= 0"):
-        estimate_peak(BIG, 4, 2048, baseline=-1)
+        estimate_peak(BIG, StepShape(4, 2048), baseline=-1)
 
 
 def test_admission_refuses_with_numbers_and_fixes_that_fit():
@@ -134,9 +135,9 @@ def test_admission_refuses_with_numbers_and_fixes_that_fit():
     assert f"{too_big.total / GB:.2f} GB exceeds the hard stop 60.00 GB" in str(error)
     assert error.suggestions[0].startswith("group size 10 ")
     assert any(s.startswith("optimizer adafactor") for s in error.suggestions)
-    assert estimate_peak(BIG, group_size=10, seq_len=2048).total <= 60 * GB < estimate_peak(BIG, 11, 2048).total
+    assert estimate_peak(BIG, group_size=10, seq_len=2048).total <= 60 * GB < estimate_peak(BIG, StepShape(11, 2048)).total
     with pytest.warns(MemorySoftLimitWarning, match="above the soft limit"):
-        MemoryWatchdog(MemoryBudget(64, 20, 40)).admit(estimate_peak(BIG, 4, 2048))
+        MemoryWatchdog(MemoryBudget(64, 20, 40)).admit(estimate_peak(BIG, StepShape(4, 2048)))
     with pytest.raises(ValueError, match="needs 0 < soft_gb < hard_gb <= total_gb"):
         MemoryBudget(64, 60, 54)
 

@@ -32,8 +32,8 @@ shared with the sweep), `run` (steps, batches, results), `trainer` (GroupedMoETr
 from __future__ import annotations
 
 from lfm_mlx.grouped.config import (
-    CHANGEABLE_ON_RESUME, GROUP_START, ConfigError, MemorySettings, TrainConfig, estimate_for_config, lean_gradients,
-    master_of, router_master_of, split_master_in_use,
+    CHANGEABLE_ON_RESUME, GROUP_START, ConfigError, MemorySettings, StepSettings, TrainConfig, estimate_for_config,
+    lean_gradients, master_of, router_master_of, split_master_in_use,
 )
 from lfm_mlx.grouped.experts import (
     FROZEN_CLASSES, PROJECTIONS, STORAGE_DTYPE, DequantSwitchLinear, TrainableSwitchLinear, activate_group, after,
@@ -57,7 +57,8 @@ from lfm_mlx.grouped.cli import EXIT_CONFIG, EXIT_OVER_BUDGET, main
 from lfm_mlx.moments import pack_codes, pack_moment, unpack_moment
 
 __all__ = [
-    "CHANGEABLE_ON_RESUME", "GROUP_START", "ConfigError", "MemorySettings", "TrainConfig", "estimate_for_config",
+    "CHANGEABLE_ON_RESUME", "GROUP_START", "ConfigError", "MemorySettings", "StepSettings", "TrainConfig",
+    "estimate_for_config",
     "lean_gradients", "master_of", "router_master_of", "split_master_in_use", "FROZEN_CLASSES", "PROJECTIONS",
     "STORAGE_DTYPE", "DequantSwitchLinear", "TrainableSwitchLinear", "activate_group", "after",
     "cast_keeping_gradient_dtype", "make_quantized", "moe_layers", "moe_params", "quantize_affine",

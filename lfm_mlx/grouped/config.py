@@ -11,7 +11,7 @@ import mlx.core as mx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lfm_mlx.errors import UserError
-from lfm_mlx.memory import MemoryBudget, MemoryEstimate, estimate_peak
+from lfm_mlx.memory import MemoryBudget, MemoryEstimate, StepShape, estimate_peak
 from lfm_mlx.models import compute_dtype
 from lfm_mlx.yamlfile import read_yaml
 
@@ -200,6 +200,10 @@ class TrainConfig(BaseModel):
         if problems:
             raise ConfigError("training config paths:\n" + "\n".join(problems))
 
+    def settings(self, compute: mx.Dtype) -> "StepSettings":
+        """The settings this config implies on `compute` (master dtypes, lean gradients, the step's shape)."""
+        return StepSettings(self, compute)
+
     def training_hash_dict(self) -> dict:
         """The fields that change what training computes (a resumed run must match them)."""
         ignore = {"run_dir", "progress", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips",
@@ -227,46 +231,83 @@ def _set_dotted(data: dict, key: str, value) -> None:
     node[parts[-1]] = value
 
 
+class StepSettings:
+    """What a TrainConfig's step does on a compute dtype, derived in one place for the trainer, the
+    sweep, the benchmark and the memory estimate (`TrainConfig.settings(compute)`)."""
+
+    def __init__(self, config: TrainConfig, compute: mx.Dtype):
+        self.config, self.compute = config, compute
+
+    @property
+    def fused_adamw(self) -> bool:
+        """The grouped trainer's FusedAdamW (one compiled kernel per tensor) runs the update."""
+        return self.config.optimizer == "adamw" and self.config.fused_update
+
+    @property
+    def lean_gradients(self) -> bool:
+        """Whether the experts' gradients may stay in the compute dtype: when the fused AdamW reads them
+        (in float32) and no micro-batch sum needs float32 (the same values as float32 gradients)."""
+        return self.fused_adamw and self.config.grad_accumulation == 1
+
+    @property
+    def split_master(self) -> bool:
+        """Whether master_dtype "split" applies: the fused AdamW holds the low bits, and a bfloat16
+        compute dtype has low bits to hold (float32 compute: the weights are the float32 master)."""
+        return self.config.master_dtype == "split" and self.fused_adamw and self.compute == mx.bfloat16
+
+    @property
+    def master(self) -> mx.Dtype:
+        """The dtype of the group's trained experts (`activate_group`) for the config's master_dtype."""
+        if self.config.master_dtype == "split":
+            return self.compute if self.split_master else mx.float32
+        return mx.float32 if self.config.master_dtype == "float32" else self.compute
+
+    @property
+    def router_master(self) -> mx.Dtype:
+        """The dtype of the group's trained routers: float32 with a float32 or split master (a router
+        is small, and its scores are then computed in float32 as with a float32 master), else compute."""
+        return mx.float32 if self.config.master_dtype in ("float32", "split") else self.compute
+
+    def step_shape(self, model_config: dict, frozen: str, seq_len: int, group_size: int | None = None,
+                   attention: str = "materialized") -> StepShape:
+        """What the step holds (its master, optimizer state, loss chunking, checkpointing) on expert path
+        `frozen` at `seq_len` tokens per example, for `estimate_peak`."""
+        cfg, quant = self.config, model_config.get("quantization") or {}
+        return StepShape(
+            group_size=group_size or cfg.group_size, seq_len=seq_len, batch_size=cfg.batch_size,
+            optimizer=cfg.optimizer, expert_bits=int(quant.get("bits", 8)),
+            group_bits_size=int(quant.get("group_size", 64)), compute_dtype_bytes=2 if self.compute == mx.bfloat16 else 4,
+            grad_checkpoint=cfg.grad_checkpoint, frozen_path=frozen, attention=attention,
+            grad_accumulation=cfg.grad_accumulation, master=cfg.master_dtype, fused_update=self.fused_adamw,
+            lean_gradients=self.lean_gradients, loss_chunk=cfg.loss_chunk,
+            moment_bits=8 if self.fused_adamw and cfg.optimizer_state == "int8" else 32,
+            keep_expert_activations=cfg.keep_expert_activations)
+
+
+# The free functions the settings replaced, kept for callers of the old names.
 def lean_gradients(config: TrainConfig) -> bool:
-    """Whether the experts' gradients may stay in the compute dtype: when the fused AdamW reads them
-    (in float32) and no micro-batch sum needs float32 (the same values as float32 gradients)."""
-    return config.optimizer == "adamw" and config.fused_update and config.grad_accumulation == 1
+    """`StepSettings.lean_gradients` (independent of the compute dtype)."""
+    return config.settings(mx.float32).lean_gradients
 
 
 def split_master_in_use(config: TrainConfig, compute: mx.Dtype) -> bool:
-    """Whether master_dtype "split" applies: the fused AdamW holds the low bits, and a bfloat16
-    compute dtype has low bits to hold (float32 compute: the weights are the float32 master)."""
-    return config.master_dtype == "split" and config.optimizer == "adamw" and config.fused_update and \
-        compute == mx.bfloat16
+    """`StepSettings.split_master`."""
+    return config.settings(compute).split_master
 
 
 def router_master_of(config: TrainConfig, compute: mx.Dtype) -> mx.Dtype:
-    """The dtype of the group's trained routers: float32 with a float32 or split master (a router
-    is small, and its scores are then computed in float32 as with a float32 master), else compute."""
-    return mx.float32 if config.master_dtype in ("float32", "split") else compute
+    """`StepSettings.router_master`."""
+    return config.settings(compute).router_master
 
 
 def master_of(config: TrainConfig, compute: mx.Dtype) -> mx.Dtype:
-    """The dtype of the group's trained experts (`activate_group`) for a config's master_dtype."""
-    if config.master_dtype == "split":
-        return compute if split_master_in_use(config, compute) else mx.float32
-    return mx.float32 if config.master_dtype == "float32" else compute
+    """`StepSettings.master`."""
+    return config.settings(compute).master
 
 
 def estimate_for_config(model_config: dict, config: TrainConfig, frozen: str, seq_len: int,
                         group_size: int | None = None, attention: str = "materialized") -> MemoryEstimate:
-    """`estimate_peak` for what a TrainConfig's step holds (its master, optimizer state, loss
-    chunking, checkpointing) on expert path `frozen`, at `seq_len` tokens per example."""
-    quant = model_config.get("quantization") or {}
-    cb = 2 if compute_dtype(model_config) == mx.bfloat16 else 4
-    fused = config.optimizer == "adamw" and config.fused_update
-    return estimate_peak(
-        model_config, group_size=group_size or config.group_size, seq_len=seq_len, batch_size=config.batch_size,
-        optimizer=config.optimizer, expert_bits=int(quant.get("bits", 8)),
-        group_bits_size=int(quant.get("group_size", 64)), compute_dtype_bytes=cb,
-        grad_checkpoint=config.grad_checkpoint, frozen_path=frozen, attention=attention,
-        grad_accumulation=config.grad_accumulation, master=config.master_dtype,
-        fused_update=fused, lean_gradients=lean_gradients(config), loss_chunk=config.loss_chunk,
-        moment_bits=8 if fused and config.optimizer_state == "int8" else 32,
-        keep_expert_activations=config.keep_expert_activations,
-    )
+    """`estimate_peak` for what a TrainConfig's step holds on the model of `model_config` (its compute
+    dtype) on expert path `frozen`, at `seq_len` tokens per example."""
+    settings = config.settings(compute_dtype(model_config))
+    return estimate_peak(model_config, settings.step_shape(model_config, frozen, seq_len, group_size, attention))

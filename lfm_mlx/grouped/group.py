@@ -15,7 +15,7 @@ from mlx.utils import tree_map
 
 from lfm_mlx.checkpoint import Checkpoint, ParkedArrays, restore_tree
 from lfm_mlx.data import Batch
-from lfm_mlx.grouped.config import GROUP_START, TrainConfig, lean_gradients, master_of, router_master_of
+from lfm_mlx.grouped.config import GROUP_START, TrainConfig
 from lfm_mlx.grouped.experts import _layer_of, activate_group, moe_params, requantize_group
 from lfm_mlx.grouped.optimizer import FusedAdamW, lr_schedule, make_optimizer
 from lfm_mlx.grouped.step import accumulate_gradients, apply_update, global_norm, make_loss_and_grad, speculation_counts
@@ -67,10 +67,10 @@ class ActiveGroup:
         self.model, self.layers, self.config, self.frozen = model, layers, config, frozen
         self.kernels = kernels or KernelChoices()
         self.speculation = speculation_counts()
-        compute = compute or model.model.embed_tokens.weight.dtype  # the dtype the model was cast to
+        settings = config.settings(compute or model.model.embed_tokens.weight.dtype)  # the model's compute dtype
         start = moe_params(model, layers)
-        activate_group(model, layers, master_of(config, compute), config.train_routers, lean_gradients(config),
-                       router_master_of(config, compute))
+        activate_group(model, layers, settings.master, config.train_routers, settings.lean_gradients,
+                       settings.router_master)
         self.optimizer = make_optimizer(config, steps, self.kernels)
         self.schedule = lr_schedule(config, steps)  # the optimizer's own: a step's rate, checked before applying it
         if resume is not None:

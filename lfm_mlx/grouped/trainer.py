@@ -28,7 +28,7 @@ from lfm_mlx.fsutil import (
     atomic_dir, atomic_write_json, atomic_write_text, check_free_space, locked, recover_directory, refuse_overlap,
 )
 from lfm_mlx.grouped.config import (
-    CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, estimate_for_config, master_of,
+    CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, estimate_for_config,
 )
 from lfm_mlx.grouped.experts import _layer_of, moe_params, set_frozen_path
 from lfm_mlx.grouped.group import ActiveGroup
@@ -196,7 +196,7 @@ class GroupedMoETrainer:
     def _load_model(self, model_config: dict) -> dict:
         self.model, config = load_mixed_model(self.model_dir)
         self.dtype = compute_dtype(config)
-        self.master = master_of(self.config, self.dtype)
+        self.master = self.config.settings(self.dtype).master
         return config
 
     def _choose_frozen_path(self, model_config: dict, resumed: dict | None) -> dict:
