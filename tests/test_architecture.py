@@ -118,6 +118,29 @@ def test_no_import_cycle_between_subpackages_and_modules():
     assert unexpected(cycles(units)) == []
 
 
+# Top-level units by layer, highest first: a unit may import its own layer and those below, never above.
+LAYERS = {
+    "demo": {"demo", "task", "pretrain"},  # the synthetic task and its run: the library never imports them
+    "stages": {"cli", "__main__", "mix", "grouped", "sweep", "evaluate", "bfcl", "repair", "lora", "fuse", "gguf",
+               "ladder", "ladder_worker", "report", "convert"},
+    "shared": {"memory", "kernel_choices", "kernel_probe", "dequant_kernel", "row_gather", "adamw_kernel", "moments",
+               "expert_batch", "master_bits", "checkpoint", "schedule", "distributed"},
+    "base": {"models", "synthetic", "mixed", "data", "tools", "suites", "fsutil", "errors", "yamlfile", "console",
+             "cpu_blas"},
+}
+
+
+def test_dependencies_run_one_way():
+    """demo -> stages -> shared (memory, kernels, checkpoints) -> base (models, data, files), never back."""
+    rank = {f"lfm_mlx.{name}": i for i, names in enumerate(LAYERS.values()) for name in names}
+    units = {unit_of(name) for name in modules()} - {"lfm_mlx"}
+    assert not units - set(rank), f"place these in LAYERS: {sorted(units - set(rank))}"
+    upward = sorted(f"{unit_of(source)} -> {unit_of(target)}" for source, targets in graph().items()
+                    for target in targets if unit_of(target) in rank and unit_of(source) in rank
+                    and rank[unit_of(target)] < rank[unit_of(source)])
+    assert upward == [], "imports against the layers (move the shared code down): " + ", ".join(upward)
+
+
 def test_no_module_over_the_line_limit_but_the_listed_ones():
     sizes = {str(path.relative_to(PACKAGE.parent)): len(path.read_text().splitlines())
              for path in PACKAGE.rglob("*.py")}
