@@ -85,6 +85,25 @@ class World:
         self.agree(error)
         return result
 
+    def on_every(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """Run fn on every rank (a check against this machine's own limits); an exception on any
+        rank stops every rank."""
+        if self.size == 1:
+            return fn(*args, **kwargs)
+        result, error = None, None
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - re-raised by agree
+            error = err
+        self.agree(error)
+        return result
+
+    def same_as_main(self, value: str, what: str) -> None:
+        """Stop every rank when this rank's `value` (a hash of its inputs) differs from rank 0's."""
+        if self.size > 1:
+            self.agree(None if self.broadcast_json(value) == value else UserError(
+                f"rank {self.rank}: {what} differ from rank 0's; give every machine the same files and settings"))
+
     def broadcast_json(self, value: Any) -> Any:
         """Rank 0's JSON-able value, on every rank."""
         if self.size == 1:
@@ -108,6 +127,17 @@ class World:
             out[name] = self.sum(x.view(bits)).view(template.dtype)
         mx.eval(out)
         return out
+
+    def broadcast_tree(self, arrays: dict[str, mx.array] | None) -> dict[str, mx.array] | None:
+        """Rank 0's named arrays (or None) on every rank, names, shapes and dtypes included."""
+        if self.size == 1:
+            return arrays
+        meta = self.broadcast_json(None if not self.main or arrays is None else
+                                   {k: [list(v.shape), str(v.dtype).rsplit(".", 1)[-1]] for k, v in arrays.items()})
+        if meta is None:
+            return None
+        like = {k: mx.zeros(shape, getattr(mx, dtype)) for k, (shape, dtype) in meta.items()}
+        return self.broadcast_arrays(arrays, like)
 
     def shard(self, items: list) -> list:
         """This rank's contiguous slice of a global batch (sizes differ by at most one; may be empty)."""
@@ -145,6 +175,10 @@ class World:
         self.reduce_s = time.perf_counter() - start
         self.reduce_bytes = sum(v.nbytes for _, v in flat)
         return tree_unflatten([(name, summed[name]) for name, _ in flat])
+
+    def reduce_record(self) -> dict:
+        """The last all_sum_tree's bytes and seconds, for a metrics row (nothing when alone)."""
+        return {} if self.size == 1 else {"allreduce_bytes": self.reduce_bytes, "allreduce_s": round(self.reduce_s, 6)}
 
     def sum_scalars(self, *values: float) -> list[float]:
         """Python numbers summed over the ranks (float64 on CPU would not reach the GPU backends: float32)."""

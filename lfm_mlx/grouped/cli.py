@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lfm_mlx import console
+from lfm_mlx import console, distributed
 from lfm_mlx.errors import UserError, debugging
 from lfm_mlx.grouped.config import CHANGEABLE_ON_RESUME, ConfigError, TrainConfig
 from lfm_mlx.grouped.run import NonFiniteStop
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryHardStop, NonFiniteStop) as err:
         print(f"lfm-mlx train: {err}", file=sys.stderr)
         return err.exit_code
+    if not distributed.init().main:  # rank 0 prints (and holds run_dir/data_manifest.json)
+        return 0
     manifest = json.loads((result.run_dir / "data_manifest.json").read_text())
     dropped = {reason: n for reason, n in manifest["dropped"].items() if n}
     rows = f"rows {manifest['kept']} of {manifest['rows_read']}" + (

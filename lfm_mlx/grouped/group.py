@@ -15,6 +15,7 @@ from mlx.utils import tree_map
 
 from lfm_mlx.checkpoint import Checkpoint, ParkedArrays, restore_tree
 from lfm_mlx.data import Batch
+from lfm_mlx.distributed import World
 from lfm_mlx.grouped.config import GROUP_START, TrainConfig
 from lfm_mlx.grouped.experts import _layer_of, activate_group, moe_params, requantize_group
 from lfm_mlx.grouped.optimizer import FusedAdamW, lr_schedule, make_optimizer
@@ -97,15 +98,22 @@ class ActiveGroup:
 
     def step(self, batches: list[Batch], mean: bool = False, grad_hook: Callable[[dict], dict] | None = None,
              accept: Callable[[float, float], bool] | None = None,
-             on_phase: Callable[[str, dict | None], None] | None = None) -> StepResult:
+             on_phase: Callable[[str, dict | None], None] | None = None, world: World | None = None) -> StepResult:
         """One optimizer step over the micro-batches `batches`.
 
         `mean=False` (the trainer's): gradients of the summed loss, the division by the trained tokens
         folded into the update (one pass over the gradients fewer); `mean=True`: mean-loss gradients first.
         `grad_hook(grads) -> grads` sees the mean-loss gradients; `accept(loss, norm)` may refuse the
         update (not applied); `on_phase(name, grads)` is called after "backward" (with the gradients),
-        "norm" and "update" (a reader of per-phase memory or time)."""
+        "norm" and "update" (a reader of per-phase memory or time). With `world` (several ranks, each
+        passing its slice of every micro-batch) the summed-loss gradients, loss and tokens are summed
+        over the ranks before the norm: every rank clips and applies the same update."""
         loss_sum, trained, grads = accumulate_gradients(self.model, self.loss_and_grad, batches, mean=mean)
+        if world is not None and world.size > 1:
+            assert not mean, "ranks sum summed-loss gradients; mean=True would average means of unequal shards"
+            grads = world.all_sum_tree(grads)
+            loss_sum, trained = world.sum_scalars(loss_sum, trained)
+            trained = int(trained)
         scale = 1.0 if mean else 1.0 / max(trained, 1)
         if on_phase is not None:
             on_phase("backward", grads)

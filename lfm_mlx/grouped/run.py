@@ -55,11 +55,12 @@ class TrainResult:
     groups: list[dict]
 
 
-def steps_per_group(n_train: int, config: TrainConfig, n_groups: int) -> int:
-    """Optimizer steps of every phase (see the `lfm_mlx.grouped` package docstring)."""
+def steps_per_group(n_train: int, config: TrainConfig, n_groups: int, world_size: int = 1) -> int:
+    """Optimizer steps of every phase (see the `lfm_mlx.grouped` package docstring); `batch_size`
+    is per rank, so `world_size` ranks take world_size x batch_size examples a micro-batch."""
     if isinstance(config.steps_per_group, int):
         return config.steps_per_group
-    per_epoch = math.ceil(math.ceil(n_train / config.batch_size) / config.grad_accumulation)
+    per_epoch = math.ceil(math.ceil(n_train / (config.batch_size * world_size)) / config.grad_accumulation)
     if config.steps_per_group == "epoch":
         return per_epoch
     return max(1, math.ceil(per_epoch / n_groups))

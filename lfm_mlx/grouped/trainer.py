@@ -3,6 +3,7 @@ over the group schedule."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -18,19 +19,15 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 import psutil
 
-from lfm_mlx import console
-from lfm_mlx.checkpoint import (
-    CHECKPOINTS, Checkpoint, ParkedArrays, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint,
-    save_checkpoint,
-)
+from lfm_mlx import console, distributed
+from lfm_mlx.checkpoint import Checkpoint, ParkedArrays, config_hash, list_checkpoints, save_checkpoint
 from lfm_mlx.data import build_dataset
-from lfm_mlx.fsutil import (
-    atomic_dir, atomic_write_json, atomic_write_text, check_free_space, locked, recover_directory, refuse_overlap,
-)
+from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_free_space
 from lfm_mlx.grouped.config import (
     CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, estimate_for_config,
 )
 from lfm_mlx.grouped.experts import _layer_of, moe_params, set_frozen_path
+from lfm_mlx.grouped import ranks
 from lfm_mlx.grouped.group import ActiveGroup
 from lfm_mlx.grouped.probes import PROBE_TOKENS, probe_attention
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, UndoStep, _step_seed, steps_per_group
@@ -66,29 +63,31 @@ class GroupedMoETrainer:
         self.n_records = 0
         self.optimizer: optim.Optimizer | None = None  # the active group's, fresh per group
         self.undone: dict[int, dict] = {}  # global step -> its 'skipped' record: steps a replay skips
+        self.world, self._scratch = distributed.init(), []  # mlx.launch's ranks (or one): rank 0 alone writes
 
     # ------------------------------------------------------------ bookkeeping
 
     def _log(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if self.world.main:
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
         self.n_records += 1
 
     def _truncate_metrics(self, keep: int) -> None:
         """Keep the first `keep` records: later ones come from steps redone after the resume."""
-        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        lines = self.metrics_path.read_text().splitlines() if self.world.main and self.metrics_path.exists() else []
         kept = lines[:keep]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        self.world.on_main(atomic_write_text, self.metrics_path, "".join(line + "\n" for line in kept))
         self.n_records = len(kept)
 
     def _checkpoint(self, state: dict, layers_done: set[int], active: list[int], start: ParkedArrays | None,
                     optimizer: optim.Optimizer | None) -> Path:
-        state = {**state, "metrics_records": self.n_records}
+        state = {**state, "metrics_records": self.n_records, "world_size": self.world.size}
         touched = sorted(layers_done | set(active))
         # An optimizer that never applied a step holds only its scalars (maybe a non-finite rate): nothing to keep.
         applied = optimizer is not None and not {k for k, _ in tree_flatten(optimizer.state)} <= {"step",
                                                                                                  "learning_rate"}
-        return save_checkpoint(self.run_dir, state, moe_params(self.model, touched),
+        return self.world.on_main(save_checkpoint, self.run_dir, state, moe_params(self.model, touched),
                                group_start=start if active else None,
                                optimizer_state=optimizer.state if applied and active else None,
                                keep=self.config.keep_checkpoints)
@@ -98,7 +97,7 @@ class GroupedMoETrainer:
     def _prepare(self, restart: bool):
         cfg = self.config
         cfg.check_paths()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.world.on_main(self.run_dir.mkdir, parents=True, exist_ok=True)
         self.model_dir = resolve_model_path(cfg.model)
         model_config = read_config(self.model_dir)
         if model_config["model_type"] != "lfm2_moe":
@@ -115,15 +114,16 @@ class GroupedMoETrainer:
         self.tokenizer = load_tokenizer(self.model_dir, eos_token_ids=model_config.get("eos_token_id"))
         self.dataset = build_dataset(cfg.data, self.tokenizer, cfg.max_tokens, tuple(cfg.splits), cfg.seed,
                                      cfg.skip_invalid)
-        self.dataset.write_manifest(self.run_dir / "data_manifest.json")
+        self.world.on_main(self.dataset.write_manifest, self.run_dir / "data_manifest.json")
         self.pad_id = int(model_config.get("pad_token_id") or 0)
-        self.spg = steps_per_group(len(self.dataset.train), cfg, len(self.schedule))
+        self.spg = steps_per_group(len(self.dataset.train), cfg, len(self.schedule), self.world.size)
         self.n_phases = cfg.epochs * len(self.schedule)
         data_fingerprint = {"sources": self.dataset.manifest["sources"],
                             "split_row_ids": self.dataset.manifest["split_row_ids"]}
         self.identity = {"model": _model_fingerprint(self.model_dir), "data": data_fingerprint}
         self.hash = config_hash({"config": cfg.training_hash_dict(), **self.identity})
-        if restart:
+        self.world.same_as_main(self.hash, f"model {self.model_dir}, data {cfg.data} or the config")
+        if restart and self.world.main:
             for old in list_checkpoints(self.run_dir):
                 shutil.rmtree(old)
             self.metrics_path.unlink(missing_ok=True)
@@ -253,17 +253,15 @@ class GroupedMoETrainer:
         """Run (or resume) training; returns where the trained model is. The run directory is locked
         for the whole run: a second process on it gets DirectoryBusy."""
         self.config.check_paths()  # before the lock creates run_dir
-        refuse_overlap(self.run_dir, {"model": self.config.model})  # run_dir/model would replace it
-        with locked(self.run_dir):
-            recover_directory(self.run_dir)  # what killed writes left: temporaries, a half-replaced model
-            recover_directory(self.run_dir / CHECKPOINTS)
+        with contextlib.ExitStack() as stack:
+            ranks.claim_run_dir(self.world, self.run_dir, self.config.model, stack)  # rank 0's for the whole job
             while True:
                 try:
                     return self._train(restart)
                 except UndoStep as undo:  # replay from the newest checkpoint (as a resume), the step skipped
                     self.model = self.optimizer = None  # one model in memory, not two
                     restart = False
-                    if self.config.progress:
+                    if self.config.progress and self.world.main:
                         console.say("train", f"step {undo.step} made the trained weights non-finite; undoing it: "
                                              "replaying from the newest checkpoint with that step skipped")
 
@@ -271,26 +269,23 @@ class GroupedMoETrainer:
         cfg = self.config
         model_config = self._prepare(restart)
         summary_path = self.run_dir / "summary.json"
-        if summary_path.exists():
-            summary = json.loads(summary_path.read_text())
+        summary = self.world.broadcast_json(self.world.on_main(
+            lambda: json.loads(summary_path.read_text()) if summary_path.exists() else None))
+        if summary is not None:
             if summary.get("config_hash") == self.hash and summary.get("complete"):
                 return TrainResult(**{**summary["result"], "run_dir": self.run_dir,
                                       "model_dir": Path(summary["result"]["model_dir"])})
         self.watchdog = MemoryWatchdog(cfg.memory.budget(), cfg.memory.sample_every, reader=self.memory_reader)
         self.attention = self._probe_attention(model_config)
         admission_path = "dequant" if cfg.frozen_path == "dequant" else "qmm"
-        estimate = self._admit(model_config, admission_path)
+        estimate = self.world.on_every(self._admit, model_config, admission_path)  # each rank's own budget
 
-        resume, changes = None, {}
-        latest = latest_checkpoint(self.run_dir)
-        if latest is not None:
-            resume = load_checkpoint(latest)
-            if resume.state.get("config_hash") != self.hash:
-                changes = self._config_changes(resume)
+        resume, changes = ranks.read_resume(self.world, self.run_dir, self.hash, self._config_changes)
         model_config = self._load_model(model_config)
         frozen = self._choose_frozen_path(model_config, resume.state if resume else None)
         self.frozen = frozen["choice"]
-        self.stream = BatchStream(self.dataset.train, cfg.batch_size, cfg.seed, cfg.sort_by_length, self.pad_id)
+        self.stream = BatchStream(self.dataset.train, cfg.batch_size * self.world.size, cfg.seed,  # global batches
+                                  cfg.sort_by_length, self.pad_id)
         groups = self.schedule.groups
         resolved = {
             "config": cfg.model_dump(mode="json"), "config_hash": self.hash, "model_dir": str(self.model_dir),
@@ -301,9 +296,9 @@ class GroupedMoETrainer:
             "memory_estimate": estimate, "attention": self.attention, "train_examples": len(self.dataset.train),
             "valid_examples": len(self.dataset.valid),
         }
-        atomic_write_json(self.run_dir / "train_config.json", resolved)
-        atomic_write_json(self.run_dir / "frozen_path.json", frozen)
-        if cfg.progress:
+        self.world.on_main(atomic_write_json, self.run_dir / "train_config.json", resolved)
+        self.world.on_main(atomic_write_json, self.run_dir / "frozen_path.json", frozen)
+        if cfg.progress and self.world.main:
             print(self._start_line(resolved, resume is not None), file=sys.stderr, flush=True)
 
         # ---- state: fresh or restored
@@ -332,7 +327,8 @@ class GroupedMoETrainer:
                 state["consecutive_skips"] = 0
                 self._log({"kind": "config_change", "step": state["global_step"], "changes": changes})
 
-        progress = console.progress("train", self.n_phases * self.spg, "step", state["global_step"], cfg.progress)
+        progress = console.progress("train", self.n_phases * self.spg, "step", state["global_step"],
+                                    cfg.progress and self.world.main)
         self.watchdog.start()  # the first sample counts the first step, not the model loading before it
         try:
             for phase in range(state["phase"], self.n_phases):
@@ -348,7 +344,8 @@ class GroupedMoETrainer:
         epoch, index = divmod(phase, len(groups))
         layers = groups[index]
         mid_group = resume is not None and state["step_in_phase"]
-        group = ActiveGroup(self.model, layers, cfg, self.spg, self.frozen, self.run_dir, self.dtype,
+        group = ActiveGroup(self.model, layers, cfg, self.spg, self.frozen,
+                            ranks.park_dir(self.world, self.run_dir, self._scratch), self.dtype,
                             resume=resume if mid_group else None, kernels=self.kernels)
         optimizer = self.optimizer = group.optimizer
         start = group.start
@@ -381,7 +378,9 @@ class GroupedMoETrainer:
             # validation) would write non-finite or ~1e38 weights, so such a step is not applied.
             step_lr = group.next_learning_rate()
             hook = None if self.grad_hook is None else functools.partial(self.grad_hook, global_step)
-            result = group.step([self.stream.batch(m) for m in micro], grad_hook=hook,
+            batches = [ranks.local_batch(self.world, self.dataset.train, self.stream.indices(m), self.pad_id)
+                       for m in micro]  # this rank's slice of each micro-batch of the global stream
+            result = group.step(batches, grad_hook=hook, world=self.world,
                                 accept=lambda loss, norm: math.isfinite(loss) and math.isfinite(norm)
                                 and 0 < step_lr < 1)
             loss, norm, trained = result.loss, result.norm, result.trained
@@ -428,12 +427,15 @@ class GroupedMoETrainer:
                 sample = self.watchdog.check(global_step + 1)
             except MemoryHardStop as err:
                 sample, stop = err.sample, err
+            stop = ranks.agree_on_stop(self.world, stop, global_step + 1)  # any rank's hard stop stops all
             self._log({"kind": "step", "step": global_step + 1, "epoch": epoch, "phase": phase, "group": index,
                        "layers": layers, "loss": loss, "lr": optimizer.learning_rate.item(),
                        "grad_norm": norm, "weight_norm": weight_norm, "tokens": tokens, "trained_tokens": trained,
                        "tokens_per_s": tokens / seconds, "step_s": seconds,
                        "peak_memory_gb": (sample.peak if sample else mx.get_peak_memory()) / GB,
-                       "active_memory_gb": (sample.active if sample else mx.get_active_memory()) / GB})
+                       "active_memory_gb": (sample.active if sample else mx.get_active_memory()) / GB,
+                       **self.world.reduce_record()})
+            ranks.say_cost(self.world, cfg.progress and step == first, f"group {index}'s gradients")
             progress.set_postfix(loss=f"{loss:.4f}", group=f"{index}/{len(self.schedule)}", epoch=epoch)
             progress.update(1)
             if stop is not None:  # the step is done and logged: save it, then stop before memory runs out
@@ -468,9 +470,13 @@ class GroupedMoETrainer:
         out = self.run_dir / "model"
         stored = [v.size * 2 if v.dtype in (mx.float32, mx.float16, mx.bfloat16) else v.nbytes  # floats go as bf16
                   for _, v in tree_flatten(self.model.parameters())]
-        check_free_space(out, sum(stored), "the trained model")
-        with atomic_dir(out) as tmp:
-            save_model_dir(self.model, model_config, self.model_dir, tmp)
+
+        def save() -> None:
+            check_free_space(out, sum(stored), "the trained model")
+            with atomic_dir(out) as tmp:
+                save_model_dir(self.model, model_config, self.model_dir, tmp)
+
+        self.world.on_main(save)
         final = state["history"][-1]["valid_loss"] if state["history"] else None
         result = TrainResult(run_dir=self.run_dir, model_dir=out, steps=state["global_step"],
                              skipped_steps=state["skipped_steps"], initial_valid_loss=state["initial_valid_loss"],
@@ -478,7 +484,7 @@ class GroupedMoETrainer:
         record = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
         self._log({"kind": "end", "step": state["global_step"], "valid_loss": final,
                    "skipped_steps": state["skipped_steps"], "model_dir": str(out)})
-        atomic_write_json(self.run_dir / "summary.json",
+        self.world.on_main(atomic_write_json, self.run_dir / "summary.json",
                           {"complete": True, "config_hash": self.hash, "result": record,
                            "config_changes": state["config_changes"],
                            "tokens_seen": state["tokens_seen"], "frozen_path": frozen})
