@@ -143,7 +143,7 @@ def test_a_busy_run_dir_stops_every_rank(tiny_moe_mixed_dir, rows, tmp_path, cap
 
 def test_grouped_two_ranks_train_what_one_process_does_and_a_hard_stop_on_one_stops_both(
         tiny_moe_mixed_dir, rows, tmp_path):
-    from lfm_mlx.grouped import GroupedMoETrainer, TrainConfig
+    from lfm_mlx.grouped import ConfigError, GroupedMoETrainer, TrainConfig
 
     values = dict(model=str(tiny_moe_mixed_dir), data=[str(rows / "train.jsonl")], run_dir="run", group_size=3,
                   group_stride=3, epochs=1, steps_per_group=3, batch_size=1, learning_rate=3e-3, warmup_steps=1,
@@ -174,6 +174,8 @@ def test_grouped_two_ranks_train_what_one_process_does_and_a_hard_stop_on_one_st
     assert "PeerMemoryStop: memory hard stop at step 4 on rank 1 of 2" in stopped.stderr
     again = tmp_path / "stopped" / "rank0" / "run"
     assert (again / "checkpoints" / "ckpt-00000004-0001").is_dir() and not (again / "model").exists()
+    with pytest.raises(ConfigError, match=r"written by a job of 2 process\(es\) and this launch has 1"):
+        GroupedMoETrainer(TrainConfig(**{**values, "run_dir": str(again), "progress": False})).train()
     resumed = run_job(tmp_path / "stopped", values)
     assert "rank 0 trained 6 steps" in resumed.stdout, resumed.stdout + resumed.stderr
     assert (again / "model" / "model.safetensors").read_bytes() == (run / "model" / "model.safetensors").read_bytes()
