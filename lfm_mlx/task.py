@@ -77,23 +77,31 @@ _EXTS = ["txt", "md", "py", "json", "log", "yaml", "csv"]
 # no task row and no held-out prompt comes from it).
 
 
+def _splice(rng: random.Random, sources: list[str]) -> str:
+    """A word-like filler spliced from two source words (`cedar` + `lotus` -> `cetus`), never a real one."""
+    while True:
+        a, b = rng.sample(sources, 2)
+        word = a[:rng.randint(2, len(a) - 1)] + b[rng.randint(1, len(b) - 2):]
+        if 4 <= len(word) <= 9 and word not in _REAL_WORDS:
+            return word
+
+
+_REAL_WORDS = frozenset(_WORDS + _HELD_WORDS)
+
+
 def _made_up_words(sources: list[str], n: int, seed: str) -> list[str]:
-    """`n` word-like fillers spliced from two source words (`cedar` + `lotus` -> `cetus`), none a real one.
+    """`n` distinct spliced fillers: the task rows' pool.
 
     Rows draw most of their words from these, so a value is rarely seen twice: with a few dozen real
     words, a tiny model learns to write its favourite training words instead of copying the request's
     (measured: held-out values answered with training ones)."""
-    rng, real, out = random.Random(seed), set(_WORDS + _HELD_WORDS), set()
+    rng, out = random.Random(seed), set()
     while len(out) < n:
-        a, b = rng.sample(sources, 2)
-        word = a[:rng.randint(2, len(a) - 1)] + b[rng.randint(1, len(b) - 2):]
-        if 4 <= len(word) <= 9 and word not in real:
-            out.add(word)
+        out.add(_splice(rng, sources))
     return sorted(out)
 
 
-_MADE_UP = {"train": _made_up_words(_WORDS, 1500, "train"),
-            "known": _made_up_words(_WORDS + _HELD_WORDS, 3000, "known")}
+_MADE_UP = {"train": _made_up_words(_WORDS, 1500, "train")}
 MADE_UP_SHARE = 0.7  # of word, name and city fillers in the train and known pools
 
 
@@ -102,7 +110,10 @@ def _pick(rng: random.Random, train: list, held: list, pool: str, shape: Callabl
     if pool == "held":
         return rng.choice(held)
     if shape is not None and rng.random() < MADE_UP_SHARE:
-        return shape(rng.choice(_MADE_UP[pool]))
+        # Pre-training splices a fresh word each time, so copying is learned for any word, not for a
+        # few thousand seen a hundred times each (the task keeps its fixed pool of 1,500).
+        made_up = _splice(rng, _WORDS + _HELD_WORDS) if pool == "known" else rng.choice(_MADE_UP[pool])
+        return shape(made_up)
     return rng.choice(train + held if pool == "known" else train)
 
 

@@ -109,8 +109,8 @@ def test_a_damaged_shipped_base_fails_with_the_command_that_rebuilds_it(tmp_path
         pt.shipped_base()
 
 
-# The first 2,000 rows of the pre-training surface as the shipped base's recipe (RECIPE_VERSION 4) drew them.
-SHIPPED_ROWS_SHA256 = "083b5d812eab22b3"
+# The first 2,000 rows of the pre-training surface as the shipped base's recipe (RECIPE_VERSION 5) drew them.
+SHIPPED_ROWS_SHA256 = "dd6f5b8526d3954e"
 
 
 def test_the_pre_training_surface_still_draws_the_shipped_base_rows():
@@ -123,6 +123,20 @@ def test_the_pre_training_surface_still_draws_the_shipped_base_rows():
 
     rows = generate_rows(2000, pt.SHIPPED_CONFIG.seed, "pretrain", pt.SHIPPED_CONFIG.tools_per_row)
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
-    assert (pt.RECIPE_VERSION, digest) == (4, SHIPPED_ROWS_SHA256), (
+    assert (pt.RECIPE_VERSION, digest) == (5, SHIPPED_ROWS_SHA256), (
         "the pre-training rows changed: bump RECIPE_VERSION, rebuild the shipped base with "
         f"{pt.command(pt.SHIPPED_CONFIG, str(pt.SHIPPED_BASE))}, then update SHIPPED_ROWS_SHA256")
+
+
+def test_encoding_in_forked_workers_gives_the_same_examples(monkeypatch):
+    """The GPU machine encodes pre-training rows in forked workers; they must be the serial encoding."""
+    from lfm_mlx.task import generate_rows
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(pt.SHIPPED_BASE)
+    rows = generate_rows(240, 0, "pretrain", 2)
+    serial = pt.encode_rows(rows, tokenizer)
+    monkeypatch.setattr(pt.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(pt.sys, "platform", "linux")
+    forked = pt.encode_rows(rows, tokenizer, chunk=20)
+    assert [(e.ids, e.mask) for e in forked] == [(e.ids, e.mask) for e in serial]

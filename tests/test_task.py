@@ -106,7 +106,9 @@ def test_held_out_pools_are_disjoint_from_training_pools():
             assert intent.held_phrasings and not set(intent.phrasings) & set(intent.held_phrasings), intent.name
     # Made-up fillers are never a real word of either pool.
     real = set(task._WORDS + task._HELD_WORDS)
-    assert not set(task._MADE_UP["train"] + task._MADE_UP["known"]) & real
+    assert not set(task._MADE_UP["train"]) & real
+    fresh = {task._splice(random.Random(i), task._WORDS + task._HELD_WORDS) for i in range(2000)}
+    assert not fresh & real and len(fresh) > 1500  # pre-training's fresh splices: real words never, rarely twice
     assert not set(task.HELD_CHAT_WRAPPERS) & {"{p}"}
     # A test prompt is a training phrasing in a held-out wrapper; a paraphrase prompt a held-out phrasing.
     rng = random.Random(0)
