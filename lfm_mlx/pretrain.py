@@ -10,8 +10,8 @@ HF-layout-compatible directory (bf16 weights, the synthetic tokenizer and chat t
 Runs are cached: `cached_base(cache_dir, config)` reuses `cache_dir/<settings hash>` when it is
 there. One committed command reproduces a base; the demo's (shipped in `lfm_mlx/bases/demo-moe-wide`) is
 
-    python -m lfm_mlx.pretrain --out lfm_mlx/bases/demo-moe-wide --preset demo-moe-wide --steps 4200 --seed 0 \
-        --batch-size 128 --lr 0.002 --rows 240000 --warmup 100 --loss-on assistant
+    python -m lfm_mlx.pretrain --out lfm_mlx/bases/demo-moe-wide --preset demo-moe-wide --steps 3600 --seed 0 \
+        --batch-size 128 --lr 0.002 --rows 200000 --warmup 100 --loss-on assistant
 """
 
 from __future__ import annotations
@@ -237,12 +237,12 @@ def command(config: PretrainConfig, out: str) -> str:
 
 
 # The demo's base, shipped in the package (5 MB of bf16 weights): on a 2-core CPU these settings
-# would take hours, on an H100 they took 589 s. A mostly-attention preset at width 128 (it copies
+# would take hours, on an H100 they took 476 s. A mostly-attention preset at width 128 (it copies
 # values out of the request; README, copy probe) and the loss on assistant turns only. The width-64
 # `demo-moe` base before it (4,000 steps on 40,000 rows of recipe 2) reached 35% held-out after grouped
-# training where this one reaches 66% (same task rows and settings, this CPU).
+# training where this one (recipe 5) reaches 80%, and 92% after the repair (docs/benchmarks.md).
 SHIPPED_BASE = Path(__file__).parent / "bases" / "demo-moe-wide"
-SHIPPED_CONFIG = PretrainConfig(preset="demo-moe-wide", steps=4200, batch_size=128, learning_rate=2e-3, rows=240000,
+SHIPPED_CONFIG = PretrainConfig(preset="demo-moe-wide", steps=3600, batch_size=128, learning_rate=2e-3, rows=200000,
                                 warmup_steps=100, loss_on="assistant")
 
 
