@@ -5,7 +5,8 @@
 CONFIG.json holds LoraConfig keys, or TrainConfig keys (it has `run_dir`) for the grouped trainer.
 Each rank works in WORKDIR/rank<R> with the config's relative out_dir / run_dir, as if on its own
 machine (no shared filesystem), so whatever a rank other than 0 writes would show there.
-kill=R:STEP: rank R SIGKILLs itself when it logs LoRA step STEP. stop=R:READS: rank R's memory
+kill=R:STEP: rank R SIGKILLs itself when it logs LoRA step STEP, or (grouped) at its memory reading
+of step STEP (after that step's update, before its log and checkpoint). stop=R:READS: rank R's memory
 reader reports 1 PB after READS readings (the grouped trainer's watchdog then hard-stops that rank).
 """
 
@@ -31,6 +32,8 @@ if "run_dir" in values:
 
     def reader() -> MemoryReading:
         reads[0] += 1
+        if "kill" in options and options["kill"] == (rank, reads[0]):  # one reading per step (sample_every 1)
+            os.kill(os.getpid(), signal.SIGKILL)
         if "stop" in options and rank == options["stop"][0] and reads[0] > options["stop"][1]:
             return MemoryReading(active=10**15, peak=10**15, cache=0, rss=10**15)
         return read_memory()

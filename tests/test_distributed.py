@@ -1,8 +1,8 @@
 """Data-parallel LoRA and grouped training over mx.distributed: real two-process jobs started by
 `mlx.launch -n 2 --backend ring` on 127.0.0.1 (CPU), no mocks. Two ranks with batch 1 train what one
-process with batch 2 does, rank 0 alone writes, a job killed (LoRA: SIGKILL of a rank) or stopped
-(grouped: one rank's memory hard stop stops both) resumes bit-identically, a second launch on a busy
-run dir and a resume on another world size are refused."""
+process with batch 2 does, rank 0 alone writes, a job killed (SIGKILL of a rank: rank 1 of LoRA,
+rank 0 of grouped) or stopped (grouped: one rank's memory hard stop stops both) resumes
+bit-identically, a second launch on a busy run dir and a resume on another world size are refused."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_a_busy_run_dir_stops_every_rank(tiny_moe_mixed_dir, rows, tmp_path, cap
     assert "Traceback" not in output and "summary" not in output
 
 
-def test_grouped_two_ranks_train_what_one_process_does_and_a_hard_stop_on_one_stops_both(
+def test_grouped_two_ranks_train_what_one_process_does_a_hard_stop_stops_both_and_a_kill_resumes(
         tiny_moe_mixed_dir, rows, tmp_path):
     from lfm_mlx.grouped import ConfigError, GroupedMoETrainer, TrainConfig
 
@@ -180,3 +180,16 @@ def test_grouped_two_ranks_train_what_one_process_does_and_a_hard_stop_on_one_st
     assert "rank 0 trained 6 steps" in resumed.stdout, resumed.stdout + resumed.stderr
     assert (again / "model" / "model.safetensors").read_bytes() == (run / "model" / "model.safetensors").read_bytes()
     assert not any((tmp_path / "stopped" / "rank1").iterdir())
+
+    # SIGKILL rank 0 (the lock holder and writer) at step 5, the newest checkpoint step 4 (mid group 1);
+    # the same launch again resumes to the uninterrupted run's weights, bit for bit.
+    killed = run_job(tmp_path / "killed", values, kill=(0, 5))
+    assert "trained" not in killed.stdout, killed.stdout + killed.stderr
+    again = tmp_path / "killed" / "rank0" / "run"
+    assert [c.name for c in sorted((again / "checkpoints").iterdir())][-1] == "ckpt-00000004-0001"
+    resumed = run_job(tmp_path / "killed", values)
+    assert "rank 0 trained 6 steps" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert (again / "model" / "model.safetensors").read_bytes() == (run / "model" / "model.safetensors").read_bytes()
+    assert [r["step"] for r in map(json.loads, (again / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "step"] == list(range(1, 7))
+    assert not any((tmp_path / "killed" / "rank1").iterdir())
