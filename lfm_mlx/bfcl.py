@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from lfm_mlx.errors import InvalidInput, MissingInput
 from lfm_mlx.suites import AnswerExpect, Case, Expectation, Suite, ToolCallExpect
+from lfm_mlx.suites.observe import observe
 from lfm_mlx.tools import ToolCall
 
 RECIPE = "pip download --no-deps bfcl-eval -d bfcl   (then pass --bfcl-data bfcl)"
@@ -65,8 +66,6 @@ class BfclSuite(Suite):
     """One BFCL category; it grades its own cases with BFCL's rules."""
 
     def grade(self, case: BfclCase, response: Any, raw: bool = False) -> dict:
-        from lfm_mlx.evaluate import observe
-
         run, calls, leaked, _ = observe(case, response, raw)
         if run["failure"] == "error":
             return run
