@@ -8,6 +8,7 @@ first (generous) sweep measured in a fresh process like theirs, wide enough to b
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,29 @@ def test_cli_says_what_it_sweeps_a_line_per_size_and_quiet_leaves_the_end_line(g
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     assert quiet.stdout.startswith("sweep: largest group size within the budget: 1; report ")
     assert len(quiet.stdout.splitlines()) == 1
+
+
+def test_two_ranks_report_each_ranks_memory_and_the_all_reduce_and_rank_0_alone_writes(generous, tmp_path):
+    """mlx.launch -n 2 --backend ring: each rank in its own directory, as if on its own machine."""
+    from test_distributed import LAUNCH, free_port_pair
+
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+    sweep = f"{sys.executable} -m lfm_mlx.sweep --preset tiny-moe --seq-len 128 --steps 2 --group-sizes 1,2 --out out"
+    proc = subprocess.run([str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_pair()),
+                           "--", "bash", "-c", f'cd rank$MLX_RANK && exec {sweep}'], cwd=tmp_path, timeout=300,
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True)
+    assert "sweep: largest group size within the budget: 2" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.count("group-size sweep:") == 1 and "rank GB" in proc.stdout  # rank 0's table alone
+    assert not any((tmp_path / "rank1").iterdir())  # rank 1 wrote nothing
+    report = json.loads((tmp_path / "rank0" / "out" / REPORT_NAME).read_text())
+    assert report["world_size"] == 2
+    one, two = (r["ranks"] for r in report["sizes"])
+    for r in (one, two):
+        assert r["world_size"] == 2 and len(r["rank_used"]) == len(r["rank_mlx_peak"]) == 2
+        assert min(r["rank_used"] + r["rank_mlx_peak"]) > 0 and r["allreduce_bytes"] > 0 and r["allreduce_s"] > 0
+    assert two["allreduce_bytes"] == 2 * one["allreduce_bytes"]  # tiny-moe's MoE layers are alike
+    # One process: the report and table as before, nothing of ranks.
+    assert "world_size" not in generous[2] and not any("ranks" in r for r in generous[2]["sizes"])
+    assert "rank GB" not in generous[0].stdout

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lfm_mlx import console
+from lfm_mlx import console, distributed
 from lfm_mlx.memory import MemoryBudget
 from lfm_mlx.sweep.config import DEFAULT_SIZES, EXIT_BAD_INPUT, EXIT_NOTHING_FITS, PLOT_NAME, REPORT_NAME, SweepConfig
 from lfm_mlx.sweep.run import run_sweep
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     console.add_quiet(parser)
     args = parser.parse_args(argv)
+    main_rank = distributed.init().main  # under mlx.launch rank 0 alone prints and writes
+    args.quiet = args.quiet or not main_rank
     try:
         budget = MemoryBudget(total_gb=args.budget_gb, soft_gb=args.soft_gb, hard_gb=args.hard_gb)
         cfg = SweepConfig(model=args.model, preset=args.preset, data=args.data, seq_len=args.seq_len,
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm-mlx sweep: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     json_path = Path(cfg.out) / REPORT_NAME
+    if not main_rank:
+        return 0 if report["last_safe_size"] is not None else EXIT_NOTHING_FITS
     if not args.quiet:
         print(format_table(report))
     try:

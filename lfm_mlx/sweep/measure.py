@@ -12,8 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lfm_mlx.data import Batch
+from lfm_mlx.distributed import World
 from lfm_mlx.kernel_choices import KernelChoices
-from lfm_mlx.grouped import ActiveGroup, TrainConfig
+from lfm_mlx.grouped import ActiveGroup, TrainConfig, ranks
 from lfm_mlx.memory import (
     GB, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop, MemorySoftLimitWarning, MemoryWatchdog,
     StepMemoryReader,
@@ -23,13 +24,17 @@ from lfm_mlx.sweep.machine import predicted_used
 
 def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConfig, steps: int,
              watchdog: MemoryWatchdog, reader: StepMemoryReader, frozen: str,
-             kernels: KernelChoices | None = None) -> dict:
+             kernels: KernelChoices | None = None, world: World | None = None, park_dir: str | None = None) -> dict:
     """`steps` real grouped-training steps on `layers`, the trainer's own (`ActiveGroup`), the
-    watchdog checking after each step as in training.
+    watchdog checking after each step as in training. With `world` of several ranks (each on the
+    same batch) the gradients are all-summed as in data-parallel training, the steps' all-reduce
+    bytes and seconds recorded, and a hard stop on any rank stops all.
 
     Returns per-step seconds and memory samples. Raises MemoryHardStop (with the samples taken so
     far in `err.sweep_samples`). The group is requantized afterwards, so the model is as before."""
-    group = ActiveGroup(model, layers, train, steps, frozen, train.run_dir, kernels=kernels)  # parked as the trainer
+    world = world or World()
+    group = ActiveGroup(model, layers, train, steps, frozen, park_dir or train.run_dir,  # parked as the trainer
+                        kernels=kernels)
     samples = []
 
     def end_phase(name: str, grads) -> None:
@@ -40,17 +45,22 @@ def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConf
         for step in range(steps):
             reader.reset()
             tick = time.perf_counter()
-            # mean-loss gradients, every update applied (even when not finite: memory is the point)
-            result = group.step([batch], mean=True, on_phase=end_phase)
+            # every update applied (even when not finite: memory is the point); mean-loss gradients
+            # alone, summed-loss ones (the trainer's) when the ranks sum them
+            result = group.step([batch], mean=world.size == 1, on_phase=end_phase, world=world)
             seconds = time.perf_counter() - tick
             loss, norm = result.loss, result.norm
             record = {"step": step, "seconds": seconds, "loss": loss if math.isfinite(loss) else str(loss),
-                      "grad_norm": norm if math.isfinite(norm) else str(norm)}
+                      "grad_norm": norm if math.isfinite(norm) else str(norm), **world.reduce_record()}
+            stop = None
             try:
                 sample = watchdog.check(step + 1)
             except MemoryHardStop as err:
-                err.sweep_samples = samples + [{**record, **err.sample.to_dict(), **reader.last}]
-                raise
+                sample, stop = err.sample, err
+            stop = ranks.agree_on_stop(world, stop, step + 1)  # one rank's stop stops all (alone: unchanged)
+            if stop is not None:
+                stop.sweep_samples = samples + [{**record, **sample.to_dict(), **reader.last}]
+                raise stop
             samples.append({**record, **sample.to_dict(), **reader.last})
     finally:
         group.close()
@@ -76,6 +86,17 @@ def _measured(samples: list[dict], tokens: int) -> dict:
         "step_s": step_s, "timed_steps": len(samples) - 1 if len(samples) > 1 else 0,
         "tokens_per_s": tokens / step_s if step_s else None,
     }
+
+
+def rank_record(world: World, measured: dict, samples: list[dict]) -> dict:
+    """Collective (several ranks): every rank's peak memory (the watchdog's figure, and MLX's peak),
+    gathered on every rank, and this rank's all-reduce bytes and median seconds per step."""
+    mine = mx.zeros((world.size, 2), mx.int64).at[world.rank].add(mx.array([measured["used"], measured["mlx_peak"]],
+                                                                             mx.int64))
+    peaks = world.sum(mine).tolist()
+    timed = [s["allreduce_s"] for s in samples[1:]] or [s["allreduce_s"] for s in samples]
+    return {"world_size": world.size, "rank_used": [u for u, _ in peaks], "rank_mlx_peak": [p for _, p in peaks],
+            "allreduce_bytes": samples[-1]["allreduce_bytes"], "allreduce_s": statistics.median(timed)}
 
 
 def _overhead(fit: dict | None) -> int:

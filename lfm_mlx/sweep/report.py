@@ -33,10 +33,17 @@ def format_table(report: dict) -> str:
             "MLX peak GB": m["mlx_peak"] / GB if m else None, "step error": r.get("step_error"),
             "RSS GB": m["rss"] / GB if m else None, "step s": m.get("step_s"), "tokens/s": m.get("tokens_per_s"),
         })
+        if "ranks" in r:  # under mlx.launch: each rank's measured GB, the all-reduce of a step
+            ranks = r["ranks"]
+            rows[-1].update({"rank GB": "/".join(f"{u / GB:.3f}" for u in ranks["rank_used"]),
+                             "all-reduce MB": ranks["allreduce_bytes"] / 1e6, "all-reduce s": ranks["allreduce_s"]})
     columns = ["size", "status", "fit from", "predicted GB", "measured GB", "error", "raw error", "step est GB",
                "MLX peak GB", "step error", "RSS GB", "step s", "tokens/s"]
+    if report.get("world_size", 1) > 1:
+        columns += ["rank GB", "all-reduce MB", "all-reduce s"]
     fmt = {c: ".3f" for c in columns if c.endswith("GB")}
-    fmt.update({"error": "+.1%", "raw error": "+.1%", "step error": "+.1%", "step s": ".3f", "tokens/s": ",.0f"})
+    fmt.update({"error": "+.1%", "raw error": "+.1%", "step error": "+.1%", "step s": ".3f", "tokens/s": ",.0f",
+                "all-reduce MB": ",.2f", "all-reduce s": ".4f"})
     budget, cal, rec = report["budget"], report["calibration"], report["recommendation"]
     lines = [
         f"group-size sweep: {report['model']['source']}, {report['batch']['tokens']} tokens/step, "

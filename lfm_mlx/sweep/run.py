@@ -13,10 +13,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from lfm_mlx import distributed
 from lfm_mlx.data import Batch
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.kernel_choices import KernelChoices
 from lfm_mlx.grouped import TrainConfig, choose_expert_path, moe_layers, probe_attention, probe_kernels, set_frozen_path
+from lfm_mlx.grouped import ranks
 from lfm_mlx.memory import GB, MemoryHardStop, MemorySoftLimitWarning, MemoryWatchdog, StepMemoryReader
 from lfm_mlx.models import compute_dtype, read_config, resolve_model_path
 from lfm_mlx.schedule import GroupSchedule
@@ -27,7 +29,7 @@ from lfm_mlx.sweep.inputs import build_preset, data_batch, load_model_dir, synth
 from lfm_mlx.sweep.calibration import (
     _errors, apply_calibration, calibration_point, estimate_for, fit_calibration, given_calibration,
 )
-from lfm_mlx.sweep.measure import _admit, _estimate_record, _measured, _overhead, run_size
+from lfm_mlx.sweep.measure import _admit, _estimate_record, _measured, _overhead, rank_record, run_size
 
 
 @dataclass
@@ -44,6 +46,8 @@ class _Setup:
     master: mx.Dtype
     report: dict  # the report's fixed sections
     kernels: KernelChoices = field(default_factory=KernelChoices)
+    world: distributed.World = field(default_factory=distributed.World)  # mlx.launch's ranks (or one)
+    park_dir: Path | None = None  # where this rank parks the group start copy (the trainer's rule)
 
 
 def prepare(cfg: SweepConfig, log=print) -> _Setup:
@@ -122,6 +126,8 @@ def sweep_size(setup: _Setup, cfg: SweepConfig, size: int, fit: dict | None, poi
               "raw_estimate": _estimate_record(raw, setup.baseline, None),
               "calibrated_from": fit.get("from_sizes", "given") if fit else None, "measured": None, "warnings": []}
     refusal, notes = _admit(predicted, setup.baseline, cfg.budget, _overhead(fit))
+    if setup.world.sum_scalars(float(refusal is not None))[0] and refusal is None:  # the ranks run it together
+        refusal = "refused by the estimate on another rank (against that machine's budget)"
     record["warnings"] += notes
     if refusal is not None:
         record.update(status="refused", reason=refusal)
@@ -135,7 +141,7 @@ def sweep_size(setup: _Setup, cfg: SweepConfig, size: int, fit: dict | None, poi
         warnings.simplefilter("always", MemorySoftLimitWarning)
         try:
             samples = run_size(setup.model, layers, setup.batch, setup.train, cfg.steps, watchdog, reader,
-                               setup.frozen["choice"], setup.kernels)["samples"]
+                               setup.frozen["choice"], setup.kernels, setup.world, setup.park_dir)["samples"]
             record["status"] = "ok"
         except MemoryHardStop as err:
             samples = err.sweep_samples
@@ -144,6 +150,8 @@ def sweep_size(setup: _Setup, cfg: SweepConfig, size: int, fit: dict | None, poi
     record["warnings"] += [str(w.message) for w in caught if issubclass(w.category, MemorySoftLimitWarning)]
     record["steps"] = samples
     record["measured"] = measured = _measured(samples, tokens)
+    if setup.world.size > 1:  # every rank's peak memory and the all-reduce of this group size
+        record["ranks"] = rank_record(setup.world, measured, samples)
     if record["status"] != "ok":
         return record, fit
     if cfg.calibrate == "fit":
@@ -161,11 +169,15 @@ def sweep_size(setup: _Setup, cfg: SweepConfig, size: int, fit: dict | None, poi
 
 def run_sweep(cfg: SweepConfig, log=print) -> dict:
     """Run the sweep, smallest size first, until a size is refused or stopped; returns the
-    JSON-ready report, also written to OUT/sweep.json."""
+    JSON-ready report, also written to OUT/sweep.json. Under `mlx.launch` every rank runs each size
+    on its own machine, the gradients all-summed; rank 0 alone logs and writes the report."""
     cfg.check()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, world = Path(cfg.out), distributed.init()
+    log = log if world.main else (lambda line: None)
+    world.on_main(out.mkdir, parents=True, exist_ok=True)
     setup = prepare(cfg, log)
+    scratch = []  # holds rank > 0's private parking directory until the sweep returns
+    setup.world, setup.park_dir = world, ranks.park_dir(world, out, scratch)
     n_moe = len(setup.report["model"]["moe_layers"])
     fit = given_calibration(float(cfg.calibrate)) if cfg.calibrate not in ("fit", "none") else None
     records, skipped, points, stop = [], [], [], None
@@ -187,7 +199,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     tested = [r for r in records if r.get("error") is not None and r["calibrated_from"] != _SELF]
     report["within_tolerance"] = bool(tested) and all(r["within_tolerance"] for r in tested)
     report["recommendation"] = recommend(report, setup.config)
-    atomic_write_json(out / REPORT_NAME, report)
+    if world.size > 1:
+        report["world_size"] = world.size
+    world.on_main(atomic_write_json, out / REPORT_NAME, report)
     return report
 
 
