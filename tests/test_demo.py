@@ -157,3 +157,35 @@ def test_the_demo_memory_budget_fits_smaller_machines(monkeypatch):
         monkeypatch.setattr(psutil, "virtual_memory", lambda memory=memory: memory)
         budget = demo_memory_budget()
         assert budget["total_gb"] == total and 0 < budget["soft_gb"] < budget["hard_gb"] <= total, budget
+
+
+@pytest.mark.slow
+def test_the_quant_ladder_on_the_demos_fused_model(demo, tmp_path):
+    """Issue 33's CI case: three rungs and a small suite on the demo's own fused model, in the real llama.cpp;
+    a tensor-type override llama.cpp refuses is reported, not fatal."""
+    from lfm_mlx.ladder import run_ladder
+    from tests.test_ladder import FAST, follows_the_rule
+
+    broken = "Q4_K_M@attn_q=i32"  # llama.cpp aborts on it (GGML_ASSERT); q1_0 fits this model's 128-wide rows
+
+    run, _ = demo
+    suite = json.loads((run / "task" / "suite.json").read_text())
+    per_category: dict[str, int] = {}
+    cases = [c for c in suite["cases"] if per_category.setdefault(c["category"], 0) < 2
+             and not per_category.update({c["category"]: per_category[c["category"]] + 1})]
+    small = tmp_path / "suite.json"
+    small.write_text(json.dumps({**suite, "cases": cases}))
+    out = tmp_path / "ladder"
+    ladder = run_ladder(run / "fused-8bit", out, str(small), ["Q8_0", "Q4_K_M", "IQ4_XS", broken], **FAST)
+    assert ladder["complete"] and [r["name"] for r in ladder["rungs"]] == ["BF16", "Q8_0", "Q4_K_M", "IQ4_XS", broken]
+    measured = ladder["rungs"][:4]
+    sizes = [r["bytes"] for r in measured]
+    assert sizes == sorted(sizes, reverse=True), sizes  # smaller down the ladder
+    for rung in measured:
+        assert rung["status"] == "measured" and rung["runs"] == len(cases) == 12 and rung["suite_complete"]
+        assert rung["peak_rss_bytes"] > 0 and rung["prefill_tok_s"] > 0 and rung["decode_tok_s"] > 0
+        assert 0 <= rung["agreement"] <= 1 and rung["false_positives"] >= 0 and rung["text_tool_leaks"] >= 0
+    assert ladder["rungs"][4]["status"] == "failed" and ladder["rungs"][4]["verdict"] == "rejected"
+    assert "SIGABRT" in ladder["rungs"][4]["reasons"][0], ladder["rungs"][4]["reasons"]
+    assert ladder["recommendation"]["rung"] == follows_the_rule(ladder)
+    assert all(r["reasons"] for r in ladder["rungs"][1:] if r["name"] != ladder["recommendation"]["rung"])
