@@ -30,3 +30,15 @@ def debugging() -> bool:
     import os
 
     return os.environ.get("LFM_MLX_DEBUG") == "1"
+
+
+def read_json_input(path, missing_fix: str, bad_fix: str):
+    """A user-given JSON file, or MissingInput / InvalidInput naming the path and the fix."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MissingInput(f"{path} does not exist; {missing_fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidInput(f"{path} is not JSON ({err}); {bad_fix}") from None

@@ -28,7 +28,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lfm_mlx.errors import InvalidInput, MissingInput, debugging
+from lfm_mlx.errors import InvalidInput, MissingInput, debugging, read_json_input
 from lfm_mlx.fsutil import atomic_file, atomic_write_json, atomic_write_text, locked, recover, refuse_overlap
 from lfm_mlx.gguf import OUTTYPES, QUANT_TYPES
 
@@ -242,12 +242,8 @@ def redraw(out_dir: str | Path) -> tuple[Path, Path]:
 
     out_dir = Path(out_dir)
     path = out_dir / "ladder.json"
-    try:
-        ladder = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MissingInput(f"{path} does not exist; run `lfm-mlx ladder MODEL_DIR {out_dir} --suite SUITE` first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidInput(f"{path} is not JSON ({err}); pass a directory `lfm-mlx ladder` wrote") from None
+    ladder = read_json_input(path, f"run `lfm-mlx ladder MODEL_DIR {out_dir} --suite SUITE` first",
+                             "pass a directory `lfm-mlx ladder` wrote")
     if not isinstance(ladder, dict) or ladder.get("format") != FORMAT:
         raise InvalidInput(f"{path} is not a quant ladder (no format {FORMAT!r}); pass a directory `lfm-mlx ladder` wrote")
     atomic_write_text(out_dir / "ladder.md", markdown(ladder))

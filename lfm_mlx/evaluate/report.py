@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from lfm_mlx.errors import InvalidInput, MissingInput
+from lfm_mlx.errors import InvalidInput, read_json_input
 from lfm_mlx.fsutil import atomic_write_json, atomic_write_text
 
 REPORT_FORMAT = "lfm_mlx.eval_report"
@@ -63,12 +62,8 @@ def _load_report(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "report.json"
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MissingInput(f"{path} does not exist; pass a report.json (or its directory) that lfm-mlx eval wrote") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidInput(f"{path} is not JSON ({err}); pass a report.json that lfm-mlx eval wrote") from None
+    report = read_json_input(path, "pass a report.json (or its directory) that lfm-mlx eval wrote",
+                             "pass a report.json that lfm-mlx eval wrote")
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT or "metrics" not in report:
         raise InvalidInput(f"{path} is not an lfm_mlx eval report (no format {REPORT_FORMAT!r} with metrics)")
     return report
