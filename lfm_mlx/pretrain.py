@@ -142,8 +142,11 @@ def encode_rows(rows: list[dict], tokenizer, chunk: int = 2000) -> list:
         return [encode_row(row, tokenizer) for row in rows]
     _ENCODE_STATE["tokenizer"] = tokenizer
     chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:  # the workers never touch MLX
-        return [example for part in pool.map(_encode_chunk, chunks) for example in part]
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:  # the workers never touch MLX
+            return [example for part in pool.map(_encode_chunk, chunks) for example in part]
+    finally:
+        _ENCODE_STATE.clear()  # the module keeps no tokenizer alive after the run
 
 
 def train_on_rows(model: nn.Module, tokenizer, rows: list[dict], config: PretrainConfig, progress: bool = True,
