@@ -57,7 +57,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 import lfm_mlx.grouped as grouped
 import lfm_mlx.grouped.group as grouped_group
 import lfm_mlx.grouped.step as grouped_step
-from lfm_mlx.kernel_choices import KernelChoices
+from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.data import Batch, masked_loss
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (

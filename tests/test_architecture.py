@@ -119,8 +119,7 @@ LAYERS = {
     "demo": {"demo", "task", "pretrain"},  # the synthetic task and its run: the library never imports them
     "stages": {"cli", "__main__", "mix", "grouped", "sweep", "evaluate", "bfcl", "repair", "lora", "fuse", "gguf",
                "ladder", "ladder_worker", "report", "convert"},
-    "shared": {"memory", "kernel_choices", "kernel_probe", "dequant_kernel", "row_gather", "adamw_kernel", "moments",
-               "expert_batch", "master_bits", "checkpoint", "schedule", "distributed"},
+    "shared": {"memory", "kernels", "checkpoint", "schedule", "distributed"},
     "base": {"models", "synthetic", "mixed", "data", "tools", "suites", "fsutil", "errors", "yamlfile", "console",
              "cpu_blas"},
 }

@@ -9,13 +9,13 @@ import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 from test_grouped_speed_math import as_np, tiny_model, token_batch
 
-from lfm_mlx import dequant_kernel, expert_batch
-from lfm_mlx.expert_batch import CAPACITY_MULTIPLE, BatchedSwitchGLU, expert_layout
-from lfm_mlx.row_gather import MISSING, gather_rows, probe, sum_rows
 from lfm_mlx.grouped import (
     DequantSwitchLinear, TrainableSwitchLinear, activate_group, moe_layers, moe_params, probe_dequant_kernel,
     requantize_group, set_frozen_path, walk_loss_and_grad,
 )
+from lfm_mlx.kernels import dequant, expert_blocks
+from lfm_mlx.kernels.expert_blocks import CAPACITY_MULTIPLE, BatchedSwitchGLU, expert_layout
+from lfm_mlx.kernels.row_gather import MISSING, gather_rows, probe, sum_rows
 
 
 def _check_layout(indices, experts, k, tokens):
@@ -81,15 +81,15 @@ def test_the_walk_reuses_the_forward_layout_and_forgets_it_after():
     set_frozen_path(model, "batched")
     activate_group(model, [2, 3], mx.float32)
     calls = []
-    real = expert_batch.expert_layout
-    expert_batch.expert_layout = lambda *a: calls.append(1) or real(*a)
+    real = expert_blocks.expert_layout
+    expert_blocks.expert_layout = lambda *a: calls.append(1) or real(*a)
     try:
         inputs, targets, mask = token_batch(29, seed=6)
         walk_loss_and_grad(model, inputs, targets, mask, 2)
         walked = len(calls)
         model(inputs)
     finally:
-        expert_batch.expert_layout = real
+        expert_blocks.expert_layout = real
     blocks = moe_layers(model)
     assert walked == len(blocks)  # once per block, the recomputation read nothing back
     assert len(calls) == 2 * len(blocks)
@@ -144,16 +144,16 @@ def test_the_dequantization_kernel_stays_off_outside_cuda():
     record = probe_dequant_kernel(model, 2)
     assert record == {"choice": "mx.dequantize", "reason": "not the CUDA backend"}
     q = model.model.layers[2].feed_forward.switch_mlp.gate_proj
-    got = dequant_kernel.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits)
+    got = dequant.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits)
     ref = mx.dequantize(q.weight, q.scales, q.biases, group_size=q.group_size, bits=q.bits)
     assert mx.array_equal(got, ref).item()
     # what the kernel takes: 8-bit affine codes with bf16 scales and biases, whole 16-code chunks
     w = mx.zeros((2, 4, 16), dtype=mx.uint32)
     bf16 = mx.zeros((2, 4, 1), dtype=mx.bfloat16)
-    assert dequant_kernel._fits(w, bf16, bf16, 64, 8, "affine")
-    assert not dequant_kernel._fits(w, bf16, bf16, 64, 4, "affine")
-    assert not dequant_kernel._fits(w, bf16.astype(mx.float32), bf16, 64, 8, "affine")
-    assert not dequant_kernel._fits(w, bf16, None, 64, 8, "affine")
+    assert dequant._fits(w, bf16, bf16, 64, 8, "affine")
+    assert not dequant._fits(w, bf16, bf16, 64, 4, "affine")
+    assert not dequant._fits(w, bf16.astype(mx.float32), bf16, 64, 8, "affine")
+    assert not dequant._fits(w, bf16, None, 64, 8, "affine")
 
 
 def test_row_gathers_off_cuda():
@@ -173,7 +173,7 @@ def test_a_speculated_layout_routes_like_the_host_layout_and_reports_its_need():
     logits = mx.random.normal((2, 37, experts), key=mx.random.key(4))
     indices = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
     exact = expert_layout(indices, experts)
-    layout, needed = expert_batch.speculative_layout(indices, experts, exact.capacity + 16)
+    layout, needed = expert_blocks.speculative_layout(indices, experts, exact.capacity + 16)
     counts = np.bincount(np.array(indices).reshape(-1), minlength=experts)
     assert needed.item() == counts.max()
     flat = np.array(indices).reshape(-1)
@@ -193,8 +193,8 @@ def test_the_walk_speculates_capacities_and_redoes_a_pass_whose_guess_fell_short
     activate_group(model, [2, 3], mx.float32)
     inputs, targets, mask = token_batch(29, seed=6)
     calls = []
-    real = expert_batch.expert_layout
-    expert_batch.expert_layout = lambda *a: calls.append(1) or real(*a)
+    real = expert_blocks.expert_layout
+    expert_blocks.expert_layout = lambda *a: calls.append(1) or real(*a)
     try:
         results = []
         for case in ("host", "guessed", "too small"):
@@ -204,7 +204,7 @@ def test_the_walk_speculates_capacities_and_redoes_a_pass_whose_guess_fell_short
             (loss, _), grads = walk_loss_and_grad(model, inputs, targets, mask, 2)
             results.append((loss.item(), as_np(grads), len(calls)))
     finally:
-        expert_batch.expert_layout = real
+        expert_blocks.expert_layout = real
     blocks = len(moe_layers(model))
     assert [r[2] for r in results] == [blocks, 0, blocks]  # host reads: step 1, none, the redone pass
     for loss, grads, _ in results[1:]:
@@ -252,12 +252,12 @@ def test_the_path_probe_times_the_blocks_as_the_walk_runs_them():
 
     model = tiny_model()
     calls = []
-    real = expert_batch.expert_layout
-    expert_batch.expert_layout = lambda *a: calls.append(1) or real(*a)
+    real = expert_blocks.expert_layout
+    expert_blocks.expert_layout = lambda *a: calls.append(1) or real(*a)
     try:
         times = measure_frozen_paths(model, 4, 32, mx.float32)
     finally:
-        expert_batch.expert_layout = real
+        expert_blocks.expert_layout = real
     assert set(times) == {"qmm", "dequant", "batched"} and all(t > 0 for t in times.values())
     assert len(calls) == 1  # one host layout for the warm-up and the three timed calls
     switch = model.model.layers[4].feed_forward.switch_mlp
@@ -267,7 +267,7 @@ def test_the_path_probe_times_the_blocks_as_the_walk_runs_them():
 def test_kernel_choices_are_passed_down_not_left_behind():
     """What the frozen experts and the expert blocks run is what the run's KernelChoices say, set by
     `set_frozen_path`: a later call with other choices (or none) replaces them, nothing stays behind."""
-    from lfm_mlx.kernel_choices import KernelChoices
+    from lfm_mlx.kernels.choices import KernelChoices
 
     model = tiny_model()
     chosen = KernelChoices(dequant=True, row_gather=True)

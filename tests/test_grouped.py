@@ -160,7 +160,7 @@ def test_training_lowers_loss_and_saves_a_loadable_mixed_model(tiny_moe_mixed_di
 
 
 def test_the_batched_expert_path_trains_as_the_gather_path(tiny_moe_mixed_dir, rows_path, tmp_path):
-    """The same run on padded expert blocks (`expert_batch`) and on gather_mm: the same step losses
+    """The same run on padded expert blocks (`kernels.expert_blocks`) and on gather_mm: the same step losses
     (float32, another summation order) and a saved model mlx_lm opens with int8 experts."""
     losses = {}
     for path in ("dequant", "batched"):

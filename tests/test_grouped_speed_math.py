@@ -267,8 +267,8 @@ def test_the_float32_update_stays_on_mlx_off_cuda():
     """The CUDA AdamW kernel is probed on the run's first large float32 update, into the run's own
     record (`KernelChoices.update`, not the process's); elsewhere MLX's compiled update runs and the
     record says why."""
-    from lfm_mlx import adamw_kernel
-    from lfm_mlx.kernel_choices import UpdateKernels
+    from lfm_mlx.kernels import fused_adamw
+    from lfm_mlx.kernels.choices import UpdateKernels
     kernels = UpdateKernels()
     assert kernels.adamw["float32"]["choice"] is None
     weights = {"w": mx.zeros((1024, 1024), dtype=mx.float32)}
@@ -279,8 +279,8 @@ def test_the_float32_update_stays_on_mlx_off_cuda():
     assert abs(weights["w"][0, 0].item() + 1e-3 * 0.1 / (0.001 ** 0.5 + 1e-8)) < 1e-9  # AdamW's first step
     g = mx.zeros((8,), dtype=mx.bfloat16)
     moments = (mx.zeros((8,)), mx.zeros((8,)))
-    assert adamw_kernel.layout_of(g, (mx.zeros((8,)),), *moments) == "float32"
-    assert adamw_kernel.layout_of(g, (mx.zeros((8,), dtype=mx.bfloat16), mx.zeros((8,), dtype=mx.uint16)),
+    assert fused_adamw.layout_of(g, (mx.zeros((8,)),), *moments) == "float32"
+    assert fused_adamw.layout_of(g, (mx.zeros((8,), dtype=mx.bfloat16), mx.zeros((8,), dtype=mx.uint16)),
                                   *moments) == "split"
-    assert adamw_kernel.layout_of(g, (mx.zeros((8,), dtype=mx.bfloat16),), *moments) is None
-    assert adamw_kernel.layout_of(mx.zeros((6,), dtype=mx.bfloat16), (mx.zeros((6,)),), *(mx.zeros((6,)),) * 2) is None
+    assert fused_adamw.layout_of(g, (mx.zeros((8,), dtype=mx.bfloat16),), *moments) is None
+    assert fused_adamw.layout_of(mx.zeros((6,), dtype=mx.bfloat16), (mx.zeros((6,)),), *(mx.zeros((6,)),) * 2) is None

@@ -1,4 +1,4 @@
-"""The split float32 master (bfloat16 weights + their 16 low bits, `master_bits`): lossless, the
+"""The split float32 master (bfloat16 weights + their 16 low bits, `kernels.master_bits`): lossless, the
 float32 master's AdamW update bit for bit, a bf16 training step that is the float32 master's, and
 a checkpoint that resumes it exactly."""
 
@@ -16,7 +16,7 @@ from lfm_mlx.grouped import (
     FusedAdamW, TrainConfig, activate_group, apply_update, global_norm, make_loss_and_grad, make_optimizer, master_of,
     moe_params, router_master_of, set_frozen_path,
 )
-from lfm_mlx.master_bits import join_master, split_master
+from lfm_mlx.kernels.master_bits import join_master, split_master
 
 
 def test_the_split_is_lossless_and_rounds_to_nearest():

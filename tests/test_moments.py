@@ -6,8 +6,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from lfm_mlx import moments
-from lfm_mlx.moments import moment_noise, pack_moment, pack_moment_noisy, unpack_moment
+from lfm_mlx.kernels import int8_moments
+from lfm_mlx.kernels.int8_moments import moment_noise, pack_moment, pack_moment_noisy, unpack_moment
 
 
 def test_moment_noise_is_uniform_and_follows_its_seed():
@@ -29,7 +29,7 @@ def test_noisy_packing_is_unbiased_and_off_cuda_uses_mlx():
     step = (x.reshape(4, 2, 64).max(-1) - x.reshape(4, 2, 64).min(-1)) / 255
     assert (mx.abs(draws - x).max(0).reshape(4, 2, 64) <= step[..., None] * 1.01).all().item()  # within a code
     assert (mx.abs(draws.mean(0) - x).reshape(4, 2, 64) < step[..., None] * 0.15).all().item()  # unbiased
-    assert moments.probe(x, mx.array(1, dtype=mx.uint32)) == {"choice": "mlx", "reason": "not the CUDA backend"}
+    assert int8_moments.probe(x, mx.array(1, dtype=mx.uint32)) == {"choice": "mlx", "reason": "not the CUDA backend"}
     seed = mx.array(7, dtype=mx.uint32)
     ref = pack_moment(x, 1 - moment_noise(x.shape, seed))
     got = pack_moment_noisy(x, seed, flip=True)
@@ -37,7 +37,7 @@ def test_noisy_packing_is_unbiased_and_off_cuda_uses_mlx():
 
 
 def test_stochastic_bfloat16_rounding_is_unbiased_and_lands_on_a_neighbour():
-    from lfm_mlx.moments import round_to_bfloat16
+    from lfm_mlx.kernels.int8_moments import round_to_bfloat16
     x = mx.random.normal((64, 64), key=mx.random.key(7)) * 0.02  # weights' scale
     draws = mx.stack([round_to_bfloat16(x, mx.array(s, dtype=mx.uint32)) for s in range(600)])
     assert draws.dtype == mx.bfloat16
@@ -68,7 +68,7 @@ def test_stochastic_weights_keep_updates_smaller_than_a_bfloat16_step():
 
 
 def test_a_kernel_is_chosen_only_when_identical_and_faster():
-    from lfm_mlx.kernel_probe import choose
+    from lfm_mlx.kernels.probe import choose
     assert choose({"kernel_s": 1.0, "mlx_s": 2.0}, 0, "rows")["choice"] == "kernel"
     slower = choose({"kernel_s": 2.0, "mlx_s": 1.0}, 0, "rows")
     assert slower["choice"] == "mlx" and slower["reason"] == "bit-identical, not faster"

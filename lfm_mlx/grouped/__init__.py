@@ -3,7 +3,7 @@
 The model is a mixed checkpoint: experts int8 (affine), everything else bf16. Training walks a
 `GroupSchedule` of consecutive MoE layers. For the active group the experts are dequantized into
 trainable `SwitchLinear` weights (float32 master weights by default: on bf16 compute held as the
-bf16 weights plus their low bits in the optimizer, `master_bits`), the group's routers are made
+bf16 weights plus their low bits in the optimizer, `kernels.master_bits`), the group's routers are made
 trainable, everything else is frozen (the group's int8 start copy waits on disk); after the
 group's steps the experts are requantized to int8 (same bits and group size) and the next group
 starts with a fresh optimizer.
@@ -53,8 +53,8 @@ from lfm_mlx.grouped.setup import choose_expert_path, load_mixed_model, probe_ke
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, steps_per_group
 from lfm_mlx.grouped.trainer import GroupedMoETrainer
 from lfm_mlx.grouped.cli import EXIT_CONFIG, EXIT_OVER_BUDGET, main
-# Importable from here before the split (they live in lfm_mlx.moments).
-from lfm_mlx.moments import pack_codes, pack_moment, unpack_moment
+# Importable from here before the split (they live in lfm_mlx.kernels.int8_moments).
+from lfm_mlx.kernels.int8_moments import pack_codes, pack_moment, unpack_moment
 
 __all__ = [
     "CHANGEABLE_ON_RESUME", "GROUP_START", "ConfigError", "MemorySettings", "StepSettings", "TrainConfig",

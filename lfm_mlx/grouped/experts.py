@@ -11,10 +11,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from lfm_mlx import dequant_kernel
-from lfm_mlx.expert_batch import BatchedSwitchGLU
-from lfm_mlx.kernel_choices import KernelChoices
-from lfm_mlx.moments import pack_codes
+from lfm_mlx.kernels import dequant
+from lfm_mlx.kernels.choices import KernelChoices
+from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU
+from lfm_mlx.kernels.int8_moments import pack_codes
 
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -74,8 +74,8 @@ class DequantSwitchLinear(QuantizedSwitchLinear):
 
     def weight_for(self, x: mx.array) -> mx.array:
         """The experts dequantized to x's dtype."""
-        w = dequant_kernel.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size,
-                                      self.bits, self.mode, self.use_kernel)
+        w = dequant.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size,
+                               self.bits, self.mode, self.use_kernel)
         return w.astype(x.dtype)
 
     def __call__(self, x, indices, sorted_indices=False):
@@ -84,7 +84,7 @@ class DequantSwitchLinear(QuantizedSwitchLinear):
 
 
 # Expert paths -> the frozen experts' module. On "batched" every MoE block (trained experts
-# included) runs as padded expert blocks through batched matmuls (`expert_batch`), else gather_mm.
+# included) runs as padded expert blocks through batched matmuls (`kernels.expert_blocks`), else gather_mm.
 FROZEN_CLASSES = {"qmm": QuantizedSwitchLinear, "dequant": DequantSwitchLinear, "batched": DequantSwitchLinear}
 
 
@@ -125,7 +125,7 @@ def _layer_of(name: str) -> int:
 
 def set_frozen_path(model: nn.Module, path: str, skip: list[int] = (), kernels: KernelChoices | None = None) -> None:
     """Switch every frozen expert stack (outside `skip`) to the `qmm`, `dequant` or `batched` path
-    (`batched` also runs the trained experts as padded expert blocks: `expert_batch`), with the
+    (`batched` also runs the trained experts as padded expert blocks: `kernels.expert_blocks`), with the
     run's `kernels` (default: none, MLX's ops)."""
     kernels = kernels or KernelChoices()
     cls = FROZEN_CLASSES[path]

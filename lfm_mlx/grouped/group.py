@@ -20,7 +20,7 @@ from lfm_mlx.grouped.config import GROUP_START, TrainConfig
 from lfm_mlx.grouped.experts import _layer_of, activate_group, moe_params, requantize_group
 from lfm_mlx.grouped.optimizer import FusedAdamW, lr_schedule, make_optimizer
 from lfm_mlx.grouped.step import accumulate_gradients, apply_update, global_norm, make_loss_and_grad, speculation_counts
-from lfm_mlx.kernel_choices import KernelChoices
+from lfm_mlx.kernels.choices import KernelChoices
 
 
 def park_group_start(start: dict[str, mx.array], config: TrainConfig, directory: str | Path) -> ParkedArrays:

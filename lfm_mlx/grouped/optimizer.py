@@ -11,13 +11,13 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from lfm_mlx import adamw_kernel
 from lfm_mlx.grouped.config import TrainConfig
-from lfm_mlx.kernel_choices import KernelChoices, UpdateKernels
-from lfm_mlx.master_bits import join_master, split_master
-from lfm_mlx.moments import (
+from lfm_mlx.kernels import fused_adamw
+from lfm_mlx.kernels.choices import KernelChoices, UpdateKernels
+from lfm_mlx.kernels.int8_moments import (
     MOMENT_GROUP, V_FLOOR, WEIGHT_STREAM, pack_moment, pack_moment_noisy, round_to_bfloat16, unpack_moment,
 )
+from lfm_mlx.kernels.master_bits import join_master, split_master
 
 
 UPDATE_CHUNK = 1 << 25  # elements of one tensor updated at a time with int8 moments (their float32 copies scale with it)
@@ -39,7 +39,7 @@ def _adamw_dense(g, p, m, v, lr, scale, b1, b2, eps, wd):
 
 
 def _adamw_split(g, high, low, m, v, lr, scale, b1, b2, eps, wd):
-    """_adamw_dense on a master split into bfloat16 weights and their low bits (`master_bits`):
+    """_adamw_dense on a master split into bfloat16 weights and their low bits (`kernels.master_bits`):
     the float32 master's update, bit for bit, and the new halves."""
     p32, m32, v32 = _adamw_math(g, join_master(high, low), m, v, lr, scale, b1, b2, eps, wd)
     return (*split_master(p32), m32, v32)
@@ -125,7 +125,7 @@ class FusedAdamW(optim.Optimizer):
     float32 whatever the parameters' dtype (mlx.optimizers keep them in the parameters' dtype).
 
     `split_master`: a bfloat16 parameter is the upper half of a float32 master whose 16 low bits
-    the optimizer holds (state "low", `master_bits`): the update is the float32 master's, bit for
+    the optimizer holds (state "low", `kernels.master_bits`): the update is the float32 master's, bit for
     bit, and `merge_masters` writes the whole masters back into the model.
     `state_bits=8` (other math, checked against the float32 step's loss by the benchmark) keeps
     both moments as int8 codes (`pack_moment`; 1.125 bytes an element instead of 4) for tensors
@@ -216,7 +216,7 @@ class FusedAdamW(optim.Optimizer):
                 gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale, seed, b1, b2, eps, wd,
                 record=self.kernels.moments)
         elif "low" in state:
-            p, state["low"], state["m"], state["v"] = adamw_kernel.update(
+            p, state["low"], state["m"], state["v"] = fused_adamw.update(
                 _adamw_split_kernel, gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale,
                 b1, b2, eps, wd, self.kernels.adamw)
         elif isinstance(state["m"], dict):
@@ -227,9 +227,9 @@ class FusedAdamW(optim.Optimizer):
             p, state["m"], state["v"] = _adamw_rounded_kernel(gradient, parameter, state["m"], state["v"], lr,
                                                               self.grad_scale, seed, b1, b2, eps, wd)
         else:
-            p, state["m"], state["v"] = adamw_kernel.update(_adamw_kernel, gradient, (parameter,), state["m"],
-                                                            state["v"], lr, self.grad_scale, b1, b2, eps, wd,
-                                                            self.kernels.adamw)
+            p, state["m"], state["v"] = fused_adamw.update(_adamw_kernel, gradient, (parameter,), state["m"],
+                                                           state["v"], lr, self.grad_scale, b1, b2, eps, wd,
+                                                           self.kernels.adamw)
         return p
 
 

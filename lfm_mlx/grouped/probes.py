@@ -14,11 +14,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from lfm_mlx import dequant_kernel, row_gather
 from lfm_mlx.fsutil import atomic_write_json
-from lfm_mlx.expert_batch import BatchedSwitchGLU
 from lfm_mlx.grouped.experts import FROZEN_CLASSES, _ff, set_frozen_path
-from lfm_mlx.kernel_choices import KernelChoices
+from lfm_mlx.kernels import dequant, row_gather
+from lfm_mlx.kernels.choices import KernelChoices
+from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU
 
 
 PROBE_TOKENS = 1024  # tokens of the start-up expert-path probe (at most the longest example)
@@ -88,7 +88,7 @@ def probe_dequant_kernel(model: nn.Module, layer: int) -> dict:
     q = _ff(model, layer).switch_mlp.gate_proj
     if not isinstance(q, QuantizedSwitchLinear):
         return {"choice": "mx.dequantize", "reason": f"layer {layer}'s experts are not quantized"}
-    return dequant_kernel.probe(q.weight, q.scales, q.get("biases"), q.group_size, q.bits, q.mode)
+    return dequant.probe(q.weight, q.scales, q.get("biases"), q.group_size, q.bits, q.mode)
 
 
 def probe_row_gather(model: nn.Module, tokens: int) -> dict:

@@ -11,7 +11,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from lfm_mlx.grouped import probes
 from lfm_mlx.grouped.experts import _ff, moe_layers
-from lfm_mlx.kernel_choices import KernelChoices
+from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.mixed import quantize_experts
 from lfm_mlx.models import load
 

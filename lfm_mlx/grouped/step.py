@@ -13,8 +13,8 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 
 from lfm_mlx.data import Batch, Example, make_batch, masked_loss
-from lfm_mlx.expert_batch import BatchedSwitchGLU
 from lfm_mlx.grouped.optimizer import FusedAdamW
+from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU
 
 
 def recompute_in_backward(fn: Callable) -> Callable:

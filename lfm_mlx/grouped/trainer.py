@@ -23,17 +23,17 @@ from lfm_mlx import console, distributed
 from lfm_mlx.checkpoint import Checkpoint, ParkedArrays, config_hash, list_checkpoints, save_checkpoint
 from lfm_mlx.data import build_dataset
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_free_space
+from lfm_mlx.grouped import ranks
 from lfm_mlx.grouped.config import (
     CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, estimate_for_config,
 )
 from lfm_mlx.grouped.experts import _layer_of, moe_params, set_frozen_path
-from lfm_mlx.grouped import ranks
 from lfm_mlx.grouped.group import ActiveGroup
 from lfm_mlx.grouped.probes import PROBE_TOKENS, probe_attention
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, UndoStep, _step_seed, steps_per_group
 from lfm_mlx.grouped.setup import choose_expert_path, load_mixed_model, probe_kernels
 from lfm_mlx.grouped.step import evaluate_loss, trained_weight_norm
-from lfm_mlx.kernel_choices import KernelChoices
+from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.memory import GB, MemoryBudgetExceeded, MemoryHardStop, MemoryReading, MemoryWatchdog
 from lfm_mlx.models import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
 from lfm_mlx.schedule import GroupSchedule

@@ -14,7 +14,7 @@ GB = 1e9
 # times, so only the larger of the two transient sums adds to the peak.
 PERSISTENT = ("weights", "group_dequant", "gradients", "optimizer_state")
 BACKWARD = ("activations", "logits", "attention", "frozen_dequant")
-# Routed rows of a padded expert block for each routed row (`expert_batch`), calibrated: the
+# Routed rows of a padded expert block for each routed row (`kernels.expert_blocks`), calibrated: the
 # busiest expert's count reached 4.2x the mean across the layers of the random-weight 8B model,
 # the walk guesses it with 1.25x headroom, and two layers are in flight. Measured on an H200 at
 # 10,240 tokens, groups 4 / 6 / 7 / 8: 41.6 / 51.3 / 57.9 / 60.7 GB, which the estimate without

@@ -13,8 +13,8 @@ import mlx.nn as nn
 
 from lfm_mlx.data import Batch
 from lfm_mlx.distributed import World
-from lfm_mlx.kernel_choices import KernelChoices
 from lfm_mlx.grouped import ActiveGroup, TrainConfig, ranks
+from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.memory import (
     GB, MemoryBudget, MemoryBudgetExceeded, MemoryEstimate, MemoryHardStop, MemorySoftLimitWarning, MemoryWatchdog,
     StepMemoryReader,

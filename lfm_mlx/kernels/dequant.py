@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from lfm_mlx.kernel_probe import best_seconds
+from lfm_mlx.kernels.probe import best_seconds
 
 CODES_PER_THREAD = 16  # one 16-byte load of packed 8-bit codes
 

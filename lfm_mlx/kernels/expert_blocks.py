@@ -34,9 +34,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
-from lfm_mlx.dequant_kernel import dequantize
-from lfm_mlx.kernel_choices import KernelChoices
-from lfm_mlx.row_gather import MISSING, gather_rows, sum_rows
+from lfm_mlx.kernels.choices import KernelChoices
+from lfm_mlx.kernels.dequant import dequantize
+from lfm_mlx.kernels.row_gather import MISSING, gather_rows, sum_rows
 
 CAPACITY_MULTIPLE = 16  # capacity rounded up to this: fewer distinct matmul shapes, aligned tiles
 # A speculated capacity is the last need times this: routing drifts between steps (the routers

@@ -1,6 +1,6 @@
 """The fused AdamW update with float32 moments as one CUDA kernel, used where a start-up probe
 finds it bit-identical to the compiled MLX update and faster. Two layouts of the master: a float32
-array, or split into the bfloat16 weights and their 16 low bits (`master_bits`).
+array, or split into the bfloat16 weights and their 16 low bits (`kernels.master_bits`).
 
 The update reads a bf16 gradient, the master (4 bytes) and float32 moments and writes them back:
 26 bytes an element, 1.41B elements at group 4 of the 8B model. MLX's compiled kernel moved them
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from lfm_mlx.kernel_probe import best_seconds, choose
+from lfm_mlx.kernels.probe import best_seconds, choose
 
 PROBE_ELEMENTS = 1 << 20  # the probe waits for a tensor this large: small ones time launch costs
 

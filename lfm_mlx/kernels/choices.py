@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lfm_mlx import adamw_kernel, moments
+from lfm_mlx.kernels import fused_adamw, int8_moments
 
 
 @dataclass
@@ -15,8 +15,8 @@ class UpdateKernels:
     packing, each probed on the run's first real tensor large enough (small ones time launch costs)
     and kept for the rest of the run."""
 
-    adamw: dict[str, dict] = field(default_factory=adamw_kernel.unprobed)
-    moments: dict = field(default_factory=moments.unprobed)
+    adamw: dict[str, dict] = field(default_factory=fused_adamw.unprobed)
+    moments: dict = field(default_factory=int8_moments.unprobed)
 
 
 @dataclass(frozen=True)

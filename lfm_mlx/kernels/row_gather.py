@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from lfm_mlx.kernel_probe import best_seconds, choose
+from lfm_mlx.kernels.probe import best_seconds, choose
 
 MISSING = 0xFFFFFFFF  # an index that gathers a zero row
 VECTOR_BYTES = 16  # one uint4 per thread

@@ -17,7 +17,7 @@ import math
 
 import mlx.core as mx
 
-from lfm_mlx.kernel_probe import best_seconds, choose
+from lfm_mlx.kernels.probe import best_seconds, choose
 
 MOMENT_GROUP = 64  # elements per scale / bias pair of an int8 moment
 V_FLOOR = 1e-20  # added to the second moment before its logarithm: sqrt(1e-20) is 1e-10, far under eps
