@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lfm_mlx import console
 from lfm_mlx.fsutil import atomic_write_json, atomic_write_text
 
 STAGES = ("base", "trained", "repaired", "fused 8-bit", "gguf (llama.cpp)")
@@ -59,6 +60,7 @@ class DemoConfig:
     # to show what the fine-tune cost general tool calling. Empty: skipped, with the recipe printed.
     bfcl_data: str = ""
     bfcl_per_category: int = 20
+    progress: bool = True  # stage lines and the stages' progress; --quiet leaves errors and the summary
 
     @classmethod
     def quick(cls, run_dir: str) -> "DemoConfig":
@@ -70,6 +72,7 @@ class StageLog:
     """Wall time and peak memory per stage, as the summary reports them."""
 
     rows: list[dict] = field(default_factory=list)
+    show: bool = True
 
     def record(self, name: str, started: float, **extra) -> None:
         import mlx.core as mx
@@ -77,13 +80,14 @@ class StageLog:
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         self.rows.append({"stage": name, "seconds": round(time.perf_counter() - started, 2),
                           "process_peak_gb": peak_rss / 1e9, "mlx_peak_gb": mx.get_peak_memory() / 1e9, **extra})
-        print(f"[demo] {name}: {self.rows[-1]['seconds']:.1f} s", flush=True)
+        if self.show:
+            print(f"[demo] {name}: {self.rows[-1]['seconds']:.1f} s", flush=True)
 
 
-def _eval(backend, suite: Path, out_dir: Path, max_tokens: int) -> dict:
+def _eval(backend, suite: Path, out_dir: Path, max_tokens: int, progress: bool = True) -> dict:
     from lfm_mlx.evaluate import evaluate
 
-    return evaluate(backend, [suite], out_dir, max_tokens=max_tokens)  # a bar on a terminal only
+    return evaluate(backend, [suite], out_dir, max_tokens=max_tokens, progress=progress)
 
 
 def _stage_suites(task: dict[str, Path], out_dir: Path) -> list[tuple[Path, Path]]:
@@ -112,7 +116,7 @@ def grouped_config(config: DemoConfig, mixed: Path, train_rows: Path, run_dir: P
         splits=(0.95, 0.05, 0.0), group_size=config.group_size, group_stride=config.group_stride,
         epochs=config.epochs, steps_per_group="epoch", batch_size=4, learning_rate=config.train_lr,
         warmup_steps=5, checkpoint_every=0, seed=config.seed, frozen_path=config.frozen_path,
-        memory=demo_memory_budget(),
+        memory=demo_memory_budget(), progress=config.progress,
     )
     return TrainConfig(**{**settings, **overrides})
 
@@ -143,6 +147,7 @@ def lora_settings(config: DemoConfig, model: Path, data: list[str], out_dir: Pat
         model=str(model), data=data, out_dir=str(out_dir), rank=config.lora_rank, learning_rate=config.lora_lr,
         max_steps=config.lora_steps, batch_size=4, epochs=50, eval_every=max(config.lora_steps // 4, 1), patience=0,
         save_every=config.lora_steps, splits=[0.95, 0.05, 0.0], max_tokens=1024, seed=config.seed, resume=False,
+        progress=config.progress,
     )
     return LoraConfig(**{**settings, **overrides})
 
@@ -161,9 +166,10 @@ def run_demo(config: DemoConfig) -> dict:
     run = Path(config.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "demo_config.json", asdict(config))
-    log, started = StageLog(), time.perf_counter()
+    log, started = StageLog(show=config.progress), time.perf_counter()
     base = Path(config.base) if config.base else shipped_base()
-    print(f"[demo] {environment_line()}; base {base}", flush=True)
+    if config.progress:
+        print(f"[demo] {environment_line()}; base {base}", flush=True)
     threads = cpu_blas.set_threads(1)  # restored at the end: the caller's other work may want them all
     try:
         return _run_stages(config, run, base, log, started)
@@ -206,7 +212,7 @@ def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", star
         trained_job = worker.submit(eval_job, trained, None, _stage_suites(task, run / "eval" / "trained"),
                                     config.max_tokens)
         t = time.perf_counter()  # the repair set is built from the dev suite's failures, so it comes first
-        _eval(MLXBackend(trained), task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens)
+        _eval(MLXBackend(trained), task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens, config.progress)
         log.record("eval trained (dev suite)", t)
 
         t = time.perf_counter()
@@ -220,9 +226,11 @@ def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", star
                                      config.max_tokens)
         t = time.perf_counter()
         fused = run / "fused-8bit"
-        fidelity8 = fidelity_summary(fuse(trained, lora_dir, fused, bits=8, suite=task["suite"]))
+        fidelity8 = fidelity_summary(fuse(trained, lora_dir, fused, bits=8, suite=task["suite"],
+                                           progress=config.progress))
         try:  # the same fine-tune at 4 bits: the gate judges whether it survives
-            fidelity4 = fidelity_summary(fuse(trained, lora_dir, run / "fused-4bit", bits=4, suite=task["suite"]))
+            fidelity4 = fidelity_summary(fuse(trained, lora_dir, run / "fused-4bit", bits=4, suite=task["suite"],
+                                                    progress=config.progress))
         except FidelityError as err:
             fidelity4 = {**fidelity_summary(err.report), "reason": str(err).splitlines()[0]}
         log.record("fuse 8-bit (+ 4-bit check)", t, fused_4bit_refused=not fidelity4["passed"])
@@ -230,7 +238,7 @@ def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", star
         t = time.perf_counter()
         fused_backend = MLXBackend(fused)
         evals["fused 8-bit"], paraphrase["fused 8-bit"] = [
-            _eval(fused_backend, suite, out, config.max_tokens) for suite, out in _stage_suites(task, run / "eval" / "fused8")]
+            _eval(fused_backend, suite, out, config.max_tokens, config.progress) for suite, out in _stage_suites(task, run / "eval" / "fused8")]
         log.record("eval fused 8-bit", t)
 
         t = time.perf_counter()
@@ -238,7 +246,7 @@ def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", star
         export_gguf(fused, gguf_path, outtype=config.gguf_outtype)
         gguf_backend = LlamaCppBackend(gguf_path, fused)
         evals["gguf (llama.cpp)"], paraphrase["gguf (llama.cpp)"] = [
-            _eval(gguf_backend, suite, out, config.max_tokens) for suite, out in _stage_suites(task, run / "eval" / "gguf")]
+            _eval(gguf_backend, suite, out, config.max_tokens, config.progress) for suite, out in _stage_suites(task, run / "eval" / "gguf")]
         log.record("GGUF export + eval in llama.cpp", t)
         collect("repaired", repaired_job)
     bfcl = bfcl_slice(config, mixed, fused, run / "eval", log)
@@ -386,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default="", help="another pre-trained LFM2-MoE directory (default: the shipped base)")
     parser.add_argument("--bfcl-data", default="", help="BFCL v4's data (pip download --no-deps bfcl-eval -d DIR): "
                                                          "score a slice on the base and the fused model")
+    console.add_quiet(parser)
     args = parser.parse_args(argv)
     config = DemoConfig.quick(args.run_dir) if args.quick else DemoConfig(args.run_dir)
-    config.seed, config.base, config.bfcl_data = args.seed, args.base, args.bfcl_data
+    config.seed, config.base, config.bfcl_data, config.progress = args.seed, args.base, args.bfcl_data, not args.quiet
     run_demo(config)
     return 0

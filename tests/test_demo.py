@@ -3,17 +3,20 @@ every stage runs for real, training lifts the held-out pass rate from the base's
 model and its GGUF in llama.cpp keep it, the 4-bit fuse is judged, and `mlx_lm.server` serves the
 fused model: calls as structured `tool_calls` with finish_reason "tool_calls", plain answers as content.
 
-The demo runs once per module; each test reads its run directory.
+The demo runs once per module, as README command 1 runs it (`python -m lfm_mlx demo`, here with
+`--quiet`); each test reads its run directory.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from lfm_mlx.demo import STAGES, DemoConfig, run_demo
+from lfm_mlx.demo import STAGES, DemoConfig
 from lfm_mlx.report import read_jsonl
 from tests.test_server_eval import mlx_lm_server
 
@@ -21,11 +24,31 @@ FOLDERS = dict(zip(STAGES, ["base", "trained", "repaired", "fused8", "gguf"]))
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[Path, dict]:
+def demo_cli(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     pytest.importorskip("llama_cpp")
-    root = tmp_path_factory.mktemp("demo")
-    summary = run_demo(DemoConfig(run_dir=str(root / "run")))
-    return root / "run", summary
+    run = tmp_path_factory.mktemp("demo") / "run"
+    done = subprocess.run([sys.executable, "-m", "lfm_mlx", "demo", "--run-dir", str(run), "--quiet"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run, done
+
+
+@pytest.fixture(scope="module")
+def demo(demo_cli) -> tuple[Path, dict]:
+    run, _ = demo_cli
+    return run, json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_quiet_demo_prints_its_summary_and_nothing_else(demo_cli):
+    """`--quiet`: no stage lines, no progress bars or lines, no start lines of the verbs inside; the
+    summary (table, legend, environment, stage times) on stdout, as summary.md holds it."""
+    run, done = demo_cli
+    chatter = [line for line in done.stderr.splitlines() if line.startswith(("[demo]", "lfm-mlx ", "[lora]"))
+               and "warning" not in line]
+    assert chatter == [] and "\r" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.startswith("held-out suite, pass rate per stage"), done.stdout[:500]
+    assert done.stdout.strip() == (run / "summary.md").read_text().strip()
 
 
 def reports(run: Path) -> dict[str, dict]:
