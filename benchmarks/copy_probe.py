@@ -25,9 +25,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from lfm_mlx.fsutil import atomic_write_json
-from lfm_mlx.models import load
+from lfm_mlx.model.io import load
+from lfm_mlx.model.synthetic import PRESETS, write_synthetic_model
 from lfm_mlx.pretrain import init_for_training
-from lfm_mlx.synthetic import PRESETS, write_synthetic_model
 
 SEP = 50
 FILLER_IDS = (100, 300)  # token id ranges: filler tokens, then word tokens

@@ -27,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from lfm_mlx.mixed import mix
-from lfm_mlx.synthetic import write_synthetic_model
+from lfm_mlx.model.synthetic import write_synthetic_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {

@@ -35,11 +35,11 @@ from lfm_mlx import fuse as F
 from lfm_mlx.evaluate import MLXBackend, run_suites
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json
 from lfm_mlx.lora import LoraConfig, train_lora
-from lfm_mlx.mixed import quantize_experts
-from lfm_mlx.models import build_model, cast_floats, save_model_dir
+from lfm_mlx.model.io import build_model, cast_floats, save_model_dir
+from lfm_mlx.model.quant import quantize_experts
+from lfm_mlx.model.synthetic import PRESETS as MODEL_PRESETS
+from lfm_mlx.model.synthetic import hf_config, write_tokenizer
 from lfm_mlx.suites import load_suite
-from lfm_mlx.synthetic import PRESETS as MODEL_PRESETS
-from lfm_mlx.synthetic import hf_config, write_tokenizer
 
 GB = 1e9
 PRESETS = {

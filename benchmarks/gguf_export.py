@@ -45,7 +45,7 @@ def run_step(step: str, work: Path, preset: str, qtypes: list[str]) -> dict:
     start = time.perf_counter()
     result: dict = {"step": step}
     if step == "synth":
-        from lfm_mlx.synthetic import write_synthetic_model
+        from lfm_mlx.model.synthetic import write_synthetic_model
 
         if not hf.exists():
             write_synthetic_model(hf, preset)
@@ -98,7 +98,7 @@ def largest_tensor_bytes(model_dir: Path) -> int:
     """float32 bytes of the largest tensor (dequantized): the scale of one tensor-at-a-time step."""
     import mlx.core as mx
 
-    from lfm_mlx.models import weight_files
+    from lfm_mlx.model.io import weight_files
 
     largest = 0
     for path in weight_files(model_dir):

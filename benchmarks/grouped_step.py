@@ -65,8 +65,8 @@ from lfm_mlx.grouped import (
     measure_frozen_paths, moe_layers, probe_dequant_kernel, probe_row_gather, set_frozen_path,
 )
 from lfm_mlx.mixed import parameter_bytes, quantize_experts
-from lfm_mlx.models import build_model, cast_floats, compute_dtype
-from lfm_mlx.synthetic import hf_config
+from lfm_mlx.model.io import build_model, cast_floats, compute_dtype
+from lfm_mlx.model.synthetic import hf_config
 
 GB = 1e9
 PARKING = Path(tempfile.mkdtemp(prefix="grouped_step-"))  # where a group's start copy waits (removed after each group)

@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 # Public name -> module. Imported on first use, so `import lfm_mlx` stays fast and light.
 _EXPORTS = {
-    "load": "lfm_mlx.models",
-    "write_synthetic_model": "lfm_mlx.synthetic",
+    "load": "lfm_mlx.model.io",
+    "write_synthetic_model": "lfm_mlx.model.synthetic",
     "mix": "lfm_mlx.mixed",
     "GroupSchedule": "lfm_mlx.schedule",
     "MemoryBudget": "lfm_mlx.memory",

@@ -12,7 +12,7 @@ from lfm_mlx.fsutil import is_disk_full
 
 # verb -> module whose main(argv) runs it
 VERBS = {
-    "synth": ("lfm_mlx.synthetic", "write a synthetic LFM2 / LFM2-MoE model directory"),
+    "synth": ("lfm_mlx.model.synthetic", "write a synthetic LFM2 / LFM2-MoE model directory"),
     "mix": ("lfm_mlx.mixed", "make a mixed checkpoint: experts int8, everything else bf16"),
     "train": ("lfm_mlx.grouped", "grouped MoE training from a YAML config"),
     "sweep": ("lfm_mlx.sweep", "group-size memory and time sweep"),

@@ -18,38 +18,10 @@ from mlx.utils import tree_flatten
 
 from lfm_mlx.errors import InvalidInput, debugging
 from lfm_mlx.fsutil import atomic_dir, check_free_space, locked, recover, refuse_overlap
-from lfm_mlx.models import load, save_model_dir
+from lfm_mlx.model.io import load, save_model_dir
+from lfm_mlx.model.quant import quantize_experts
 
-EXPERT_SUFFIXES = ("switch_mlp.gate_proj", "switch_mlp.up_proj", "switch_mlp.down_proj")
 SIZE_CATEGORIES = ("experts", "routers", "attention + conv", "dense mlp", "embeddings", "norms")
-
-
-def is_expert(path: str) -> bool:
-    return path.endswith(EXPERT_SUFFIXES)
-
-
-def quantize_experts(model: nn.Module, config: dict, bits: int = 8, group_size: int = 64) -> dict:
-    """Quantize every expert projection in place; return the config with per-path entries."""
-    params = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    per_path: dict[str, dict | bool] = {}
-
-    def predicate(path: str, module: nn.Module):
-        if is_expert(path):
-            if module.weight.shape[-1] % group_size:
-                raise ValueError(
-                    f"{path}: input size {module.weight.shape[-1]} is not a multiple of group_size "
-                    f"{group_size}; pick a group size that divides it (32 or 64)"
-                )
-            per_path[path] = dict(params)
-            return params
-        if path.endswith("feed_forward.gate"):
-            per_path[path] = False  # routers stay bf16: explicit, so no loader quantizes them
-        return False
-
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    config = dict(config)
-    config["quantization"] = {**params, **per_path}
-    return config
 
 
 def categorize(name: str) -> str:
@@ -69,7 +41,7 @@ def categorize(name: str) -> str:
 
 def size_report(model_dir: Path) -> dict:
     """Bytes and share per category, read from the safetensors headers of a model directory."""
-    from lfm_mlx.models import weight_files
+    from lfm_mlx.model.io import weight_files
 
     totals = {c: 0 for c in SIZE_CATEGORIES}
     for path in weight_files(Path(model_dir)):
@@ -104,7 +76,7 @@ def mix(src: str | Path, dst: str | Path, bits: int = 8, group_size: int = 64) -
             f"{src}: already quantized ({config['quantization'].get('bits')} bits); mix a bf16 / HF directory"
         )
     mixed_config = quantize_experts(model, config, bits, group_size)
-    from lfm_mlx.models import resolve_model_path
+    from lfm_mlx.model.io import resolve_model_path
 
     # The output is replaced as a whole, so its lock sits beside it; recover() undoes a killed replace.
     with locked(dst, sibling=True):
@@ -113,11 +85,6 @@ def mix(src: str | Path, dst: str | Path, bits: int = 8, group_size: int = 64) -
         with atomic_dir(dst) as tmp:
             save_model_dir(model, mixed_config, resolve_model_path(src), tmp)
     return size_report(Path(dst))
-
-
-def expert_layers(model: nn.Module) -> list[str]:
-    """Paths of the quantized expert layers of a loaded model."""
-    return [name for name, module in model.named_modules() if is_expert(name)]
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lfm_mlx.synthetic import write_synthetic_model
+from lfm_mlx.model.synthetic import write_synthetic_model
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -117,10 +117,10 @@ def test_no_import_cycle_between_subpackages_and_modules():
 # Top-level units by layer, highest first: a unit may import its own layer and those below, never above.
 LAYERS = {
     "demo": {"demo", "task", "pretrain"},  # the synthetic task and its run: the library never imports them
-    "stages": {"cli", "__main__", "mix", "grouped", "sweep", "evaluate", "bfcl", "repair", "lora", "fuse", "gguf",
+    "stages": {"cli", "__main__", "mixed", "grouped", "sweep", "evaluate", "bfcl", "repair", "lora", "fuse", "gguf",
                "ladder", "ladder_worker", "report", "convert"},
     "shared": {"memory", "kernels", "checkpoint", "schedule", "distributed"},
-    "base": {"models", "synthetic", "mixed", "data", "tools", "suites", "fsutil", "errors", "yamlfile", "console",
+    "base": {"model", "models", "synthetic", "data", "tools", "suites", "fsutil", "errors", "yamlfile", "console",
              "cpu_blas"},
 }
 

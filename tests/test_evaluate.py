@@ -317,7 +317,7 @@ def test_mlx_backend_with_adapters(tiny_model, mini_path, tmp_path):
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from lfm_mlx.models import load
+    from lfm_mlx.model.io import load
 
     # Write a LoRA adapter with non-zero B so that it really changes the model's outputs.
     model, _ = load(tiny_model)

@@ -22,8 +22,8 @@ from lfm_mlx.gguf import (
     portable_chat_template,
     quantize_gguf,
 )
-from lfm_mlx.models import load, save_model_dir
-from lfm_mlx.synthetic import PRESETS, hf_config, write_synthetic_model, write_tokenizer, write_weights
+from lfm_mlx.model.io import load, save_model_dir
+from lfm_mlx.model.synthetic import PRESETS, hf_config, write_synthetic_model, write_tokenizer, write_weights
 
 TOOLS = [
     {"type": "function", "function": {

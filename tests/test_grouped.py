@@ -25,7 +25,7 @@ from lfm_mlx.grouped import (
     set_frozen_path, summarize_stats, update_stats,
 )
 from lfm_mlx.memory import MemoryBudgetExceeded, MemoryHardStop, MemoryReading
-from lfm_mlx.models import load
+from lfm_mlx.model.io import load
 
 TOOLS = {
     "get_weather": {"name": "get_weather", "description": "weather"},

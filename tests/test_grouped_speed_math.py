@@ -28,9 +28,9 @@ from lfm_mlx.grouped import (
     chunked_masked_loss, estimate_for_config, forward_hidden, forward_logits, global_norm, lean_gradients,
     make_loss_and_grad, make_optimizer, master_of, pack_moment, set_frozen_path, unpack_moment, walk_loss_and_grad,
 )
-from lfm_mlx.mixed import quantize_experts
-from lfm_mlx.models import build_model, cast_floats
-from lfm_mlx.synthetic import hf_config
+from lfm_mlx.model.io import build_model, cast_floats
+from lfm_mlx.model.quant import quantize_experts
+from lfm_mlx.model.synthetic import hf_config
 
 
 def tiny_model(dtype: mx.Dtype = mx.float32) -> nn.Module:
@@ -195,7 +195,7 @@ def test_int8_moments_stay_near_the_straightforward_loss():
 
 
 def test_the_fused_update_and_chunked_loss_lower_the_memory_estimate():
-    from lfm_mlx.synthetic import hf_config as config_of
+    from lfm_mlx.model.synthetic import hf_config as config_of
 
     big = {**config_of("lfm2.5-8b-a1b"), "quantization": {"bits": 8, "group_size": 64}}
     straight = TrainConfig(model="-", data=["-"], run_dir="-", **STRAIGHTFORWARD)

@@ -13,7 +13,7 @@ from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
 from lfm_mlx import lora
 from lfm_mlx.data import build_dataset
-from lfm_mlx.models import load
+from lfm_mlx.model.io import load
 
 TOOLS = [{"type": "function", "function": {"name": name}} for name in ("read_file", "list_dir")]  # short prompts: fast steps
 WORDS = ["notes", "todo", "main", "data", "log", "plan", "mail", "home", "work", "docs", "test", "song"]

@@ -150,8 +150,8 @@ def test_settings_are_one_object_and_the_old_functions_agree():
     and the estimate's StepShape comes from the same settings."""
     from lfm_mlx.grouped import StepSettings, estimate_for_config, lean_gradients, split_master_in_use
     from lfm_mlx.memory import estimate_peak
-    from lfm_mlx.models import compute_dtype
-    from lfm_mlx.synthetic import hf_config
+    from lfm_mlx.model.io import compute_dtype
+    from lfm_mlx.model.synthetic import hf_config
 
     for changes in ({}, {"master_dtype": "float32"}, {"fused_update": False}, {"grad_accumulation": 2},
                     {"master_dtype": "compute"}, {"optimizer": "adafactor", "fused_update": False}):

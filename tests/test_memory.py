@@ -26,7 +26,7 @@ from lfm_mlx.memory import (
     runtime_baseline,
     weights_bytes,
 )
-from lfm_mlx.synthetic import hf_config
+from lfm_mlx.model.synthetic import hf_config
 
 BIG = hf_config("lfm2.5-8b-a1b")
 
@@ -58,7 +58,7 @@ def test_weights_match_a_loaded_mixed_checkpoint(tiny_moe_mixed_dir, dtype, dtyp
     """The weights component equals the bytes a real mixed checkpoint occupies once loaded."""
     from mlx.utils import tree_flatten
 
-    from lfm_mlx.models import load
+    from lfm_mlx.model.io import load
 
     model, _ = load(tiny_moe_mixed_dir, dtype=dtype, with_tokenizer=False)
     config = json.loads((tiny_moe_mixed_dir / "config.json").read_text())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lfm_mlx import models
-from lfm_mlx.synthetic import write_synthetic_model
+from lfm_mlx.model.synthetic import write_synthetic_model
 
 TOKENS = [1, 6, 300, 512, 77, 901, 14, 15, 640, 7, 6, 222, 333, 444, 555, 666, 777, 888, 999, 20]
 

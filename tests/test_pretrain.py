@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lfm_mlx import pretrain as pt
-from lfm_mlx.models import load
+from lfm_mlx.model.io import load
 
 TINY = dict(steps=12, batch_size=2, rows=48, warmup_steps=2, seed=0)
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from lfm_mlx.fsutil import atomic_dir, atomic_file, backup_of, recover
-from lfm_mlx.models import base_fingerprint, load
+from lfm_mlx.model.io import base_fingerprint, load
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
 
@@ -395,7 +395,7 @@ def test_a_loss_that_goes_nan_stops_with_only_finite_tensors_written(tiny_moe_mi
 
 def test_adapters_are_refused_on_another_base(tiny_moe_dir, tiny_moe_mixed_dir, tmp_path):
     from lfm_mlx import lora
-    from lfm_mlx.synthetic import write_synthetic_model
+    from lfm_mlx.model.synthetic import write_synthetic_model
     from tests.test_grouped import tool_rows
 
     rows = tmp_path / "rows.jsonl"

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lfm_mlx.model.synthetic import hf_config
 from lfm_mlx.schedule import GroupSchedule
-from lfm_mlx.synthetic import hf_config
 
 
 def test_8b_a1b_size_4_stride_3():

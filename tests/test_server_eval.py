@@ -103,7 +103,7 @@ def check_report_shape(report: dict, n_cases: int) -> None:
 
 @pytest.mark.slow
 def test_mlx_lm_server_end_to_end(tmp_path, suite_path):
-    from lfm_mlx.synthetic import write_synthetic_model
+    from lfm_mlx.model.synthetic import write_synthetic_model
 
     # float32 weights: mlx_lm.load keeps the stored dtype, and MoE gather_mm runs only in float32 on CPU.
     model = write_synthetic_model(tmp_path / "tiny", "tiny-moe", dtype="float32")
@@ -138,7 +138,7 @@ def write_scripted_model(out: Path, script: str) -> Path:
     import numpy as np
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    from lfm_mlx.synthetic import write_synthetic_model
+    from lfm_mlx.model.synthetic import write_synthetic_model
 
     model = write_synthetic_model(out, "tiny-dense", dtype="float32")
     tokenizer = load_tokenizer(model)

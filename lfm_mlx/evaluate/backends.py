@@ -36,7 +36,7 @@ class MLXBackend:
                  as_served: bool = False) -> None:
         import mlx.core as mx
 
-        from lfm_mlx.models import load
+        from lfm_mlx.model.io import load
 
         self.model_dir, self.adapter_path = str(model_dir), adapter_path and str(adapter_path)
         self.as_served = as_served

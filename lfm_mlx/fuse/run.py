@@ -42,7 +42,7 @@ def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path,
     """
     from mlx_lm.tuner.utils import load_adapters
 
-    from lfm_mlx.models import load, resolve_model_path, save_model_dir
+    from lfm_mlx.model.io import load, resolve_model_path, save_model_dir
 
     bits = parse_bits(bits)
     log = log or (lambda line: None)
@@ -128,7 +128,7 @@ def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path,
 def _check_base(model_dir: str | Path, adapter_path: str | Path) -> None:
     """Refuse a base other than the one the adapters were trained on (adapters record its fingerprint;
     older ones without it are taken as they are)."""
-    from lfm_mlx.models import base_fingerprint
+    from lfm_mlx.model.io import base_fingerprint
 
     config_path = Path(adapter_path) / "adapter_config.json"
     try:

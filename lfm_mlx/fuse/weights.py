@@ -7,11 +7,11 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from lfm_mlx import console
+from lfm_mlx.model.quant import dense_weight, quant_params
 
 
 ROUTER_SUFFIX = "feed_forward.gate"
 SCOPES = ("experts", "all")
-
 
 
 def _lora_classes():
@@ -24,21 +24,6 @@ def _switch_classes():
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
     return SwitchLinear, QuantizedSwitchLinear
-
-
-def quant_params(module: nn.Module) -> dict | None:
-    """{group_size, bits, mode} of a quantized layer; None for a float one."""
-    if "scales" not in module:
-        return None
-    return {"group_size": module.group_size, "bits": module.bits, "mode": module.mode}
-
-
-def dense_weight(module: nn.Module) -> mx.array:
-    """The layer's weight as float32, dequantized if needed."""
-    if "scales" in module:
-        return mx.dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
-                             bits=module.bits, mode=module.mode).astype(mx.float32)
-    return module.weight.astype(mx.float32)
 
 
 def lora_delta(module: nn.Module) -> mx.array:

@@ -85,7 +85,7 @@ def compute_imatrix(model_dir: str | Path, samples: Iterable[str | dict],
                     max_tokens: int = 2048) -> dict[str, np.ndarray]:
     """Importance matrix for `quantize_gguf`: per GGUF tensor, the mean squared input activation of
     each column (per expert for expert stacks), measured by running the MLX model on `samples`."""
-    from lfm_mlx.models import load
+    from lfm_mlx.model.io import load
 
     model, tokenizer, config = load(model_dir, return_config=True)
     modules = dict(model.named_modules())

@@ -77,7 +77,7 @@ def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> 
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    from lfm_mlx.synthetic import LLAMA3_SPLIT
+    from lfm_mlx.model.synthetic import LLAMA3_SPLIT
 
     if _split_regexes(tok.get("pre_tokenizer")) != [LLAMA3_SPLIT]:
         warnings.warn(

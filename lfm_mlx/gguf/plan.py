@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import gguf
 import mlx.core as mx
 
-from lfm_mlx.models import check_safetensors, weight_files
+from lfm_mlx.model.io import check_safetensors, weight_files
 
 
 Q = gguf.GGMLQuantizationType

@@ -12,9 +12,9 @@ import mlx.core as mx
 import numpy as np
 
 from lfm_mlx.fsutil import atomic_file, check_free_space, locked, recover, refuse_overlap
-from lfm_mlx.models import check_tokenizer, read_config
-from lfm_mlx.gguf.plan import ARCHS, OUTTYPES, Q, _Planned, _Source, _check_supported, _plan
 from lfm_mlx.gguf.metadata import _write_hparams, _write_tokenizer
+from lfm_mlx.gguf.plan import ARCHS, OUTTYPES, Q, _Planned, _Source, _check_supported, _plan
+from lfm_mlx.model.io import check_tokenizer, read_config
 
 
 def _encode(value: mx.array, qtype: Q) -> np.ndarray:

@@ -36,9 +36,8 @@ from lfm_mlx.grouped.config import (
     lean_gradients, master_of, router_master_of, split_master_in_use,
 )
 from lfm_mlx.grouped.experts import (
-    FROZEN_CLASSES, PROJECTIONS, STORAGE_DTYPE, DequantSwitchLinear, TrainableSwitchLinear, activate_group, after,
-    cast_keeping_gradient_dtype, make_quantized, moe_layers, moe_params, quantize_affine, requantize_group,
-    set_frozen_path, summarize_stats, unpack_codes, update_stats,
+    FROZEN_CLASSES, DequantSwitchLinear, TrainableSwitchLinear, activate_group, after, cast_keeping_gradient_dtype,
+    make_quantized, requantize_group, set_frozen_path, summarize_stats, update_stats,
 )
 from lfm_mlx.grouped.step import (
     accumulate_gradients, apply_update, chunked_masked_loss, evaluate_loss, forward_hidden, forward_logits,
@@ -53,8 +52,10 @@ from lfm_mlx.grouped.setup import choose_expert_path, load_mixed_model, probe_ke
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, steps_per_group
 from lfm_mlx.grouped.trainer import GroupedMoETrainer
 from lfm_mlx.grouped.cli import EXIT_CONFIG, EXIT_OVER_BUDGET, main
-# Importable from here before the split (they live in lfm_mlx.kernels.int8_moments).
-from lfm_mlx.kernels.int8_moments import pack_codes, pack_moment, unpack_moment
+# Importable from here before the split (they live in lfm_mlx.kernels and lfm_mlx.model).
+from lfm_mlx.kernels.int8_moments import pack_moment, unpack_moment
+from lfm_mlx.model.moe import PROJECTIONS, moe_layers, moe_params
+from lfm_mlx.model.quant import STORAGE_DTYPE, pack_codes, quantize_affine, unpack_codes
 
 __all__ = [
     "CHANGEABLE_ON_RESUME", "GROUP_START", "ConfigError", "MemorySettings", "StepSettings", "TrainConfig",

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lfm_mlx.errors import UserError
 from lfm_mlx.memory import MemoryBudget, MemoryEstimate, StepShape, estimate_peak
-from lfm_mlx.models import compute_dtype
+from lfm_mlx.model.io import compute_dtype
 from lfm_mlx.yamlfile import read_yaml
 
 

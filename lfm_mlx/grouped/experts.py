@@ -8,17 +8,13 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from lfm_mlx.kernels import dequant
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU
-from lfm_mlx.kernels.int8_moments import pack_codes
-
-
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-STORAGE_DTYPE = mx.bfloat16  # what save_model_dir writes for scales, biases and routers
+from lfm_mlx.model.moe import PROJECTIONS, feed_forward, moe_layers
+from lfm_mlx.model.quant import STORAGE_DTYPE, quantize_affine, unpack_codes
 
 
 def after(arrays: list, dependency: mx.array) -> list:
@@ -101,28 +97,6 @@ def make_quantized(cls: type, weight: mx.array, scales: mx.array, biases: mx.arr
     return module
 
 
-def _ff(model: nn.Module, layer: int) -> nn.Module:
-    return model.model.layers[layer].feed_forward
-
-
-def moe_layers(model: nn.Module) -> list[int]:
-    """Indices of the layers whose feed-forward is a routed MoE block."""
-    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.feed_forward, "switch_mlp")]
-
-
-def moe_params(model: nn.Module, layers: list[int]) -> dict[str, mx.array]:
-    """Every parameter (experts, router, expert_bias) of the given layers' MoE blocks, by full name."""
-    out = {}
-    for i in layers:
-        for name, value in tree_flatten(_ff(model, i).parameters()):
-            out[f"model.layers.{i}.feed_forward.{name}"] = value
-    return out
-
-
-def _layer_of(name: str) -> int:
-    return int(name.split(".")[2])
-
-
 def set_frozen_path(model: nn.Module, path: str, skip: list[int] = (), kernels: KernelChoices | None = None) -> None:
     """Switch every frozen expert stack (outside `skip`) to the `qmm`, `dequant` or `batched` path
     (`batched` also runs the trained experts as padded expert blocks: `kernels.expert_blocks`), with the
@@ -130,7 +104,7 @@ def set_frozen_path(model: nn.Module, path: str, skip: list[int] = (), kernels: 
     kernels = kernels or KernelChoices()
     cls = FROZEN_CLASSES[path]
     for i in moe_layers(model):
-        ff = _ff(model, i)
+        ff = feed_forward(model, i)
         if path == "batched" and not isinstance(ff.switch_mlp, BatchedSwitchGLU):
             ff.switch_mlp = BatchedSwitchGLU(ff.switch_mlp, kernels)
         elif path != "batched" and isinstance(ff.switch_mlp, BatchedSwitchGLU):
@@ -155,7 +129,7 @@ def activate_group(model: nn.Module, layers: list[int], master: mx.Dtype, train_
     them (and the routers, in `router_master`, default `master`).
     `lean_gradients`: the experts' gradients come in the compute dtype (see `lean_gradients`)."""
     for i in layers:
-        switch = _ff(model, i).switch_mlp
+        switch = feed_forward(model, i).switch_mlp
         for proj in PROJECTIONS:
             q = getattr(switch, proj)
             if not isinstance(q, QuantizedSwitchLinear):
@@ -166,7 +140,7 @@ def activate_group(model: nn.Module, layers: list[int], master: mx.Dtype, train_
                                                         lean_gradients))
     model.freeze()
     for i in layers:
-        ff = _ff(model, i)
+        ff = feed_forward(model, i)
         for proj in PROJECTIONS:
             getattr(ff.switch_mlp, proj).unfreeze()
         if train_routers:
@@ -175,35 +149,6 @@ def activate_group(model: nn.Module, layers: list[int], master: mx.Dtype, train_
 
 
 # ---------------------------------------------------------------- requantization and retention
-
-
-def quantize_affine(w: mx.array, group_size: int, bits: int, storage: mx.Dtype = STORAGE_DTYPE,
-                    key: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:
-    """Affine quantization in mx.quantize's layout, with scales and biases rounded to the storage
-    dtype first and codes chosen against those, so the in-memory model equals the saved one.
-    With `key` codes round stochastically (unbiased: E[dequantized] = w inside the range)."""
-    if bits not in (2, 4, 8):
-        if key is not None:
-            raise ValueError(f"stochastic rounding supports 2, 4 and 8-bit experts, not {bits}-bit")
-        wq, scales, biases = mx.quantize(w, group_size, bits)
-        return wq, scales.astype(storage), biases.astype(storage)
-    _, scales, biases = mx.quantize(w, group_size, bits)  # mlx's choice of range per group
-    scales, biases = scales.astype(storage), biases.astype(storage)
-    s = scales.astype(mx.float32)[..., None]
-    b = biases.astype(mx.float32)[..., None]
-    groups = w.astype(mx.float32).reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
-    x = (groups - b) / mx.where(s == 0, 1.0, s)
-    offset = 0.5 if key is None else mx.random.uniform(shape=x.shape, key=key)
-    codes = mx.clip(mx.floor(x + offset), 0, 2**bits - 1).reshape(w.shape)
-    return pack_codes(codes, bits), scales, biases
-
-
-def unpack_codes(packed: mx.array, bits: int) -> mx.array:
-    """The inverse of `pack_codes`."""
-    per = 32 // bits
-    shifts = mx.arange(per, dtype=mx.uint32) * bits
-    codes = (packed[..., None] >> shifts) & (2**bits - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
 def update_stats(start: mx.array, trained: mx.array, kept: mx.array,
@@ -257,7 +202,7 @@ def requantize_group(model: nn.Module, layers: list[int], start: dict[str, mx.ar
     expert_parts, router_parts, per_layer = [], [], {}
     for i in layers:
         prefix = f"model.layers.{i}.feed_forward"
-        ff = _ff(model, i)
+        ff = feed_forward(model, i)
         layer_parts = []
         for proj in PROJECTIONS:
             name = f"{prefix}.switch_mlp.{proj}"

@@ -17,10 +17,11 @@ from lfm_mlx.checkpoint import Checkpoint, ParkedArrays, restore_tree
 from lfm_mlx.data import Batch
 from lfm_mlx.distributed import World
 from lfm_mlx.grouped.config import GROUP_START, TrainConfig
-from lfm_mlx.grouped.experts import _layer_of, activate_group, moe_params, requantize_group
+from lfm_mlx.grouped.experts import activate_group, requantize_group
 from lfm_mlx.grouped.optimizer import FusedAdamW, lr_schedule, make_optimizer
 from lfm_mlx.grouped.step import accumulate_gradients, apply_update, global_norm, make_loss_and_grad, speculation_counts
 from lfm_mlx.kernels.choices import KernelChoices
+from lfm_mlx.model.moe import layer_of, moe_params
 
 
 def park_group_start(start: dict[str, mx.array], config: TrainConfig, directory: str | Path) -> ParkedArrays:
@@ -85,7 +86,7 @@ class ActiveGroup:
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         """The group's trained weights and its optimizer's state from a checkpoint written mid-group."""
-        trained = {k: v for k, v in checkpoint.weights.items() if _layer_of(k) in self.layers}
+        trained = {k: v for k, v in checkpoint.weights.items() if layer_of(k) in self.layers}
         self.model.load_weights(list(trained.items()), strict=False)
         self.optimizer.init(self.model.trainable_parameters())
         if not set(checkpoint.optimizer or {}) <= {"step", "learning_rate"}:  # else no step of it was applied yet

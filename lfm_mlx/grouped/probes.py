@@ -15,10 +15,11 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from lfm_mlx.fsutil import atomic_write_json
-from lfm_mlx.grouped.experts import FROZEN_CLASSES, _ff, set_frozen_path
+from lfm_mlx.grouped.experts import FROZEN_CLASSES, set_frozen_path
 from lfm_mlx.kernels import dequant, row_gather
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU
+from lfm_mlx.model.moe import feed_forward
 
 
 PROBE_TOKENS = 1024  # tokens of the start-up expert-path probe (at most the longest example)
@@ -85,7 +86,7 @@ def _time(fn: Callable, *args, repeats: int = 3) -> float:
 def probe_dequant_kernel(model: nn.Module, layer: int) -> dict:
     """`dequant_kernel.probe` on one MoE layer's frozen gate projection: whether just-in-time
     dequantization uses the custom CUDA kernel (bit-identical, faster) or mx.dequantize."""
-    q = _ff(model, layer).switch_mlp.gate_proj
+    q = feed_forward(model, layer).switch_mlp.gate_proj
     if not isinstance(q, QuantizedSwitchLinear):
         return {"choice": "mx.dequantize", "reason": f"layer {layer}'s experts are not quantized"}
     return dequant.probe(q.weight, q.scales, q.get("biases"), q.group_size, q.bits, q.mode)
@@ -108,7 +109,7 @@ def measure_frozen_paths(model: nn.Module, layer: int, seq_len: int, dtype: mx.D
     (the walk's forward pass guesses it on the device, the backward reuses it), not computed on the
     host. (Timed with a host read per call, the blocks lost the choice to "dequant" by 5% in one of
     three H200 runs, while the whole step ran 1.8x faster on them: 0.139 against 0.246 s.)"""
-    block = _ff(model, layer)
+    block = feed_forward(model, layer)
     x = mx.random.normal((1, seq_len, model.model.args.hidden_size), key=mx.random.key(seed)).astype(dtype)
     times = {}
     for path in FROZEN_CLASSES:

@@ -10,17 +10,17 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from lfm_mlx.grouped import probes
-from lfm_mlx.grouped.experts import _ff, moe_layers
 from lfm_mlx.kernels.choices import KernelChoices
-from lfm_mlx.mixed import quantize_experts
-from lfm_mlx.models import load
+from lfm_mlx.model.io import load
+from lfm_mlx.model.moe import feed_forward, moe_layers
+from lfm_mlx.model.quant import quantize_experts
 
 
 def load_mixed_model(model_dir: Path) -> tuple[nn.Module, dict]:
     """A model directory loaded with int8 experts: a mixed checkpoint as stored, a bf16 / HF model
     with its experts quantized in memory (the int8-expert mix `lfm-mlx mix` would write)."""
     model, _, config = load(model_dir, with_tokenizer=False, return_config=True)
-    if not isinstance(_ff(model, moe_layers(model)[0]).switch_mlp.gate_proj, QuantizedSwitchLinear):
+    if not isinstance(feed_forward(model, moe_layers(model)[0]).switch_mlp.gate_proj, QuantizedSwitchLinear):
         config = quantize_experts(model, config)
         mx.eval(model.parameters())
     return model, config

@@ -27,7 +27,7 @@ from lfm_mlx.grouped import ranks
 from lfm_mlx.grouped.config import (
     CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, estimate_for_config,
 )
-from lfm_mlx.grouped.experts import _layer_of, moe_params, set_frozen_path
+from lfm_mlx.grouped.experts import set_frozen_path
 from lfm_mlx.grouped.group import ActiveGroup
 from lfm_mlx.grouped.probes import PROBE_TOKENS, probe_attention
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, UndoStep, _step_seed, steps_per_group
@@ -35,7 +35,8 @@ from lfm_mlx.grouped.setup import choose_expert_path, load_mixed_model, probe_ke
 from lfm_mlx.grouped.step import evaluate_loss, trained_weight_norm
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.memory import GB, MemoryBudgetExceeded, MemoryHardStop, MemoryReading, MemoryWatchdog
-from lfm_mlx.models import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
+from lfm_mlx.model.io import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
+from lfm_mlx.model.moe import layer_of, moe_params
 from lfm_mlx.schedule import GroupSchedule
 
 
@@ -317,7 +318,7 @@ class GroupedMoETrainer:
             state.update({k: resume.state.get(k, state[k]) for k in state})
             self._truncate_metrics(resume.state["metrics_records"])
             active = groups[state["phase"] % len(groups)] if state["step_in_phase"] else []
-            done = {k: v for k, v in resume.weights.items() if _layer_of(k) not in active}
+            done = {k: v for k, v in resume.weights.items() if layer_of(k) not in active}
             self.model.load_weights(list(done.items()) + list(resume.group_start.items()), strict=False)
             set_frozen_path(self.model, self.frozen, kernels=self.kernels)
             self._log({"kind": "resume", "step": state["global_step"], "checkpoint": resume.path.name})

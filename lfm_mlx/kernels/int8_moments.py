@@ -18,6 +18,7 @@ import math
 import mlx.core as mx
 
 from lfm_mlx.kernels.probe import best_seconds, choose
+from lfm_mlx.model.quant import pack_codes
 
 MOMENT_GROUP = 64  # elements per scale / bias pair of an int8 moment
 V_FLOOR = 1e-20  # added to the second moment before its logarithm: sqrt(1e-20) is 1e-10, far under eps
@@ -54,14 +55,6 @@ def round_to_bfloat16(x: mx.array, seed: mx.array) -> mx.array:
     noise = _mix(_mix(index ^ seed) + seed) >> 16
     kept = (x.astype(mx.float32).view(mx.uint32) + noise) & mx.array(0xFFFF0000, dtype=mx.uint32)
     return kept.view(mx.float32).astype(mx.bfloat16)  # exact: the dropped bits are zero
-
-
-def pack_codes(codes: mx.array, bits: int) -> mx.array:
-    """Pack unsigned codes along the last axis into uint32 words, as mx.quantize lays them out."""
-    per = 32 // bits
-    grouped = codes.astype(mx.uint32).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
-    shifts = mx.arange(per, dtype=mx.uint32) * bits
-    return (grouped << shifts).sum(axis=-1).astype(mx.uint32)  # disjoint bit fields: sum == or
 
 
 def pack_moment(x: mx.array, offset: mx.array | float = 0.5) -> dict[str, mx.array]:

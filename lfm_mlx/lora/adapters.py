@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 from lfm_mlx.fsutil import atomic_file
 from lfm_mlx.lora.config import MODULE_GROUPS, LoraConfig
-from lfm_mlx.models import base_fingerprint
+from lfm_mlx.model.io import base_fingerprint
 
 
 def select_layers(layers: str | int | list[int], n_layers: int) -> list[int]:

@@ -22,7 +22,7 @@ from lfm_mlx.fsutil import (
 )
 from lfm_mlx.lora.adapters import apply_lora, load_data, lora_parameters, save_safetensors_atomic
 from lfm_mlx.lora.config import RUN_IDENTITY_KEYS, LoraConfig
-from lfm_mlx.models import base_fingerprint
+from lfm_mlx.model.io import base_fingerprint
 
 
 def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array,
@@ -155,7 +155,7 @@ def train_lora(config: LoraConfig, on_step: Callable[[dict], None] | None = None
 def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] | None,
                 world: distributed.World) -> dict:
     from lfm_mlx.data import batch_order, make_batch
-    from lfm_mlx.models import load
+    from lfm_mlx.model.io import load
 
     resume_state = world.broadcast_json(world.on_main(_check_resumable, out, config))
     if resume_state is not None and resume_state.get("world_size", 1) != world.size:
@@ -363,7 +363,7 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
 def _start_line(config: LoraConfig, adapter: dict, model_config: dict, manifest: dict, splits: tuple,
                 total_steps: int, n_trainable: int, resume_state: dict | None) -> str:
     """One line a user reads before the first step: what trains where, for how long, on which rows."""
-    from lfm_mlx.models import compute_dtype
+    from lfm_mlx.model.io import compute_dtype
 
     parts = [manifest[k] for k in ("train", "valid", "test") if k in manifest] if "repair_set" in manifest else [manifest]
     kept, read = sum(p["kept"] for p in parts), sum(p["rows_read"] for p in parts)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lfm_mlx.memory import MemoryBudget
-from lfm_mlx.synthetic import PRESETS
+from lfm_mlx.model.synthetic import PRESETS
 
 
 DEFAULT_SIZES = (1, 2, 4, 6, 8, 11)

@@ -10,9 +10,9 @@ import mlx.nn as nn
 
 from lfm_mlx.data import Batch, build_dataset, make_batch
 from lfm_mlx.grouped import load_mixed_model
-from lfm_mlx.mixed import quantize_experts
-from lfm_mlx.models import build_model, cast_floats, compute_dtype, read_config, resolve_model_path
-from lfm_mlx.synthetic import PRESETS, hf_config, write_tokenizer
+from lfm_mlx.model.io import build_model, cast_floats, compute_dtype, read_config, resolve_model_path
+from lfm_mlx.model.quant import quantize_experts
+from lfm_mlx.model.synthetic import PRESETS, hf_config, write_tokenizer
 
 
 def build_preset(preset: str, seed: int = 0) -> tuple[nn.Module, dict]:
