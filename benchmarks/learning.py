@@ -38,8 +38,8 @@ from lfm_mlx.lora import train_lora
 from lfm_mlx.mixed import mix
 from lfm_mlx.pretrain import shipped_base
 from lfm_mlx.report import text_table
-from lfm_mlx.schedule import GroupSchedule
 from lfm_mlx.task import generate_rows, write_task
+from lfm_mlx.train.schedules import GroupSchedule
 
 ARMS = ("grouped", "grouped-adafactor", "lora-all", "lora-experts", "pipeline")
 GENERAL_ROWS = 48  # rows of the pre-training surface scored for KL

@@ -16,7 +16,7 @@ _EXPORTS = {
     "load": "lfm_mlx.model.io",
     "write_synthetic_model": "lfm_mlx.model.synthetic",
     "mix": "lfm_mlx.mixed",
-    "GroupSchedule": "lfm_mlx.schedule",
+    "GroupSchedule": "lfm_mlx.train.schedules",
     "MemoryBudget": "lfm_mlx.memory",
     "MemoryWatchdog": "lfm_mlx.memory",
     "MemoryBudgetExceeded": "lfm_mlx.memory",

@@ -119,8 +119,8 @@ LAYERS = {
     "demo": {"demo", "task", "pretrain"},  # the synthetic task and its run: the library never imports them
     "stages": {"cli", "__main__", "mixed", "grouped", "sweep", "evaluate", "bfcl", "repair", "lora", "fuse", "gguf",
                "ladder", "ladder_worker", "report", "convert"},
-    "shared": {"memory", "kernels", "checkpoint", "schedule", "distributed"},
-    "base": {"model", "models", "synthetic", "data", "tools", "suites", "fsutil", "errors", "yamlfile", "console",
+    "shared": {"memory", "kernels", "train", "distributed"},
+    "base": {"model", "models", "synthetic", "data", "tools", "suites", "fsutil", "errors", "console",
              "cpu_blas"},
 }
 

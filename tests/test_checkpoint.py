@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
 
-from lfm_mlx.checkpoint import (
+from lfm_mlx.train.checkpoint import (
     ParkedArrays, checkpoint_name, config_hash, latest_checkpoint, list_checkpoints, load_checkpoint, restore_tree,
     save_checkpoint,
 )

@@ -123,7 +123,7 @@ def test_a_bf16_step_on_split_masters_is_the_float32_masters(monkeypatch):
 def test_a_split_master_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
     """The low bits travel in the optimizer's checkpointed state: 10 steps, save, restore into a
     fresh optimizer (as the trainer resumes), 10 more, equal the 20 uninterrupted steps."""
-    from lfm_mlx.checkpoint import load_checkpoint, restore_tree, save_checkpoint
+    from lfm_mlx.train.checkpoint import load_checkpoint, restore_tree, save_checkpoint
 
     start = (0.02 * mx.random.normal((4, 16, 64), key=mx.random.key(3))).astype(mx.bfloat16)
     grads = [(0.1 * mx.random.normal(start.shape, key=mx.random.key(50 + t))).astype(mx.bfloat16) for t in range(20)]

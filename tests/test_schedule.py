@@ -1,4 +1,4 @@
-"""lfm_mlx.schedule.GroupSchedule: groups, validation, printing, serialization."""
+"""lfm_mlx.train.schedules.GroupSchedule: groups, validation, printing, serialization."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lfm_mlx.model.synthetic import hf_config
-from lfm_mlx.schedule import GroupSchedule
+from lfm_mlx.train.schedules import GroupSchedule
 
 
 def test_8b_a1b_size_4_stride_3():

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lfm_mlx.errors import UserError
 from lfm_mlx.memory import MemoryBudget, MemoryEstimate, StepShape, estimate_peak
 from lfm_mlx.model.io import compute_dtype
-from lfm_mlx.yamlfile import read_yaml
+from lfm_mlx.train.yamlfile import read_yaml
 
 
 # Keys a resume may change with --allow-config-change (the optimizer's step size, not what is trained).

@@ -13,7 +13,6 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from lfm_mlx.checkpoint import Checkpoint, ParkedArrays, restore_tree
 from lfm_mlx.data import Batch
 from lfm_mlx.distributed import World
 from lfm_mlx.grouped.config import GROUP_START, TrainConfig
@@ -22,6 +21,7 @@ from lfm_mlx.grouped.optimizer import FusedAdamW, lr_schedule, make_optimizer
 from lfm_mlx.grouped.step import accumulate_gradients, apply_update, global_norm, make_loss_and_grad, speculation_counts
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.model.moe import layer_of, moe_params
+from lfm_mlx.train.checkpoint import Checkpoint, ParkedArrays, restore_tree
 
 
 def park_group_start(start: dict[str, mx.array], config: TrainConfig, directory: str | Path) -> ParkedArrays:

@@ -18,6 +18,7 @@ from lfm_mlx.kernels.int8_moments import (
     MOMENT_GROUP, V_FLOOR, WEIGHT_STREAM, pack_moment, pack_moment_noisy, round_to_bfloat16, unpack_moment,
 )
 from lfm_mlx.kernels.master_bits import join_master, split_master
+from lfm_mlx.train.schedules import warmup_cosine
 
 
 UPDATE_CHUNK = 1 << 25  # elements of one tensor updated at a time with int8 moments (their float32 copies scale with it)
@@ -234,14 +235,8 @@ class FusedAdamW(optim.Optimizer):
 
 
 def lr_schedule(config: TrainConfig, steps: int) -> Callable:
-    """Linear warmup then cosine decay to min_lr_ratio x learning_rate, over one phase."""
-    peak = config.learning_rate
-    warmup = min(config.warmup_steps, steps // 2)
-    cosine = optim.cosine_decay(peak, max(steps - warmup, 1), end=peak * config.min_lr_ratio)
-    if warmup == 0:
-        return cosine
-    ramp = optim.linear_schedule(peak / (warmup + 1), peak, warmup)
-    return optim.join_schedules([ramp, cosine], [warmup])
+    """Linear warmup (capped at half the phase) then cosine decay to min_lr_ratio x learning_rate, over one phase."""
+    return warmup_cosine(config.learning_rate, steps, min(config.warmup_steps, steps // 2), config.min_lr_ratio)
 
 
 def make_optimizer(config: TrainConfig, steps: int, kernels: KernelChoices | None = None) -> optim.Optimizer:

@@ -11,13 +11,13 @@ from typing import Callable
 
 import mlx.core as mx
 
-from lfm_mlx.checkpoint import CHECKPOINTS, Checkpoint, latest_checkpoint, load_checkpoint
-from lfm_mlx.data import Batch, Example, make_batch
 from lfm_mlx import console
+from lfm_mlx.data import Batch, Example, make_batch
 from lfm_mlx.distributed import World, cost_model
 from lfm_mlx.fsutil import locked, recover_directory, refuse_overlap
 from lfm_mlx.grouped.config import ConfigError
 from lfm_mlx.memory import MemoryHardStop
+from lfm_mlx.train.checkpoint import CHECKPOINTS, Checkpoint, latest_checkpoint, load_checkpoint
 
 
 def claim_run_dir(world: World, run_dir: Path, model: str, stack: contextlib.ExitStack) -> None:

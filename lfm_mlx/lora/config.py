@@ -195,7 +195,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     values: dict = {}
     where: dict[str, str] = {}
     if path is not None:
-        from lfm_mlx.yamlfile import read_yaml
+        from lfm_mlx.train.yamlfile import read_yaml
 
         path = Path(path)
         if not path.is_file():

@@ -23,6 +23,7 @@ from lfm_mlx.fsutil import (
 from lfm_mlx.lora.adapters import apply_lora, load_data, lora_parameters, save_safetensors_atomic
 from lfm_mlx.lora.config import RUN_IDENTITY_KEYS, LoraConfig
 from lfm_mlx.model.io import base_fingerprint
+from lfm_mlx.train.schedules import warmup_cosine
 
 
 def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array,
@@ -56,15 +57,10 @@ def evaluate_loss(model: nn.Module, examples: list, batch_size: int,
 
 
 def _schedule(config: LoraConfig, total_steps: int):
+    """Warmup from 1% of the rate, then cosine to 10% of it (or the rate held: lr_schedule constant)."""
     lr = config.learning_rate
-    if config.lr_schedule == "cosine":
-        main = optim.cosine_decay(lr, max(total_steps - config.warmup_steps, 1), lr * 0.1)
-    else:
-        main = lambda step: mx.array(lr, dtype=mx.float32)  # noqa: E731
-    if config.warmup_steps:
-        warmup = optim.linear_schedule(lr * 0.01, lr, config.warmup_steps)
-        return optim.join_schedules([warmup, main], [config.warmup_steps])
-    return main
+    return warmup_cosine(lr, total_steps, config.warmup_steps, 0.1, warmup_start=lr * 0.01,
+                         cosine=config.lr_schedule == "cosine")
 
 
 def _read_checkpoint(path: Path, adapters: dict, optimizer_state: dict) -> tuple[dict, dict]:

@@ -22,7 +22,6 @@ from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.memory import GB, MemoryHardStop, MemorySoftLimitWarning, MemoryWatchdog, StepMemoryReader
 from lfm_mlx.model.io import compute_dtype, read_config, resolve_model_path
 from lfm_mlx.model.synthetic import hf_config
-from lfm_mlx.schedule import GroupSchedule
 from lfm_mlx.sweep.calibration import (
     _errors, apply_calibration, calibration_point, estimate_for, fit_calibration, given_calibration,
 )
@@ -30,6 +29,7 @@ from lfm_mlx.sweep.config import REPORT_NAME, SweepConfig, TOLERANCE, _SELF
 from lfm_mlx.sweep.inputs import build_preset, data_batch, load_model_dir, synthetic_batch
 from lfm_mlx.sweep.machine import machine_info, measure_baseline
 from lfm_mlx.sweep.measure import _admit, _estimate_record, _measured, _overhead, rank_record, run_size
+from lfm_mlx.train.schedules import GroupSchedule
 
 
 @dataclass

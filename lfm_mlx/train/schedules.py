@@ -1,4 +1,5 @@
-"""GroupSchedule: which MoE layers train together, as plain data.
+"""A run's schedules: which MoE layers train together (`GroupSchedule`, plain data) and the learning
+rate of each step (`warmup_cosine`, the one warmup + cosine of grouped training and LoRA).
 
 Groups start at the first MoE layer and step by `stride`; each holds `size` layers, clipped at the
 last MoE layer, and the last group ends exactly there. With stride < size the groups overlap (the
@@ -11,6 +12,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.optimizers as optim
 
 
 @dataclass(frozen=True)
@@ -137,3 +142,17 @@ def _ranges(layers: list[int]) -> str:
         else:
             spans.append([layer, layer])
     return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans)
+
+
+def warmup_cosine(peak: float, steps: int, warmup: int, end_ratio: float, warmup_start: float | None = None,
+                  cosine: bool = True) -> Callable:
+    """Linear warmup from `warmup_start` (default peak / (warmup + 1)) to `peak` over `warmup` steps, then
+    cosine decay to end_ratio x peak over the remaining `steps - warmup` (or `peak` held: not `cosine`)."""
+    if cosine:
+        main = optim.cosine_decay(peak, max(steps - warmup, 1), end=peak * end_ratio)
+    else:
+        main = lambda step: mx.array(peak, dtype=mx.float32)  # noqa: E731
+    if warmup == 0:
+        return main
+    start = peak / (warmup + 1) if warmup_start is None else warmup_start
+    return optim.join_schedules([optim.linear_schedule(start, peak, warmup), main], [warmup])
