@@ -1,5 +1,6 @@
 """The package's shape, checked from the source alone (ast, no imports): no import cycles between
-lfm_mlx's modules and subpackages, and no module over MAX_LINES lines but the listed ones.
+lfm_mlx's modules and subpackages, imports that run one way down the layers, and no module over
+MAX_LINES lines but the listed ones; and the same layers checked by import-linter (`lint-imports`).
 
 Cycles are counted over every import, the ones inside functions included (a lazy import hides a
 cycle from the interpreter, not from a reader). Two graphs: one node per module, and one node per
@@ -8,9 +9,17 @@ top-level unit (a module of lfm_mlx, or a whole subpackage such as lfm_mlx.group
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli, which import-linter (the test extra) brings there
+    import tomli as tomllib
+
 PACKAGE = Path(__file__).resolve().parent.parent / "lfm_mlx"
+PYPROJECT = PACKAGE.parent / "pyproject.toml"
 MAX_LINES = 500
 # Over MAX_LINES today; shrink this list as they are split (never add to it).
 OVER_LIMIT: set[str] = set()
@@ -115,25 +124,37 @@ def test_no_import_cycle_between_subpackages_and_modules():
 
 
 # Top-level units by layer, highest first: a unit may import its own layer and those below, never above.
-LAYERS = {
-    "demo": {"demo", "task", "pretrain"},  # the synthetic task and its run: the library never imports them
-    "stages": {"cli", "__main__", "mixed", "grouped", "sweep", "evaluate", "bfcl", "repair", "lora", "fuse", "gguf",
-               "ladder", "ladder_worker", "report", "convert"},
-    "shared": {"memory", "kernels", "train", "distributed"},
-    "base": {"model", "models", "synthetic", "data", "tools", "suites", "fsutil", "errors", "console",
-             "cpu_blas"},
-}
+# The layers are the import-linter contract's in pyproject.toml (one list, read here and by lint-imports).
+LAYER_NAMES = ("demo", "stages", "shared", "base")  # demo: the synthetic task and its run, never imported
+
+
+def contract_layers() -> dict[str, set[str]]:
+    contract = tomllib.loads(PYPROJECT.read_text())["tool"]["importlinter"]["contracts"][0]
+    assert contract["type"] == "layers" and len(contract["layers"]) == len(LAYER_NAMES), contract
+    return {name: {unit.strip() for unit in layer.split(":")} for name, layer in zip(LAYER_NAMES, contract["layers"])}
+
+
+LAYERS = contract_layers()
 
 
 def test_dependencies_run_one_way():
-    """demo -> stages -> shared (memory, kernels, checkpoints) -> base (models, data, files), never back."""
+    """demo -> stages -> shared (train, memory, kernels) -> base (model, data, files), never back."""
     rank = {f"lfm_mlx.{name}": i for i, names in enumerate(LAYERS.values()) for name in names}
     units = {unit_of(name) for name in modules()} - {"lfm_mlx"}
-    assert not units - set(rank), f"place these in LAYERS: {sorted(units - set(rank))}"
+    assert not units - set(rank), f"place these in a layer of pyproject.toml's import-linter contract: {sorted(units - set(rank))}"
     upward = sorted(f"{unit_of(source)} -> {unit_of(target)}" for source, targets in graph().items()
                     for target in targets if unit_of(target) in rank and unit_of(source) in rank
                     and rank[unit_of(target)] < rank[unit_of(source)])
     assert upward == [], "imports against the layers (move the shared code down): " + ", ".join(upward)
+
+
+def test_import_linter_contract_passes():
+    """The same layers checked by import-linter (`lint-imports`, as CI runs it): over the import graph
+    Python sees, every lfm_mlx module placed in a layer (exhaustive)."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    assert lint.exists(), f"{lint} is missing: pip install -e '.[test]' (import-linter is in the test extra)"
+    result = subprocess.run([str(lint), "--no-cache", "--no-logo"], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_no_module_over_the_line_limit_but_the_listed_ones():
