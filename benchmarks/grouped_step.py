@@ -45,6 +45,7 @@ import atexit
 import contextlib
 import functools
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -482,15 +483,19 @@ def profile_step(model: nn.Module, layers: list[int], batch: Batch, cfg: TrainCo
     repeats = args.profile_repeats
     parts = {}
     for kind, i in examples.items():
+        # Each part differentiates only its own trainable arrays (a mixer in the group's layer would
+        # otherwise also produce zero gradients for the layer's experts).
         layer = inner.layers[i]
         if kind == "attention":
-            parts[kind] = _part_timings(layer, lambda x, l=layer: l.self_attn(l.operator_norm(x), mask=masks[True]),
+            parts[kind] = _part_timings(layer.self_attn, lambda x, l=layer: l.self_attn(l.operator_norm(x),
+                                                                                         mask=masks[True]),
                                         h, cotangent, repeats)
         elif kind == "short_conv":
-            parts[kind] = _part_timings(layer, lambda x, l=layer: l.conv(l.operator_norm(x), mask=masks[False]),
+            parts[kind] = _part_timings(layer.conv, lambda x, l=layer: l.conv(l.operator_norm(x), mask=masks[False]),
                                         h, cotangent, repeats)
         else:
-            parts[kind] = _part_timings(layer, lambda x, l=layer: l.feed_forward(l.ffn_norm(x)), h, cotangent, repeats)
+            parts[kind] = _part_timings(layer.feed_forward, lambda x, l=layer: l.feed_forward(l.ffn_norm(x)),
+                                        h, cotangent, repeats)
         parts[kind]["timed_layer"] = i
     embed = _median_seconds(lambda: mx.eval(inner.embed_tokens(batch.inputs)), repeats)
     one = mx.array(1.0, dtype=mx.float32)
@@ -797,7 +802,6 @@ def run_torch(config: dict, layers: list[int], args, kind: str = "torch") -> dic
     if device == "cpu" and masters:
         result["note"] = "CPU: the model computes in float32, so the float32 masters duplicate the weights"
     result["tokens_per_s"] = args.batch * args.seq / result["step_s"]
-    del model, opt, params, masters, trained
     return result
 
 
@@ -960,15 +964,13 @@ def main(argv: list[str] | None = None) -> int:
     args.peak_tflops = peak["tflops"]
     results: dict = {
         "benchmark": "grouped_step", "preset": args.preset, "seq": args.seq, "batch": args.batch,
-        "group_size": args.group_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "group_size": args.group_size, "steps": args.steps, "warmup": args.warmup, "repeat_rounds": args.repeats,
         "tokens_per_step": args.seq * args.batch, "mlx_device": str(mx.default_device()),
         "mlx_version": mx.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv),
         "peak_flops_assumed": peak, "variants_defined": VARIANTS,
     }
-    try:
-        import torch  # noqa: F401  (present: the PyTorch baselines can run)
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:  # no PyTorch: its baselines cannot run
         if torch_baselines:
             results["torch_skipped"] = "PyTorch is not installed here: the PyTorch baselines were skipped"
             print(f"[grouped_step] {results['torch_skipped']}", flush=True)
