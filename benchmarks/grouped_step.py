@@ -2,6 +2,7 @@
 
     python benchmarks/grouped_step.py --preset lfm2.5-8b-a1b --seq 2048 --group-size 4   # the GPU run
     python benchmarks/grouped_step.py --preset tiny-moe --seq 128 --steps 10             # CPU, CI-sized
+    bash benchmarks/grouped_step_gpu.sh speed|frugal                                     # issue 32's GPU runs
 
 Random weights of the preset's shapes are built in memory (no model directory), experts int8.
 The MLX side is the trainer's own step (`lfm_mlx.grouped` functions) on the first group of
@@ -12,21 +13,29 @@ The MLX side is the trainer's own step (`lfm_mlx.grouped` functions) on the firs
   clipping), full-vocabulary logits at once, per-layer gradient checkpointing as one graph, the
   experts through gather_mm dequantized by mx.dequantize;
 - `default`: TrainConfig's defaults (the fused AdamW update, chunked cross-entropy);
-- one variant per lever, each the default with one setting changed (see VARIANTS).
+- one variant per lever, each the default with one setting changed (see VARIANTS); `frugal` is
+  TrainConfig's `memory_preset: frugal`, timed at the preset's own group size.
 Every other variant runs the experts on the path the start-up probe picks (as the trainer does),
-or on the one it names (`gather-experts`, `batched-experts`).
+or on the one it names (`gather-experts`, `batched-experts`, or `--expert-path`).
 
 Each variant reports step time (median of `--steps` after `--warmup`), tokens/s, the MLX peak of
 the backward and update phases, and what occupies memory (arrays by kind: measured, not
-estimated). The default also gets an MFU estimate (FLOP model in `flop_model`). Then: the loss
-after `--loss-steps` steps on a fixed synthetic set, straightforward against default (and the
-straightforward step on another data order, for the noise); `--long-seq` tokens at group size 4
-and the largest group size whose peak stays inside `--long-budget-gb`; mlx-lm's LoRA (rank 16,
-every layer). Every loss curve starts from the same weights (restored before each). PyTorch runs `Lfm2MoeForCausalLM` from the same config (bf16 on CUDA, float32 on
-CPU) with the experts and routers of the same layers trainable (AdamW).
+estimated). The default also gets an MFU estimate (FLOP model in `flop_model`, the peak assumed in
+`peak_flops_assumed`) and a profile of where its step's time goes (`profile_step`: an isolated-part
+estimate by layer kind, against the measured step). `--repeats N` then runs N interleaved rounds of
+the default and every PyTorch baseline (`repeats`: each run, medians and spreads; `ratios`: paired
+by round). Then: the loss after `--loss-steps` steps on a fixed synthetic set, the reference
+(`--loss-reference`) against the default and `--loss-variants` (and the reference on another data
+order and again, for the noise); at `--long-seq` tokens the largest group size whose peak stays
+inside each of `--long-budget-gb` for each of `--long-variants`; mlx-lm's LoRA (rank 16, every
+layer). Every loss curve starts from the same weights (restored before each).
 
-Results go to `--out` (default benchmarks/results/grouped_step-PRESET-DEVICE.json), rewritten after
-every part; when the environment variable OUT names a directory (the device tool), there.
+PyTorch runs `Lfm2MoeForCausalLM` from the same config (bf16 on CUDA, float32 on CPU) with the
+experts and routers of the same layers trainable, as `torch` (AdamW, bf16 moments), `torch-fused`
+(AdamW(fused=True)) and `torch-fp32-master` (float32 masters and moments: our default's math).
+
+Results go to `--out` (default benchmarks/results/grouped_step-PRESET-DEVICE[-TAG].json), rewritten
+after every part; when the environment variable OUT names a directory (the device tool), there.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import atexit
 import contextlib
 import functools
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -53,6 +63,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 
 import lfm_mlx.grouped as grouped
 import lfm_mlx.grouped.group as grouped_group
@@ -72,7 +83,34 @@ GB = 1e9
 PARKING = Path(tempfile.mkdtemp(prefix="grouped_step-"))  # where a group's start copy waits (removed after each group)
 atexit.register(shutil.rmtree, PARKING, ignore_errors=True)  # and the folder with the run
 SPECULATION = grouped.speculation_counts()  # over every group this benchmark ran
-H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM datasheet, dense bf16 tensor-core peak
+H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM datasheet, dense bf16 tensor-core peak (H200 SXM: the same)
+# GPU name fragment -> (dense bf16 TFLOP/s, source); first match wins (PCIe and NVL cards run slower clocks)
+PEAK_BF16_DENSE_TFLOPS = (
+    ("H100 PCIe", 756.0, "NVIDIA H100 PCIe datasheet, dense bf16 (1,513 with sparsity)"),
+    ("H100 NVL", 835.0, "NVIDIA H100 NVL datasheet, dense bf16 (1,671 with sparsity)"),
+    ("H200 NVL", 835.0, "NVIDIA H200 NVL datasheet, dense bf16 (1,671 with sparsity)"),
+    ("H200", 989.4, "NVIDIA H200 SXM datasheet, dense bf16 (1,979 with sparsity)"),
+    ("H100", 989.4, "NVIDIA H100 SXM datasheet, dense bf16 (1,979 with sparsity)"),
+)
+
+
+def assumed_peak(given: float | None) -> dict:
+    """The dense bf16 peak MFU divides by: `--peak-tflops` if given, else by the GPU's name (via
+    PyTorch, when it sees a CUDA device), else the H100 SXM figure, labelled as a placeholder."""
+    if given is not None:
+        return {"tflops": given, "source": "--peak-tflops"}
+    name = None
+    try:
+        import torch
+
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except Exception:  # no PyTorch: the name is unknown
+        name = None
+    for fragment, tflops, source in PEAK_BF16_DENSE_TFLOPS:
+        if name and fragment in name:
+            return {"tflops": tflops, "source": source, "gpu": name}
+    return {"tflops": H100_BF16_DENSE_TFLOPS, "gpu": name,
+            "source": "placeholder: H100 SXM dense bf16 (no known GPU seen; MFU is not meaningful here)"}
 
 # name -> settings changed from TrainConfig's defaults
 STRAIGHTFORWARD = dict(master_dtype="float32", fused_update=False, loss_chunk=0, offload_group_start=False)
@@ -102,9 +140,14 @@ VARIANTS: dict[str, dict] = {
     "int8-moments": dict(optimizer_state="int8"),
     # bf16 trained copies whose updates are rounded stochastically (unbiased), alone and with int8 moments.
     "stochastic-master": dict(master_dtype="compute-stochastic"),
-    "frugal": dict(master_dtype="compute-stochastic", optimizer_state="int8"),
+    "stochastic-int8": dict(master_dtype="compute-stochastic", optimizer_state="int8"),
+    # Only AdamW's first moment as int8 codes, the second float32 (Unsloth's choice).
+    "int8-first-moment": dict(optimizer_state="int8-first"),
+    # TrainConfig's memory_preset "frugal" (MEMORY_PRESETS): timed and measured at the preset's group size.
+    "frugal": dict(memory_preset="frugal"),
 }
-OTHER_MATH = ("master-compute", "int8-moments", "stochastic-master", "frugal")  # loss curves beside the straightforward one
+# loss curves beside the reference one (`--loss-variants` picks among them)
+OTHER_MATH = ("master-compute", "int8-moments", "stochastic-master", "stochastic-int8", "int8-first-moment", "frugal")
 MID = {  # 8B widths, 4 layers (2 MoE), small vocabulary: memory and kernels at full width on a CPU
     "model_type": "lfm2_moe", "vocab_size": 8192, "hidden_size": 2048, "intermediate_size": 7168,
     "moe_intermediate_size": 1792, "num_hidden_layers": 4, "attention_layers": [2],
@@ -315,16 +358,25 @@ SWAPS = {
 
 
 def run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: str, changes: dict, path: str,
-                flops: dict | None) -> dict:
+                flops: dict | None, profile: bool = False) -> dict:
     with contextlib.ExitStack() as stack:
         for module, attribute, replacement in SWAPS.get(name, []):
             stack.enter_context(swapped(module, attribute, replacement))
-        return _run_variant(model, layers, batch, args, name, changes, path, flops)
+        return _run_variant(model, layers, batch, args, name, changes, path, flops, profile)
+
+
+def variant_layers(model: nn.Module, layers: list[int], cfg: TrainConfig, changes: dict) -> list[int]:
+    """The group a variant trains: the benchmark's, or, for a variant that sets the group size (a
+    memory preset), that many layers from the same first one."""
+    if "memory_preset" not in changes and "group_size" not in changes:
+        return layers
+    return list(range(layers[0], min(layers[0] + cfg.group_size, len(model.model.layers))))
 
 
 def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: str, changes: dict, path: str,
-                 flops: dict | None) -> dict:
+                 flops: dict | None, profile: bool = False) -> dict:
     cfg = train_config(changes, args.warmup + args.steps)
+    layers = variant_layers(model, layers, cfg, changes)
     runner = GroupStep(model, layers, cfg, path, args.warmup + args.steps, args.kernels,
                        straightforward=name == "straightforward")
     losses, times, phases = [], [], []
@@ -337,11 +389,11 @@ def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: 
     result = {"step_s": statistics.median(times), "step_s_all": times,
               "phase_s": {name: statistics.median(p[name] for p in phases) for name in phases[0]},
               "loss_first": losses[0],
-              "loss_last": losses[-1], "expert_path": path,
+              "loss_last": losses[-1], "expert_path": path, "group_layers": layers,
               "settings": {k: v for k, v in cfg.model_dump().items()
                            if k in ("master_dtype", "optimizer", "fused_update", "loss_chunk",
                                     "grad_checkpoint", "optimizer_state", "keep_expert_activations",
-                                    "offload_group_start")},
+                                    "offload_group_start", "group_size", "group_stride", "memory_preset")},
               "peak_memory_gb": max(runner.phases["backward_peak"], runner.phases["update_peak"]) / GB,
               "memory": memory_breakdown(model, runner.optimizer, runner.phases)}
     result["tokens_per_s"] = batch.inputs.size / result["step_s"]
@@ -353,8 +405,134 @@ def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: 
                                    attention=args.attention)
     result["estimate_gb"] = {k: v / GB for k, v in estimate.components().items()}
     result["estimate_total_gb"] = estimate.total / GB
+    if profile:  # while the group is active: its layers are the trained ones
+        try:
+            result["profile"] = profile_step(model, layers, batch, cfg, result, args)
+        except Exception as err:  # the timings above stand without it
+            result["profile"] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
     result.update(runner.finish())
     return result
+
+
+# ---------------------------------------------------------------- where the step's time goes
+
+
+def _median_seconds(work, repeats: int) -> float:
+    """Median wall time of `work()` (which evaluates its arrays) over `repeats` runs after one warmup."""
+    work()
+    mx.synchronize()
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        work()
+        mx.synchronize()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
+def _part_timings(module: nn.Module, fn, x: mx.array, cotangent: mx.array, repeats: int) -> dict:
+    """Forward, and forward + backward (input gradient, and the module's trainable parameters'
+    gradients), of `fn(x)` with `module`'s trainable arrays as inputs, each evaluated alone."""
+    flat = tree_flatten(module.trainable_parameters())
+    names, arrays = [name for name, _ in flat], [value for _, value in flat]
+
+    def run(x, *params):
+        module.update(tree_unflatten(list(zip(names, params))))
+        return fn(x)
+
+    try:
+        forward = _median_seconds(lambda: mx.eval(run(x, *arrays)), repeats)
+        both = _median_seconds(lambda: mx.eval(mx.vjp(run, [x, *arrays], [cotangent])), repeats)
+    finally:
+        module.update(tree_unflatten(list(zip(names, arrays))))  # the module holds its own arrays again
+    return {"forward_ms": forward * 1000, "forward_backward_ms": both * 1000, "trainable_arrays": len(arrays)}
+
+
+def profile_step(model: nn.Module, layers: list[int], batch: Batch, cfg: TrainConfig, measured: dict, args) -> dict:
+    """Where the default step's time goes, as an isolated-part estimate: one layer part of each kind
+    (attention, short conv, dense MLP, frozen MoE experts, trained MoE experts, with their norms) and
+    the embedding + loss head, each run alone on the step's shapes (forward, then forward + backward,
+    evaluated and synchronized, median of `--profile-repeats`), scaled by how often the step runs it:
+    layers below the group forward only; layers from the group up forward, then (checkpointed, the
+    layer walk) forward again + backward. Norm and update are the step's own measured phases. MLX
+    overlaps and fuses work inside a real step, so the sum differs from the measured step: the
+    remainder is reported, not hidden."""
+    inner = model.model
+    first = layers[0]
+    moe = set(moe_layers(model))
+    h = inner.embed_tokens(batch.inputs)
+    cotangent = (mx.random.normal(h.shape, key=mx.random.key(11)) * 1e-3).astype(h.dtype)
+    mx.eval(h, cotangent)
+    masks = {True: create_attention_mask(h, None), False: create_ssm_mask(h, None)}
+
+    def kind_of_ffn(i: int) -> str:
+        if i not in moe:
+            return "dense_mlp"
+        return "trained_experts" if i in layers else "frozen_experts"
+
+    counts: dict[str, dict[str, int]] = {}
+    examples: dict[str, int] = {}  # kind -> the layer whose part is timed (the first of its kind in the window)
+    for i, layer in enumerate(inner.layers):
+        in_window = i >= first
+        for kind in ("attention" if layer.is_attention_layer else "short_conv", kind_of_ffn(i)):
+            count = counts.setdefault(kind, {"forward_only": 0, "forward_and_backward": 0})
+            count["forward_and_backward" if in_window else "forward_only"] += 1
+            if kind not in examples or (in_window and examples[kind] < first):
+                examples[kind] = i
+
+    repeats = args.profile_repeats
+    parts = {}
+    for kind, i in examples.items():
+        # Each part differentiates only its own trainable arrays (a mixer in the group's layer would
+        # otherwise also produce zero gradients for the layer's experts).
+        layer = inner.layers[i]
+        if kind == "attention":
+            parts[kind] = _part_timings(layer.self_attn, lambda x, l=layer: l.self_attn(l.operator_norm(x),
+                                                                                         mask=masks[True]),
+                                        h, cotangent, repeats)
+        elif kind == "short_conv":
+            parts[kind] = _part_timings(layer.conv, lambda x, l=layer: l.conv(l.operator_norm(x), mask=masks[False]),
+                                        h, cotangent, repeats)
+        else:
+            parts[kind] = _part_timings(layer.feed_forward, lambda x, l=layer: l.feed_forward(l.ffn_norm(x)),
+                                        h, cotangent, repeats)
+        parts[kind]["timed_layer"] = i
+    embed = _median_seconds(lambda: mx.eval(inner.embed_tokens(batch.inputs)), repeats)
+    one = mx.array(1.0, dtype=mx.float32)
+    head = _median_seconds(lambda: mx.eval(mx.vjp(
+        lambda x: grouped_step._head_loss(model, x, batch.targets, batch.loss_mask, cfg.loss_chunk)[0], [h], [one])),
+        repeats)
+    parts["embedding_and_loss_head"] = {"embedding_forward_ms": embed * 1000, "head_forward_backward_ms": head * 1000}
+
+    by_kind = {}
+    for kind, count in counts.items():
+        part = parts[kind]
+        # checkpointed walk: the first forward pass, then each window layer recomputed inside its backward
+        per_window_layer = part["forward_ms"] + part["forward_backward_ms"] if cfg.grad_checkpoint \
+            else part["forward_backward_ms"]
+        seconds = (count["forward_only"] * part["forward_ms"] + count["forward_and_backward"] * per_window_layer) / 1000
+        by_kind[kind] = {**count, "estimated_s": seconds}
+    by_kind["embedding_and_loss_head"] = {"estimated_s": embed + head}
+    gradients_estimate = sum(v["estimated_s"] for v in by_kind.values())
+    phases = measured["phase_s"]
+    explained = gradients_estimate + phases["norm"] + phases["update"]
+    return {
+        "method": "isolated-part estimate: each part timed alone (forward; forward + backward) on the step's "
+                  "shapes, scaled by its count in the step; norm and update are the step's measured phases; "
+                  "the parts leave out residual adds and the walk's bookkeeping, and a real step overlaps work",
+        "repeats": repeats, "grad_checkpoint": cfg.grad_checkpoint, "first_active_layer": first,
+        "parts_ms": parts,
+        "gradients_by_kind": by_kind,
+        "gradients_phase": {"estimated_s": gradients_estimate, "measured_s": phases["gradients"],
+                            "unexplained_s": phases["gradients"] - gradients_estimate},
+        "norm_s": phases["norm"], "update_s": phases["update"],
+        "step": {"measured_s": measured["step_s"], "explained_s": explained,
+                 "unexplained_s": measured["step_s"] - explained},
+        "share_of_measured_step": {**{kind: v["estimated_s"] / measured["step_s"] for kind, v in by_kind.items()},
+                                   "norm": phases["norm"] / measured["step_s"],
+                                   "update": phases["update"] / measured["step_s"],
+                                   "unexplained": (measured["step_s"] - explained) / measured["step_s"]},
+    }
 
 
 # ---------------------------------------------------------------- loss after N steps
@@ -382,29 +560,39 @@ def loss_curve(model: nn.Module, layers: list[int], batches: list[Batch], change
 
 
 def loss_comparison(model, layers, dtype, args, path: str) -> dict:
-    """Straightforward against default from the same weights, with yardsticks: the straightforward
-    step again (the backend's run-to-run nondeterminism) and on another data order (noise), and
-    with a 10% higher learning rate (a change of the math the comparison must be able to see)."""
+    """The reference step (`--loss-reference`: straightforward, or the exact default) against the
+    default and the `--loss-variants` from the same weights, with yardsticks: the reference again
+    (the backend's run-to-run nondeterminism), on another data order (noise), and with a 10% higher
+    learning rate (a change of the math the comparison must be able to see). Every curve trains the
+    same layers (the group of --group-size): a preset's group size changes which layers train at
+    once, not a step's math."""
     vocab = model.model.embed_tokens.weight.shape[0]
     batches = [random_batch(vocab, args.batch, args.seq, 1000 + i) for i in range(args.loss_batches)]
     order_a = list(range(args.loss_batches))
     order_b = order_a[::-1]
     start = dict(tree_flatten(model.parameters()))  # the same arrays: no copy
-    runs = {"straightforward": (STRAIGHTFORWARD, order_a, args.loss_lr), "default": ({}, order_a, args.loss_lr),
-            **{name: (VARIANTS[name], order_a, args.loss_lr) for name in OTHER_MATH},
-            "straightforward_again": (STRAIGHTFORWARD, order_a, args.loss_lr),
-            "straightforward_other_order": (STRAIGHTFORWARD, order_b, args.loss_lr),
-            "straightforward_lr_plus_10pct": (STRAIGHTFORWARD, order_a, 1.1 * args.loss_lr)}
-    out = {"steps": args.loss_steps, "batches": args.loss_batches, "learning_rate": args.loss_lr, "expert_path": path}
+    reference = args.loss_reference
+    reference_changes = STRAIGHTFORWARD if reference == "straightforward" else VARIANTS[reference]
+    runs = {reference: (reference_changes, order_a, args.loss_lr)}
+    if reference != "default":
+        runs["default"] = ({}, order_a, args.loss_lr)
+    runs.update({name: (VARIANTS[name], order_a, args.loss_lr) for name in args.loss_variants})
+    runs.update({f"{reference}_again": (reference_changes, order_a, args.loss_lr),
+                 f"{reference}_other_order": (reference_changes, order_b, args.loss_lr),
+                 f"{reference}_lr_plus_10pct": (reference_changes, order_a, 1.1 * args.loss_lr)})
+    out = {"steps": args.loss_steps, "batches": args.loss_batches, "learning_rate": args.loss_lr, "expert_path": path,
+           "seq": args.seq, "reference": reference, "group_layers": layers}
     for name, (changes, order, lr) in runs.items():
         out[name] = loss_curve(model, layers, batches, changes, path, args.loss_steps, order, lr, start, args.kernels)
     model.update(tree_unflatten(list(start.items())))
-    a, b = out["straightforward"]["final_loss"], out["default"]["final_loss"]
-    repeat = abs(out["straightforward_again"]["final_loss"] - a)
-    noise = max(repeat, abs(out["straightforward_other_order"]["final_loss"] - a))
-    lr_effect = abs(out["straightforward_lr_plus_10pct"]["final_loss"] - a)
+    a, b = out[reference]["final_loss"], out["default"]["final_loss"]
+    repeat = abs(out[f"{reference}_again"]["final_loss"] - a)
+    noise = max(repeat, abs(out[f"{reference}_other_order"]["final_loss"] - a))
+    lr_effect = abs(out[f"{reference}_lr_plus_10pct"]["final_loss"] - a)
     out["other_math"] = {name: {"difference": out[name]["final_loss"] - a,
-                                "within_noise": abs(out[name]["final_loss"] - a) <= noise} for name in OTHER_MATH}
+                                "within_noise": abs(out[name]["final_loss"] - a) <= noise,
+                                "below_lr_effect": abs(out[name]["final_loss"] - a) < lr_effect}
+                         for name in args.loss_variants}
     out.update(difference=b - a, relative_difference=(b - a) / a, repeat_noise=repeat, noise=noise,
                lr_10pct_effect=lr_effect,
                within_noise=abs(b - a) <= noise, below_lr_effect=abs(b - a) < lr_effect)
@@ -415,55 +603,74 @@ def loss_comparison(model, layers, dtype, args, path: str) -> dict:
 
 
 def long_sequence(model, args, default_path: str) -> dict:
-    """The default step at `--long-seq` tokens: group size 4, then the largest group size whose
-    measured peak stays inside `--long-budget-gb` (the estimate, scaled by group 4's measured over
-    estimated peak, proposes the size; measured sizes move it)."""
+    """At `--long-seq` tokens, for each of `--long-variants`: the largest group size whose measured
+    peak stays inside each of `--long-budget-gb` (group 4 first; the estimate, scaled by its measured
+    over estimated peak, proposes a size; measured sizes move it; every size measured once)."""
     vocab = model.model.embed_tokens.weight.shape[0]
     batch = random_batch(vocab, 1, args.long_seq, 7)
-    moe = moe_layers(model)
-    cfg = train_config({}, 2)
-    out = {"seq": args.long_seq, "budget_gb": args.long_budget_gb, "sizes": {}}
+    out = {"seq": args.long_seq, "budgets_gb": args.long_budgets, "variants": {}}
+    for name in args.long_variants:
+        out["variants"][name] = {}  # filled as it goes: a failure keeps what was measured
+        try:
+            largest_groups(model, args, default_path, batch, VARIANTS[name], out["variants"][name])
+        except Exception as err:  # the other variants still run
+            out["variants"][name]["error"] = f"{type(err).__name__}: {err}"
+            out["variants"][name]["traceback"] = traceback.format_exc()[-3000:]
+            gc.collect()
+            mx.clear_cache()
+    return out
 
-    def measure(size: int) -> dict:
-        layers = moe[:size]
-        runner = GroupStep(model, layers, cfg, default_path, 2, args.kernels)
+
+def largest_groups(model, args, path: str, batch: Batch, changes: dict, out: dict) -> None:
+    moe = moe_layers(model)
+    cfg = train_config(changes, 2)
+    seq = batch.inputs.shape[1]
+    sizes = out.setdefault("sizes", {})
+    out["settings"] = changes
+
+    def estimate(size: int) -> float:
+        return estimate_for_config(args.mixed_config, cfg, path, seq, size, attention=args.attention).total / GB
+
+    def measure(size: int) -> float:
+        """The measured peak of `size` layers from the first MoE one (cached)."""
+        if str(size) in sizes:
+            return sizes[str(size)]["peak_memory_gb"]
+        runner = GroupStep(model, moe[:size], cfg, path, 2, args.kernels)
         times = []
         for _ in range(2):
             tick = time.perf_counter()
             runner.step(batch)
             times.append(time.perf_counter() - tick)
         peak = max(runner.phases["backward_peak"], runner.phases["update_peak"]) / GB
-        estimate = estimate_for_config(args.mixed_config, cfg, default_path, args.long_seq, size,
-                                       attention=args.attention).total / GB
-        record = {"peak_memory_gb": peak, "step_s": times[-1], "tokens_per_s": args.long_seq / times[-1],
-                  "estimate_gb": estimate, "fits": peak <= args.long_budget_gb,
-                  "memory": memory_breakdown(model, runner.optimizer, runner.phases)}
+        sizes[str(size)] = {"peak_memory_gb": peak, "step_s": times[-1], "tokens_per_s": seq / times[-1],
+                            "estimate_gb": estimate(size), "memory": memory_breakdown(model, runner.optimizer,
+                                                                                      runner.phases)}
         runner.finish()
-        out["sizes"][str(size)] = record
-        return record
+        return peak
 
-    base = measure(args.group_size)
-    ratio = base["peak_memory_gb"] / base["estimate_gb"]
-    fits = [size for size in range(1, len(moe) + 1)
-            if estimate_for_config(args.mixed_config, cfg, default_path, args.long_seq, size,
-                                   attention=args.attention).total / GB * ratio
-            <= args.long_budget_gb * 0.97]
-    size = max(fits) if fits else 1
-    best = args.group_size if base["fits"] else None
-    for _ in range(5):  # at most five more measurements
-        if size < 1 or str(size) in out["sizes"]:
-            break
-        record = measure(size)
-        if record["fits"]:
-            best = max(best or 0, size)
-            if size == len(moe):
-                break
-            size += 1
-        else:
-            size -= 1
-    out["largest_group_inside_budget"] = best
-    out["estimate_ratio_at_group"] = {"size": args.group_size, "measured_over_estimated": ratio}
-    return out
+    start = min(args.group_size, len(moe))
+    ratio = measure(start) / estimate(start)
+    out["estimate_ratio_at_group"] = {"size": start, "measured_over_estimated": ratio}
+    out["largest_group_inside_budget"] = {}
+    for budget in sorted(args.long_budgets):
+        fits = [size for size in range(1, len(moe) + 1) if estimate(size) * ratio <= budget * 0.97]
+        size = max(fits) if fits else 1
+        largest, complete = None, False
+        for _ in range(6):  # at most six measurements a budget (peaks grow with the group size)
+            if measure(size) <= budget:
+                largest = size
+                if size == len(moe) or (str(size + 1) in sizes and measure(size + 1) > budget):
+                    complete = True
+                    break
+                size += 1
+            else:
+                if size == 1 or (str(size - 1) in sizes and measure(size - 1) <= budget):
+                    largest, complete = (size - 1 if size > 1 else None), True
+                    break
+                size -= 1
+        out["largest_group_inside_budget"][str(budget)] = largest
+        if not complete:
+            out.setdefault("search_incomplete", []).append(budget)
 
 
 # ---------------------------------------------------------------- baselines
@@ -505,12 +712,23 @@ def run_lora(model: nn.Module, batch: Batch, args) -> dict:
     return result
 
 
-def run_torch(config: dict, layers: list[int], args) -> dict:
-    """transformers' Lfm2MoeForCausalLM, experts + routers of `layers` trainable, AdamW."""
+TORCH_BASELINES = ("torch", "torch-fused", "torch-fp32-master")
+
+
+def run_torch(config: dict, layers: list[int], args, kind: str = "torch") -> dict:
+    """transformers' Lfm2MoeForCausalLM, experts + routers of `layers` trainable, AdamW, as `kind`:
+    `torch`: bf16 parameters, gradients and moments, torch.optim.AdamW's default implementation;
+    `torch-fused`: the same with AdamW(fused=True) (CUDA; on CPU foreach, recorded);
+    `torch-fp32-master`: bf16 compute with float32 master copies and float32 moments of the trainable
+    parameters (our default's math): each step casts the bf16 gradients into the masters, clips them,
+    runs AdamW (fused on CUDA) on the masters and copies them back into the bf16 parameters.
+    On CPU every kind computes in float32 (as MLX there), so the masters only duplicate the weights."""
     import torch
     import transformers
     from transformers import Lfm2MoeConfig, Lfm2MoeForCausalLM
 
+    if kind not in TORCH_BASELINES:
+        raise ValueError(f"unknown PyTorch baseline {kind!r}; choose from {TORCH_BASELINES}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # float32 on CPU, as MLX there
     torch.manual_seed(args.seed)
@@ -532,7 +750,16 @@ def run_torch(config: dict, layers: list[int], args) -> dict:
         p.requires_grad_(name.startswith(prefixes))
         if p.requires_grad:
             params.append(p)
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    # The fused kernel exists for CUDA tensors; elsewhere the fused kinds run foreach (and say so).
+    implementation = "default"
+    if kind != "torch":
+        implementation = "fused" if device == "cuda" else "foreach"
+    options = {"fused": True} if implementation == "fused" else {"foreach": True} if implementation == "foreach" else {}
+    masters = []
+    if kind == "torch-fp32-master":
+        masters = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    trained = masters or params  # what AdamW updates (its moments take these tensors' dtype)
+    opt = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.0, **options)
     ids = torch.randint(0, hf.vocab_size, (args.batch, args.seq), device=device)
 
     def sync():
@@ -542,9 +769,15 @@ def run_torch(config: dict, layers: list[int], args) -> dict:
     def step() -> float:
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for p, master in zip(params, masters):  # bf16 gradients into the float32 masters, then dropped
+            master.grad = p.grad.float()
+            p.grad = None
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, master in zip(params, masters):  # the model computes with the masters' bf16 rounding
+                p.copy_(master)
         sync()
         return out.loss.item()
 
@@ -557,11 +790,17 @@ def run_torch(config: dict, layers: list[int], args) -> dict:
         return torch.cuda.max_memory_allocated() / GB if device == "cuda" else None
 
     result = timed_steps(step, args.warmup, args.steps, reset, read)
-    result.update(device=device, dtype=str(dtype), torch=torch.__version__, transformers=transformers.__version__,
+    result.update(kind=kind, device=device, dtype=str(dtype), torch=torch.__version__,
+                  transformers=transformers.__version__,
                   trainable_parameters=sum(p.numel() for p in params),
+                  adamw_implementation=implementation + (" (fused asked for; the fused AdamW is run on CUDA only "
+                                                         "here, foreach on CPU)" if implementation == "foreach" else ""),
+                  master_dtype="float32" if masters else str(dtype), moments_dtype=str(trained[0].dtype),
                   experts_implementation=getattr(model.config, "_experts_implementation", None),
                   attn_implementation=getattr(model.config, "_attn_implementation", None),
                   gpu=torch.cuda.get_device_name() if device == "cuda" else None)
+    if device == "cpu" and masters:
+        result["note"] = "CPU: the model computes in float32, so the float32 masters duplicate the weights"
     result["tokens_per_s"] = args.batch * args.seq / result["step_s"]
     return result
 
@@ -607,6 +846,61 @@ def print_table(results: dict, variants: list[str], baselines: list[str]) -> Non
               f"{'n/a' if peak is None else f'{peak:.2f}':>9}{ratio:>10}")
 
 
+def spread(values: list[float]) -> dict:
+    """Median, min and max of `values` (and the values themselves)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def _guarded(fn, *args, **kwargs) -> dict:
+    """fn's result, or its error as a record (one run's failure must not lose the others)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:
+        gc.collect()
+        mx.clear_cache()
+        return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+
+
+def run_repeats(results: dict, out: Path, model, layers: list[int], batch: Batch, args, path: str,
+                torch_baselines: list[str], config: dict) -> None:
+    """`--repeats` rounds in this process, each: every PyTorch baseline, then the MLX default
+    (interleaved, so a drift of the machine reaches all alike). Writes results["repeats"] (each
+    run's record, and median / min / max of step time, tokens/s, peak GB and, for the default, MFU)
+    after every run; the ratios pair round r's default with round r's baseline."""
+    runs: dict[str, list[dict]] = {name: [] for name in [*torch_baselines, "mlx_default"]}
+    record = results["repeats"] = {"rounds": args.repeats, "order": [*torch_baselines, "mlx_default"], "runs": runs}
+    for round_index in range(args.repeats):
+        for name in torch_baselines:
+            print(f"[grouped_step] repeat {round_index + 1}/{args.repeats}: {name} ...", flush=True)
+            gc.collect()
+            mx.clear_cache()  # MLX's cached buffers go back before PyTorch allocates
+            runs[name].append(_guarded(run_torch, config, layers, args, name))
+            release_torch_memory()
+            atomic_write_json(out, results)
+        print(f"[grouped_step] repeat {round_index + 1}/{args.repeats}: mlx default ...", flush=True)
+        runs["mlx_default"].append(_guarded(run_variant, model, layers, batch, args, "default", {}, path, flops=True))
+        atomic_write_json(out, results)
+    summary = {}
+    for name, records in runs.items():
+        done = [r for r in records if "step_s" in r]
+        summary[name] = {"runs_ok": len(done), "runs": len(records)}
+        for key in ("step_s", "tokens_per_s", "peak_memory_gb"):
+            values = [r[key] for r in done if r.get(key) is not None]
+            if values:
+                summary[name][key] = spread(values)
+        mfus = [r["mfu"]["mfu"] for r in done if "mfu" in r]
+        if mfus:
+            summary[name]["mfu"] = spread(mfus)
+    record["summary"] = summary
+    atomic_write_json(out, results)
+
+
+def paired_ratios(mine: list[dict], theirs: list[dict], key: str) -> dict | None:
+    """mine[r][key] / theirs[r][key] over the rounds where both ran, as a spread (None if none)."""
+    values = [a[key] / b[key] for a, b in zip(mine, theirs) if a.get(key) and b.get(key)]
+    return spread(values) if values else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="lfm2.5-8b-a1b", choices=["lfm2.5-8b-a1b", "tiny-moe", "mid"])
@@ -615,46 +909,82 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--variants", default="all", help=f"comma list of {','.join(VARIANTS)} or 'all'")
-    parser.add_argument("--baselines", default="torch,lora", help="comma list of torch, lora (or 'none')")
+    parser.add_argument("--variants", default="all", help=f"comma list of {','.join(VARIANTS)} or 'all' or 'none'")
+    parser.add_argument("--baselines", default="torch,lora",
+                        help=f"comma list of {', '.join(TORCH_BASELINES)}, lora (or 'none')")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds of the MLX default and every PyTorch baseline, interleaved, for medians and "
+                             "spreads (default: 3 on a GPU, 0 on the CPU; 0: each baseline once, first)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="the default's isolated-part profile (where the step's time goes)")
+    parser.add_argument("--profile-repeats", type=int, default=5)
+    parser.add_argument("--block-timings", action=argparse.BooleanOptionalAction, default=True,
+                        help="the expert paths timed on one MoE layer at the full length")
+    parser.add_argument("--expert-path", default="auto", choices=["auto", "qmm", "dequant", "batched"],
+                        help="auto: the start-up probe picks (as the trainer); else that path, probe skipped")
     parser.add_argument("--loss-steps", type=int, default=50, help="steps of the loss comparison (0: skip)")
     parser.add_argument("--loss-batches", type=int, default=4)
     parser.add_argument("--loss-lr", type=float, default=1e-5)
+    parser.add_argument("--loss-reference", default="straightforward", choices=["straightforward", "default"],
+                        help="the step the loss comparison measures its noise on and compares against")
+    parser.add_argument("--loss-variants", default="all", help=f"comma list of {','.join(OTHER_MATH)}, 'all' or 'none'")
     parser.add_argument("--long-seq", type=int, default=0, help="tokens of the long-sequence part (0: skip)")
-    parser.add_argument("--long-budget-gb", type=float, default=60.0)
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
-                        help="the accelerator's dense bf16 peak for MFU (default: H100 SXM datasheet)")
+    parser.add_argument("--long-budget-gb", default="60", help="comma list of budgets in GB (1e9 bytes)")
+    parser.add_argument("--long-variants", default="default", help="comma list of variants for the long part")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the accelerator's dense bf16 peak for MFU (default: by the GPU's name; H100 SXM 989.4)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="added to the default result file's name")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/grouped_step-PRESET-DEVICE.json)")
     args = parser.parse_args(argv)
     args.seq = args.seq or (2048 if args.preset == "lfm2.5-8b-a1b" else 128)
-    variants = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    baselines = [] if args.baselines == "none" else [b.strip() for b in args.baselines.split(",") if b.strip()]
+
+    def names(text: str, known, what: str) -> list[str]:
+        chosen = list(known) if text == "all" else [] if text == "none" else [v.strip() for v in text.split(",") if v.strip()]
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            parser.error(f"unknown {what} {unknown}; choose from {', '.join(known)}")
+        return chosen
+
+    variants = names(args.variants, VARIANTS, "variants")
+    baselines = names(args.baselines, [*TORCH_BASELINES, "lora"], "baselines")
+    torch_baselines = [b for b in baselines if b in TORCH_BASELINES]
+    args.loss_variants = names(args.loss_variants, OTHER_MATH, "loss variants")
+    args.long_variants = names(args.long_variants, VARIANTS, "long variants")
+    args.long_budgets = [float(v) for v in args.long_budget_gb.split(",") if v.strip()]
 
     device = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    name = f"grouped_step-{args.preset}-{device}.json"
+    if args.repeats is None:
+        args.repeats = 3 if device == "gpu" else 0
+    name = f"grouped_step-{args.preset}-{device}{'-' + args.tag if args.tag else ''}.json"
     out = Path(args.out or Path(__file__).parent / "results" / name)
     if not args.out and os.environ.get("OUT") and Path(os.environ["OUT"]).is_dir():  # the device tool's folder
         out = Path(os.environ["OUT"]) / name
+    peak = assumed_peak(args.peak_tflops)
+    args.peak_tflops = peak["tflops"]
     results: dict = {
         "benchmark": "grouped_step", "preset": args.preset, "seq": args.seq, "batch": args.batch,
-        "group_size": args.group_size, "steps": args.steps, "warmup": args.warmup,
+        "group_size": args.group_size, "steps": args.steps, "warmup": args.warmup, "repeat_rounds": args.repeats,
         "tokens_per_step": args.seq * args.batch, "mlx_device": str(mx.default_device()),
         "mlx_version": mx.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv),
-        "variants_defined": VARIANTS,
+        "peak_flops_assumed": peak, "variants_defined": VARIANTS,
     }
+    if importlib.util.find_spec("torch") is None:  # no PyTorch: its baselines cannot run
+        if torch_baselines:
+            results["torch_skipped"] = "PyTorch is not installed here: the PyTorch baselines were skipped"
+            print(f"[grouped_step] {results['torch_skipped']}", flush=True)
+        torch_baselines = []
+        baselines = [b for b in baselines if b not in TORCH_BASELINES]
     config = preset_config(args.preset)
     first_moe = config["num_dense_layers"]
     layers = list(range(first_moe, min(first_moe + args.group_size, config["num_hidden_layers"])))
     results["group_layers"] = layers
 
-    if "torch" in baselines:  # first, so MLX's buffer cache cannot crowd it out
-        _section(results, "torch", out, run_torch, config, layers, args)
-        release_torch_memory()
+    if torch_baselines and not args.repeats:  # first, so MLX's buffer cache cannot crowd them out
+        for base in torch_baselines:
+            _section(results, base, out, run_torch, config, layers, args, base)
+            release_torch_memory()
 
     from lfm_mlx.grouped import probe_attention  # what the trainer's admission measures
 
@@ -676,14 +1006,19 @@ def main(argv: list[str] | None = None) -> int:
     results["dequant_kernel"] = probe_dequant_kernel(model, layers[0])
     results["row_gather_kernel"] = probe_row_gather(model, args.seq)
     args.kernels = KernelChoices.from_records(results)  # the run's kernels, as the trainer's
-    probe = _section(results, "expert_path_probe", out, lambda: {
-        "seq_len": probe_len, "seconds": measure_frozen_paths(model, layers[0], probe_len, dtype, args.seed,
-                                                                   args.kernels)})
-    _section(results, "block_timings_full_seq", out, lambda: {
-        f"{k}_ms": v * 1000 for k, v in measure_frozen_paths(model, moe_layers(model)[-1], args.seq, dtype,
-                                                                   kernels=args.kernels).items()})
-    seconds = probe.get("seconds", {"qmm": 1.0})
-    chosen = min(seconds, key=seconds.get)
+    if args.expert_path == "auto":
+        probe = _section(results, "expert_path_probe", out, lambda: {
+            "seq_len": probe_len, "seconds": measure_frozen_paths(model, layers[0], probe_len, dtype, args.seed,
+                                                                       args.kernels)})
+        seconds = probe.get("seconds", {"qmm": 1.0})
+        chosen = min(seconds, key=seconds.get)
+    else:
+        chosen = args.expert_path
+        results["expert_path_probe"] = {"skipped": f"--expert-path {chosen}"}
+    if args.block_timings:
+        _section(results, "block_timings_full_seq", out, lambda: {
+            f"{k}_ms": v * 1000 for k, v in measure_frozen_paths(model, moe_layers(model)[-1], args.seq, dtype,
+                                                                       kernels=args.kernels).items()})
     results["expert_path_choice"] = chosen
 
     results["mlx"] = {}
@@ -691,14 +1026,24 @@ def main(argv: list[str] | None = None) -> int:
         changes = VARIANTS[name]
         path = STRAIGHTFORWARD_PATH if name == "straightforward" else changes.get("frozen_path", chosen)
         print(f"[grouped_step] mlx {name} ({path}) ...", flush=True)
+        tick = time.perf_counter()
+        results["mlx"][name] = _guarded(run_variant, model, layers, batch, args, name, changes, path,
+                                        flops=True if name in ("default", "straightforward", "frugal") else None,
+                                        profile=args.profile and name == "default")
+        results["mlx"][name]["section_s"] = time.perf_counter() - tick
+        atomic_write_json(out, results)
+
+    if args.repeats and ("default" in variants or torch_baselines):
+        tick = time.perf_counter()
         try:
-            results["mlx"][name] = run_variant(model, layers, batch, args, name, changes, path,
-                                               flops=True if name in ("default", "straightforward") else None)
-        except Exception as err:  # keep the other variants' numbers
-            results["mlx"][name] = {"error": f"{type(err).__name__}: {err}",
-                                    "traceback": traceback.format_exc()[-3000:]}
-            gc.collect()
-            mx.clear_cache()
+            run_repeats(results, out, model, layers, batch, args, chosen, torch_baselines, config)
+        except Exception as err:  # keep what the rounds wrote
+            results.setdefault("repeats", {})["error"] = f"{type(err).__name__}: {err}"
+            results["repeats"]["traceback"] = traceback.format_exc()[-3000:]
+        results["repeats"]["section_s"] = time.perf_counter() - tick
+        for base in torch_baselines:  # each baseline's first round, where a single record is read
+            results[base] = results["repeats"]["runs"][base][0] if results["repeats"]["runs"].get(base) else {
+                "error": "no round ran"}
         atomic_write_json(out, results)
 
     results["speculated_capacities"] = dict(SPECULATION)  # forward passes on guessed capacities, redone
@@ -711,38 +1056,69 @@ def main(argv: list[str] | None = None) -> int:
     if "lora" in baselines:  # last: it rewrites the model's layers
         _section(results, "lora", out, run_lora, model, batch, args)
 
+    results["ratios"] = ratios = compute_ratios(results, baselines)
     ours = results["mlx"].get("default", {})
-    ratios = {}
-    for mine in ("default", "int8-moments", "frugal"):
-        measured = results["mlx"].get(mine, {})
-        for base in baselines + ["straightforward"]:
-            theirs = results["mlx"].get(base, {}) if base == "straightforward" else results.get(base, {})
-            if "tokens_per_s" in measured and "tokens_per_s" in theirs:
-                ratios[f"mlx_{mine}_vs_{base}_tokens_per_s"] = measured["tokens_per_s"] / theirs["tokens_per_s"]
-                if measured.get("peak_memory_gb") and theirs.get("peak_memory_gb"):
-                    ratios[f"mlx_{mine}_vs_{base}_peak_memory"] = measured["peak_memory_gb"] / theirs["peak_memory_gb"]
-    if "torch" in results and "step_s" in results["torch"] and "flops" in ours:
-        results["torch"]["mfu"] = mfu(ours["flops"] | {"hardware": ours["flops"]["model"]},
-                                      results["torch"]["step_s"], args.peak_tflops)
-    results["ratios"] = ratios
+    for base in torch_baselines:  # the PyTorch step's MFU on the same FLOP model (no recomputation counted)
+        if "step_s" in results.get(base, {}) and "flops" in ours:
+            results[base]["mfu"] = mfu(ours["flops"] | {"hardware": ours["flops"]["model"]},
+                                       results[base]["step_s"], args.peak_tflops)
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     atomic_write_json(out, results)
     print_table(results, variants, baselines)
-    print(json.dumps(ratios, indent=2))
+    print(json.dumps({k: (v["median"], v["min"], v["max"]) for k, v in ratios.items()}, indent=1))
+    summary = results.get("repeats", {}).get("summary", {})
+    for name, part in summary.items():
+        if "tokens_per_s" in part:
+            t, m = part["tokens_per_s"], part.get("peak_memory_gb")
+            print(f"repeats {name}: tokens/s {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f})"
+                  + (f", peak {m['median']:.2f} GB ({m['min']:.2f}-{m['max']:.2f})" if m else "")
+                  + (f", MFU {part['mfu']['median']:.3f}" if "mfu" in part else ""))
+    profile = ours.get("profile", {})
+    if "step" in profile:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in profile["share_of_measured_step"].items())
+        print(f"profile (isolated-part estimate) of the default step {profile['step']['measured_s']:.3f} s: {shares}")
     if "loss_comparison" in results and "difference" in results["loss_comparison"]:
         lc = results["loss_comparison"]
-        print(f"loss after {lc['steps']} steps: straightforward {lc['straightforward']['final_loss']:.4f}, default "
-              f"{lc['default']['final_loss']:.4f}, again {lc['straightforward_again']['final_loss']:.4f}, "
-              f"other order {lc['straightforward_other_order']['final_loss']:.4f}, "
-              f"lr +10% {lc['straightforward_lr_plus_10pct']['final_loss']:.4f}, "
-              + ", ".join(f"{name} {lc[name]['final_loss']:.4f}" for name in OTHER_MATH))
-    if "long_sequence" in results and "sizes" in results["long_sequence"]:
-        ls = results["long_sequence"]
-        print(f"{ls['seq']} tokens: " + ", ".join(f"group {k}: {v['peak_memory_gb']:.1f} GB"
-                                                 for k, v in ls["sizes"].items())
-              + f"; largest inside {ls['budget_gb']} GB: {ls.get('largest_group_inside_budget')}")
+        ref = lc["reference"]
+        versus = f", default {lc['default']['final_loss']:.4f}" if ref != "default" else ""
+        print(f"loss after {lc['steps']} steps at {lc['seq']} tokens: {ref} {lc[ref]['final_loss']:.4f}{versus}, "
+              f"noise {lc['noise']:.4f}, lr +10% effect {lc['lr_10pct_effect']:.4f}; "
+              + ", ".join(f"{n} {lc[n]['final_loss']:.4f} ({'within' if v['within_noise'] else 'OUTSIDE'} noise)"
+                          for n, v in lc["other_math"].items()))
+    for name, part in results.get("long_sequence", {}).get("variants", {}).items():
+        print(f"{results['long_sequence']['seq']} tokens, {name}: "
+              + ", ".join(f"group {k}: {v['peak_memory_gb']:.1f} GB" for k, v in sorted(
+                  part.get("sizes", {}).items(), key=lambda kv: int(kv[0])))
+              + f"; largest inside budget: {part.get('largest_group_inside_budget')}"
+              + (f"; error {part['error']}" if "error" in part else ""))
     print(f"results: {out}")
     return 0
+
+
+def compute_ratios(results: dict, baselines: list[str]) -> dict:
+    """`mlx_VARIANT_vs_BASE_{tokens_per_s,peak_memory}` as {median, min, max, values}: for the default
+    against the PyTorch baselines from the repeated rounds (paired by round) when they ran, else
+    from the single runs (one value)."""
+    ratios = {}
+    runs = results.get("repeats", {}).get("runs", {})
+    for mine in ("default", "int8-moments", "int8-first-moment", "frugal"):
+        measured = results["mlx"].get(mine, {})
+        for base in baselines + ["straightforward"]:
+            key = f"mlx_{mine}_vs_{base.replace('-', '_')}"
+            if mine == "default" and base in runs and runs.get("mlx_default"):
+                for metric, suffix in (("tokens_per_s", "tokens_per_s"), ("peak_memory_gb", "peak_memory")):
+                    paired = paired_ratios(runs["mlx_default"], runs[base], metric)
+                    if paired:
+                        ratios[f"{key}_{suffix}"] = {**paired, "from": f"{len(paired['values'])} paired rounds"}
+                continue
+            theirs = results["mlx"].get(base, {}) if base == "straightforward" else results.get(base, {})
+            if "tokens_per_s" in measured and "tokens_per_s" in theirs:
+                ratios[f"{key}_tokens_per_s"] = {**spread([measured["tokens_per_s"] / theirs["tokens_per_s"]]),
+                                                 "from": "single runs"}
+                if measured.get("peak_memory_gb") and theirs.get("peak_memory_gb"):
+                    ratios[f"{key}_peak_memory"] = {**spread([measured["peak_memory_gb"] / theirs["peak_memory_gb"]]),
+                                                    "from": "single runs"}
+    return ratios
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ training (float32, on whatever MLX backend is default) the tiny model writes wel
 tool calls, answers small talk in plain text and finalizes from tool results, on tools and
 domains (music, recipes, timers, ...) that the demo's task does not use. The result is an
 HF-layout-compatible directory (bf16 weights, the synthetic tokenizer and chat template) that
-`lfm_mlx.models.load` and `mlx_lm.load` open.
+`lfm_mlx.model.io.load` and `mlx_lm.load` open.
 
 Runs are cached: `cached_base(cache_dir, config)` reuses `cache_dir/<settings hash>` when it is
 there. One committed command reproduces a base; the demo's (shipped in `lfm_mlx/bases/demo-moe-wide`) is
@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from lfm_mlx.data import encode_row, iterate_batches, masked_loss
 from lfm_mlx.fsutil import atomic_dir
-from lfm_mlx.models import load, read_config, save_model_dir
-from lfm_mlx.synthetic import PRESETS, write_synthetic_model
+from lfm_mlx.model.io import load, read_config, save_model_dir
+from lfm_mlx.model.synthetic import PRESETS, write_synthetic_model
 from lfm_mlx.task import generate_rows
 
 # Bump when the training recipe changes in a way the settings do not show, so caches are not reused.

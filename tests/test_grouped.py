@@ -288,8 +288,9 @@ class GrowingReader:
 
 
 @pytest.mark.parametrize("optimizer", [dict(optimizer="adafactor"), dict(optimizer_state="int8"),
-                                       dict(optimizer_state="int8", master_dtype="compute-stochastic")],
-                         ids=["adafactor", "adamw-int8-moments", "frugal"])  # random rounding resumes too
+                                       dict(optimizer_state="int8", master_dtype="compute-stochastic"),
+                                       dict(memory_preset="frugal")],
+                         ids=["adafactor", "adamw-int8-moments", "stochastic-int8", "frugal-preset"])  # random rounding resumes too
 def test_hard_stop_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tiny_moe_mixed_dir, rows_path, tmp_path,
                                                                                  optimizer):
     common = dict(**optimizer, steps_per_group=3, stochastic_rounding=True)
@@ -313,6 +314,29 @@ def test_hard_stop_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(
     ends = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "group_end"]
     if "optimizer_state" in optimizer:  # how the moments were packed (tiny moments: never probed)
         assert all(e["moment_kernel"]["choice"] in (None, "mlx") for e in ends)
+
+
+def test_the_frugal_preset_sets_its_memory_savings_lets_explicit_keys_win_and_trains(tiny_moe_mixed_dir, rows_path,
+                                                                                      tmp_path):
+    from lfm_mlx.grouped.config import MEMORY_PRESETS
+
+    plain = TrainConfig(model="m", data=["d.jsonl"], run_dir="r", memory_preset="frugal")
+    for key, value in MEMORY_PRESETS["frugal"].items():
+        assert getattr(plain, key) == value, key
+    assert (plain.optimizer_state, plain.master_dtype, plain.group_size, plain.loss_chunk) == ("int8-first", "split", 2, 512)
+    mine = TrainConfig(model="m", data=["d.jsonl"], run_dir="r", memory_preset="frugal", loss_chunk=256,
+                       group_size=1, optimizer_state="float32")
+    assert (mine.loss_chunk, mine.group_size, mine.group_stride, mine.optimizer_state) == (256, 1, 1, "float32")
+    assert mine.grad_checkpoint and mine.master_dtype == "split"  # the preset's, where the user set nothing
+    with pytest.raises(ConfigError, match="memory_preset"):
+        TrainConfig.from_dict({"model": "m", "data": ["d.jsonl"], "run_dir": "r", "memory_preset": "tiny"})
+
+    # make_config sets group_size 3 explicitly: it wins; the rest is the preset's
+    config = make_config(tiny_moe_mixed_dir, rows_path, tmp_path / "run", memory_preset="frugal", steps_per_group=2)
+    assert (config.group_size, config.optimizer_state, config.loss_chunk) == (3, "int8-first", 512)
+    result = GroupedMoETrainer(config).train()
+    steps = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "step"]
+    assert len(steps) == result.steps == 4 and all(math.isfinite(r["loss"]) for r in steps)
 
 
 def test_cli_exits_with_the_hard_stop_code_and_leaves_a_checkpoint(tiny_moe_mixed_dir, rows_path, tmp_path, capsys):

@@ -182,6 +182,20 @@ def test_int8_moments_are_unbiased_and_follow_the_float32_update():
     assert state_bytes == 2 * (6 * 32 * 128) * 1.125  # codes + a float32 scale and bias per 64
 
 
+def test_an_int8_first_moment_keeps_the_second_in_float32_and_follows_the_float32_update():
+    reference = _train_stack(FusedAdamW(learning_rate=1e-3))
+    optimizer = FusedAdamW(learning_rate=1e-3, state_bits=8, second_state_bits=32)
+    lean = _train_stack(optimizer)
+    state = optimizer.state["w"]
+    assert isinstance(state["m"], dict) and state["v"].dtype == mx.float32 and state["v"].shape == (6, 32, 128)
+    moved = mx.abs(reference.w - 0.02 * mx.random.normal((6, 32, 128), key=mx.random.key(7)))
+    assert (mx.abs(lean.w - reference.w).mean() < 0.05 * moved.mean()).item()
+    state_bytes = sum(v.nbytes for _, v in tree_flatten(state))
+    assert state_bytes == (6 * 32 * 128) * (1.125 + 4)  # int8 codes with their scales, and float32
+    with pytest.raises(ValueError, match="second_state_bits"):
+        FusedAdamW(learning_rate=1e-3, state_bits=32, second_state_bits=8)
+
+
 def test_int8_moments_stay_near_the_straightforward_loss():
     """Other math: the moments' stochastic rounding makes each run one draw. Measured (CPU, float32)
     over noise seeds 1000-1005: -0.0199 to +0.0199 from the straightforward loss on OpenBLAS (mean

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from lfm_mlx import models
+from lfm_mlx.model import io as models
 from lfm_mlx.mixed import mix, size_report
 
 TOKENS = [1, 6, 300, 512, 77, 901, 14, 15, 640, 7, 6, 222, 333, 444, 555, 666, 777, 888, 999, 20]

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lfm_mlx import models
+from lfm_mlx.model import io as models
 from lfm_mlx.model.synthetic import write_synthetic_model
 
 TOKENS = [1, 6, 300, 512, 77, 901, 14, 15, 640, 7, 6, 222, 333, 444, 555, 666, 777, 888, 999, 20]

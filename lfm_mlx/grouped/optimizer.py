@@ -85,12 +85,42 @@ def _adamw_int8_state(g, master: tuple, m, v, lr, scale, seed, b1, b2, eps, wd, 
             pack_moment_noisy(log_v32, seed, flip=True, record=record))
 
 
+def _adamw_int8_first_math(g, p, m, v, lr, scale, seed, b1, b2, eps, wd, rounded):
+    """_adamw_math on an int8 first moment and a float32 second moment: the new weights (bfloat16
+    rounded stochastically when `rounded`), the new first moment (float32, for packing) and the new
+    second moment (float32, kept as it is)."""
+    p32, m32, v32 = _adamw_math(g, p, unpack_moment(m), v, lr, scale, b1, b2, eps, wd)
+    p = round_to_bfloat16(p32, seed + WEIGHT_STREAM) if rounded else p32.astype(p.dtype)
+    return p, m32, v32
+
+
+def _adamw_int8_first_split_math(g, high, low, m, v, lr, scale, seed, b1, b2, eps, wd):
+    """_adamw_int8_first_math on a split master: its new halves, then the moments."""
+    p32, m32, v32 = _adamw_int8_first_math(g, join_master(high, low), m, v, lr, scale, seed, b1, b2, eps, wd, False)
+    return (*split_master(p32), m32, v32)
+
+
+def _adamw_int8_first_state(g, master: tuple, m, v, lr, scale, seed, b1, b2, eps, wd, rounded=False,
+                            record: dict | None = None) -> tuple:
+    """_adamw_int8_state with only the first moment as int8 codes (rounded stochastically); the
+    second moment stays float32 (Unsloth's MLX trainer: an int8 second moment made training diverge)."""
+    if len(master) == 2:
+        kernel = _adamw_int8_first_split_kernel
+    else:
+        kernel = _adamw_int8_first_rounded_kernel if rounded else _adamw_int8_first_kernel
+    *new_master, m32, v32 = kernel(g, *master, m, v, lr, scale, seed, b1, b2, eps, wd)
+    return (*new_master, pack_moment_noisy(m32, seed, record=record), v32)
+
+
 _adamw_kernel = mx.compile(_adamw_dense)
 _adamw_split_kernel = mx.compile(_adamw_split)
 _adamw_rounded_kernel = mx.compile(_adamw_dense_rounded)
 _adamw_int8_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=False))
 _adamw_int8_rounded_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=True))
 _adamw_int8_split_kernel = mx.compile(_adamw_int8_split_math)
+_adamw_int8_first_kernel = mx.compile(functools.partial(_adamw_int8_first_math, rounded=False))
+_adamw_int8_first_rounded_kernel = mx.compile(functools.partial(_adamw_int8_first_math, rounded=True))
+_adamw_int8_first_split_kernel = mx.compile(_adamw_int8_first_split_math)
 _join_kernel = mx.compile(join_master)
 
 
@@ -131,15 +161,20 @@ class FusedAdamW(optim.Optimizer):
     `state_bits=8` (other math, checked against the float32 step's loss by the benchmark) keeps
     both moments as int8 codes (`pack_moment`; 1.125 bytes an element instead of 4) for tensors
     whose last axis is a multiple of MOMENT_GROUP; large tensors then go UPDATE_CHUNK
-    elements (whole rows of the first axis) at a time."""
+    elements (whole rows of the first axis) at a time. `second_state_bits=32` with `state_bits=8`
+    packs only the first moment (2.5 bytes an element on average instead of 4; other math too)."""
 
     def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  state_bits: int = 32, stochastic_weights: bool = False, split_master: bool = False,
-                 kernels: UpdateKernels | None = None):
+                 kernels: UpdateKernels | None = None, second_state_bits: int | None = None):
         super().__init__()
         self.kernels = kernels or UpdateKernels()  # the run's kernel records (a fresh one probes anew)
         if state_bits not in (8, 32):
             raise ValueError(f"state_bits={state_bits}: use 32 (float32 moments) or 8 (int8 moments)")
+        second_state_bits = state_bits if second_state_bits is None else second_state_bits
+        if second_state_bits not in (8, 32) or second_state_bits < state_bits:
+            raise ValueError(f"second_state_bits={second_state_bits}: use 32, or 8 with state_bits=8")
+        self.second_state_bits = second_state_bits
         self._maybe_schedule("learning_rate", learning_rate)
         self.betas, self.eps, self.weight_decay = (float(betas[0]), float(betas[1])), float(eps), float(weight_decay)
         self.state_bits = state_bits
@@ -149,11 +184,12 @@ class FusedAdamW(optim.Optimizer):
 
     def init_single(self, parameter: mx.array, state: dict):
         zeros = mx.zeros(parameter.shape, dtype=mx.float32)
-        if self.state_bits == 8 and parameter.shape[-1] % MOMENT_GROUP == 0:
-            state["m"] = pack_moment(zeros)
+        packable = parameter.shape[-1] % MOMENT_GROUP == 0
+        state["m"] = pack_moment(zeros) if self.state_bits == 8 and packable else zeros
+        if self.second_state_bits == 8 and packable:
             state["v"] = pack_moment(mx.log(zeros + V_FLOOR))
         else:
-            state["m"], state["v"] = zeros, mx.zeros(parameter.shape, dtype=mx.float32)
+            state["v"] = mx.zeros(parameter.shape, dtype=mx.float32)
         if self.split_master and parameter.dtype == mx.bfloat16:
             state["low"] = mx.zeros(parameter.shape, dtype=mx.uint16)  # the master starts at the weights
 
@@ -212,8 +248,10 @@ class FusedAdamW(optim.Optimizer):
         rounded = self.stochastic_weights and parameter.dtype == mx.bfloat16
         if isinstance(state["m"], dict) or rounded:
             seed = mx.random.randint(0, 1 << 31, (1,)).astype(mx.uint32)  # from the step's seeded RNG
+        # An int8 first moment with a float32 second moment (second_state_bits=32) takes its own update.
+        int8_update = _adamw_int8_state if isinstance(state["v"], dict) else _adamw_int8_first_state
         if "low" in state and isinstance(state["m"], dict):
-            p, state["low"], state["m"], state["v"] = _adamw_int8_state(
+            p, state["low"], state["m"], state["v"] = int8_update(
                 gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale, seed, b1, b2, eps, wd,
                 record=self.kernels.moments)
         elif "low" in state:
@@ -221,7 +259,7 @@ class FusedAdamW(optim.Optimizer):
                 _adamw_split_kernel, gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale,
                 b1, b2, eps, wd, self.kernels.adamw)
         elif isinstance(state["m"], dict):
-            p, state["m"], state["v"] = _adamw_int8_state(gradient, (parameter,), state["m"], state["v"], lr,
+            p, state["m"], state["v"] = int8_update(gradient, (parameter,), state["m"], state["v"], lr,
                                                           self.grad_scale, seed, b1, b2, eps, wd, rounded,
                                                           self.kernels.moments)
         elif rounded:
@@ -244,7 +282,9 @@ def make_optimizer(config: TrainConfig, steps: int, kernels: KernelChoices | Non
     schedule = lr_schedule(config, steps)
     if config.optimizer == "adamw" and config.fused_update:
         return FusedAdamW(learning_rate=schedule, betas=config.betas, eps=config.eps,
-                          weight_decay=config.weight_decay, state_bits=8 if config.optimizer_state == "int8" else 32,
+                          weight_decay=config.weight_decay,
+                          state_bits=8 if config.optimizer_state in ("int8", "int8-first") else 32,
+                          second_state_bits=8 if config.optimizer_state == "int8" else 32,
                           stochastic_weights=config.master_dtype == "compute-stochastic",
                           split_master=config.master_dtype == "split",
                           kernels=kernels.update if kernels is not None else None)

@@ -456,7 +456,7 @@ class GroupedMoETrainer:
         record = {"kind": "group_end", "step": state["global_step"], "epoch": epoch, "phase": phase,
                   "group": index, "layers": layers, "retention": retention, "valid_loss": valid,
                   "seconds": time.perf_counter() - phase_start}
-        if cfg.optimizer_state == "int8":
+        if cfg.optimizer_state in ("int8", "int8-first"):
             record["moment_kernel"] = dict(self.kernels.update.moments)  # how the int8 moments were packed
         elif cfg.optimizer == "adamw" and cfg.fused_update:
             record["adamw_kernel"] = {layout: dict(kernel) for layout, kernel in self.kernels.update.adamw.items()}

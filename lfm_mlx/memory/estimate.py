@@ -184,7 +184,8 @@ class StepShape:
     as float32: the same bytes); `fused_update` the grouped trainer's FusedAdamW (float32 moments, one
     tensor updated at a time); `lean_gradients` the experts' gradients in the compute dtype, whatever
     the master's; `loss_chunk` tokens per cross-entropy chunk (0: all logits at once); `moment_bits` 8
-    for the fused update's int8 moments (1.125 bytes an element with their scales);
+    for the fused update's int8 moments (1.125 bytes an element with their scales), `second_moment_bits`
+    the second moment's where it differs (32 with moment_bits 8: only the first moment int8);
     `keep_expert_activations` the frozen expert blocks keep their gate and up projections and output
     for the backward pass (batched path, checkpointed)."""
 
@@ -206,6 +207,7 @@ class StepShape:
     loss_chunk: int = 0
     moment_bits: int = 32
     keep_expert_activations: bool = False
+    second_moment_bits: int | None = None
 
 
 def estimate_peak(config: dict, shape: StepShape | None = None, *, calibration: float = 1.0,
@@ -218,7 +220,8 @@ def estimate_peak(config: dict, shape: StepShape | None = None, *, calibration: 
     shape = dataclasses.replace(shape, **fields) if shape is not None else StepShape(**fields)
     (group_size, seq_len, batch_size, optimizer, expert_bits, group_bits_size, compute_dtype_bytes, grad_checkpoint,
      frozen_path, attention, optimizer_state_bytes, grad_accumulation, master, fused_update, lean_gradients,
-     loss_chunk, moment_bits, keep_expert_activations) = dataclasses.astuple(shape)
+     loss_chunk, moment_bits, keep_expert_activations, second_moment_bits) = dataclasses.astuple(shape)
+    second_moment_bits = moment_bits if second_moment_bits is None else second_moment_bits
     problems = []
     if optimizer not in ("adamw", "adafactor"):
         problems.append(f"optimizer={optimizer!r}: use 'adamw' or 'adafactor'")
@@ -228,6 +231,8 @@ def estimate_peak(config: dict, shape: StepShape | None = None, *, calibration: 
         problems.append(f"master={master!r}: use 'split', 'float32', 'compute' or 'compute-stochastic'")
     if moment_bits not in (8, 32):
         problems.append(f"moment_bits={moment_bits}: use 32 (float32 moments) or 8 (int8 moments)")
+    if second_moment_bits not in (8, 32) or second_moment_bits < moment_bits:
+        problems.append(f"second_moment_bits={second_moment_bits}: use 32, or 8 with moment_bits=8")
     if loss_chunk < 0:
         problems.append(f"loss_chunk={loss_chunk} must be >= 0 (tokens; 0 for no chunking)")
     if attention not in ("materialized", "fused"):
@@ -325,7 +330,8 @@ def estimate_peak(config: dict, shape: StepShape | None = None, *, calibration: 
         if optimizer == "adamw":
             optimizer_state = state_elems * master_bytes  # mlx.optimizers keep moments in the weights' dtype
         if fused_update and optimizer == "adamw":
-            state_bytes = 4 if moment_bits == 32 else 1.125  # int8 codes, float32 scale and bias per 64
+            # int8 codes take 1.125 bytes an element (a float32 scale and bias per 64); the mean of both moments
+            state_bytes = sum(4 if bits == 32 else 1.125 for bits in (moment_bits, second_moment_bits)) / 2
             optimizer_state = int(state_elems * state_bytes)
             # One tensor at a time, UPDATE_CHUNK (2**25) elements at a time: a chunk's float32
             # temporaries, and the largest stack's new weights and moments before they replace the old.
@@ -340,6 +346,7 @@ def estimate_peak(config: dict, shape: StepShape | None = None, *, calibration: 
         grad_accumulation=grad_accumulation, baseline=baseline, config=dict(config), master=master,
         fused_update=fused_update, lean_gradients=lean_gradients,
         loss_chunk=loss_chunk, moment_bits=moment_bits, keep_expert_activations=keep_expert_activations,
+        second_moment_bits=second_moment_bits,
     )
     return MemoryEstimate(
         # The group's int8 copy stays in `weights` (the reference for update retention), also when the
