@@ -18,8 +18,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lfm_mlx import distributed, lora
+from lfm_mlx import lora
 from lfm_mlx.fsutil import locked
+from lfm_mlx.train import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).parent / "mlx.launch"

@@ -6,12 +6,13 @@ import argparse
 import json
 import sys
 
-from lfm_mlx import console, distributed
+from lfm_mlx import console
 from lfm_mlx.errors import UserError, debugging
 from lfm_mlx.grouped.config import CHANGEABLE_ON_RESUME, ConfigError, TrainConfig
 from lfm_mlx.grouped.run import NonFiniteStop
 from lfm_mlx.grouped.trainer import GroupedMoETrainer
 from lfm_mlx.memory import MemoryBudgetExceeded, MemoryHardStop
+from lfm_mlx.train import distributed
 
 
 EXIT_CONFIG, EXIT_OVER_BUDGET = 2, 3

@@ -14,7 +14,6 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from lfm_mlx.data import Batch
-from lfm_mlx.distributed import World
 from lfm_mlx.grouped.config import GROUP_START, TrainConfig
 from lfm_mlx.grouped.experts import activate_group, requantize_group
 from lfm_mlx.grouped.optimizer import FusedAdamW, lr_schedule, make_optimizer
@@ -22,6 +21,7 @@ from lfm_mlx.grouped.step import accumulate_gradients, apply_update, global_norm
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.model.moe import layer_of, moe_params
 from lfm_mlx.train.checkpoint import Checkpoint, ParkedArrays, restore_tree
+from lfm_mlx.train.distributed import World
 
 
 def park_group_start(start: dict[str, mx.array], config: TrainConfig, directory: str | Path) -> ParkedArrays:

@@ -1,4 +1,4 @@
-"""The grouped trainer's data-parallel pieces (`lfm_mlx.distributed`, under `mlx.launch`): rank 0
+"""The grouped trainer's data-parallel pieces (`lfm_mlx.train.distributed`, under `mlx.launch`): rank 0
 holds the run directory and reads its checkpoints for every rank, each rank trains its slice of the
 global micro-batches, and a memory hard stop on any rank stops them all after one checkpoint."""
 
@@ -13,11 +13,11 @@ import mlx.core as mx
 
 from lfm_mlx import console
 from lfm_mlx.data import Batch, Example, make_batch
-from lfm_mlx.distributed import World, cost_model
 from lfm_mlx.fsutil import locked, recover_directory, refuse_overlap
 from lfm_mlx.grouped.config import ConfigError
 from lfm_mlx.memory import MemoryHardStop
 from lfm_mlx.train.checkpoint import CHECKPOINTS, Checkpoint, latest_checkpoint, load_checkpoint
+from lfm_mlx.train.distributed import World, cost_model
 
 
 def claim_run_dir(world: World, run_dir: Path, model: str, stack: contextlib.ExitStack) -> None:

@@ -19,7 +19,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 import psutil
 
-from lfm_mlx import console, distributed
+from lfm_mlx import console
 from lfm_mlx.data import build_dataset
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_free_space
 from lfm_mlx.grouped import ranks
@@ -36,6 +36,7 @@ from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.memory import GB, MemoryBudgetExceeded, MemoryHardStop, MemoryReading, MemoryWatchdog
 from lfm_mlx.model.io import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
 from lfm_mlx.model.moe import layer_of, moe_params
+from lfm_mlx.train import distributed
 from lfm_mlx.train.checkpoint import Checkpoint, ParkedArrays, config_hash, list_checkpoints, save_checkpoint
 from lfm_mlx.train.schedules import GroupSchedule
 

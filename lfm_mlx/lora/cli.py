@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lfm_mlx import console, distributed
+from lfm_mlx import console
 from lfm_mlx.errors import debugging
 from lfm_mlx.lora.config import LoraConfig, load_config
 from lfm_mlx.lora.train import NonFiniteStop, train_lora
+from lfm_mlx.train import distributed
 
 
 def _parse_value(text: str) -> Any:

@@ -15,7 +15,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from lfm_mlx import console, distributed
+from lfm_mlx import console
 from lfm_mlx.errors import InvalidInput
 from lfm_mlx.fsutil import (
     atomic_dir, atomic_write_json, atomic_write_text, check_free_space, locked, recover_directory, refuse_overlap,
@@ -23,6 +23,7 @@ from lfm_mlx.fsutil import (
 from lfm_mlx.lora.adapters import apply_lora, load_data, lora_parameters, save_safetensors_atomic
 from lfm_mlx.lora.config import RUN_IDENTITY_KEYS, LoraConfig
 from lfm_mlx.model.io import base_fingerprint
+from lfm_mlx.train import distributed
 from lfm_mlx.train.schedules import warmup_cosine
 
 

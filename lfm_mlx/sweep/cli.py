@@ -6,11 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from lfm_mlx import console, distributed
+from lfm_mlx import console
 from lfm_mlx.memory import MemoryBudget
 from lfm_mlx.sweep.config import DEFAULT_SIZES, EXIT_BAD_INPUT, EXIT_NOTHING_FITS, PLOT_NAME, REPORT_NAME, SweepConfig
 from lfm_mlx.sweep.run import run_sweep
 from lfm_mlx.sweep.report import format_table, plot_sweep
+from lfm_mlx.train import distributed
 
 
 def _sizes(text: str) -> list[int]:

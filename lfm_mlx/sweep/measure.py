@@ -12,7 +12,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lfm_mlx.data import Batch
-from lfm_mlx.distributed import World
 from lfm_mlx.grouped import ActiveGroup, TrainConfig, ranks
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.memory import (
@@ -20,6 +19,7 @@ from lfm_mlx.memory import (
     StepMemoryReader,
 )
 from lfm_mlx.sweep.machine import predicted_used
+from lfm_mlx.train.distributed import World
 
 
 def run_size(model: nn.Module, layers: list[int], batch: Batch, train: TrainConfig, steps: int,

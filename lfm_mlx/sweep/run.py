@@ -13,7 +13,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from lfm_mlx import distributed
 from lfm_mlx.data import Batch
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import TrainConfig, choose_expert_path, moe_layers, probe_attention, probe_kernels, set_frozen_path
@@ -29,6 +28,7 @@ from lfm_mlx.sweep.config import REPORT_NAME, SweepConfig, TOLERANCE, _SELF
 from lfm_mlx.sweep.inputs import build_preset, data_batch, load_model_dir, synthetic_batch
 from lfm_mlx.sweep.machine import machine_info, measure_baseline
 from lfm_mlx.sweep.measure import _admit, _estimate_record, _measured, _overhead, rank_record, run_size
+from lfm_mlx.train import distributed
 from lfm_mlx.train.schedules import GroupSchedule
 
 
