@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 GB = 1e9
@@ -210,160 +210,198 @@ class StepShape:
     second_moment_bits: int | None = None
 
 
-def estimate_peak(config: dict, shape: StepShape | None = None, *, calibration: float = 1.0,
-                  scales: dict[str, float] | None = None, baseline: int = 0, **fields) -> MemoryEstimate:
-    """Estimate the peak memory of one grouped-training step of `shape` (a `StepShape`; its fields may
-    also come, or be changed, as keywords: `estimate_peak(config, group_size=4, seq_len=2048)`) on the
-    model of `config`. The worst case is assumed: the group sits at the first MoE layer, so backward
-    runs through every layer from there to the top. `baseline`: the runtime's bytes before any weight
-    (`runtime_baseline()`); `calibration` and `scales` as in `MemoryEstimate`."""
-    shape = dataclasses.replace(shape, **fields) if shape is not None else StepShape(**fields)
-    (group_size, seq_len, batch_size, optimizer, expert_bits, group_bits_size, compute_dtype_bytes, grad_checkpoint,
-     frozen_path, attention, optimizer_state_bytes, grad_accumulation, master, fused_update, lean_gradients,
-     loss_chunk, moment_bits, keep_expert_activations, second_moment_bits) = dataclasses.astuple(shape)
-    second_moment_bits = moment_bits if second_moment_bits is None else second_moment_bits
+def _problems(shape: StepShape, baseline: int, scales: dict[str, float] | None) -> list[str]:
+    """Every bad setting of `shape` (and of the estimate's own arguments), each with its fix."""
     problems = []
-    if optimizer not in ("adamw", "adafactor"):
-        problems.append(f"optimizer={optimizer!r}: use 'adamw' or 'adafactor'")
-    if frozen_path not in ("qmm", "dequant", "batched"):
-        problems.append(f"frozen_path={frozen_path!r}: use 'qmm', 'dequant' or 'batched'")
-    if master not in (None, "split", "float32", "compute", "compute-stochastic"):
-        problems.append(f"master={master!r}: use 'split', 'float32', 'compute' or 'compute-stochastic'")
-    if moment_bits not in (8, 32):
-        problems.append(f"moment_bits={moment_bits}: use 32 (float32 moments) or 8 (int8 moments)")
-    if second_moment_bits not in (8, 32) or second_moment_bits < moment_bits:
-        problems.append(f"second_moment_bits={second_moment_bits}: use 32, or 8 with moment_bits=8")
-    if loss_chunk < 0:
-        problems.append(f"loss_chunk={loss_chunk} must be >= 0 (tokens; 0 for no chunking)")
-    if attention not in ("materialized", "fused"):
-        problems.append(f"attention={attention!r}: use 'materialized' or 'fused'")
-    for name, value in (("group_size", group_size), ("seq_len", seq_len), ("batch_size", batch_size),
-                        ("grad_accumulation", grad_accumulation), ("group_bits_size", group_bits_size)):
-        if value < 1:
-            problems.append(f"{name}={value} must be >= 1")
+    if shape.optimizer not in ("adamw", "adafactor"):
+        problems.append(f"optimizer={shape.optimizer!r}: use 'adamw' or 'adafactor'")
+    if shape.frozen_path not in ("qmm", "dequant", "batched"):
+        problems.append(f"frozen_path={shape.frozen_path!r}: use 'qmm', 'dequant' or 'batched'")
+    if shape.master not in (None, "split", "float32", "compute", "compute-stochastic"):
+        problems.append(f"master={shape.master!r}: use 'split', 'float32', 'compute' or 'compute-stochastic'")
+    if shape.moment_bits not in (8, 32):
+        problems.append(f"moment_bits={shape.moment_bits}: use 32 (float32 moments) or 8 (int8 moments)")
+    second = _second_moment_bits(shape)
+    if second not in (8, 32) or second < shape.moment_bits:
+        problems.append(f"second_moment_bits={second}: use 32, or 8 with moment_bits=8")
+    if shape.loss_chunk < 0:
+        problems.append(f"loss_chunk={shape.loss_chunk} must be >= 0 (tokens; 0 for no chunking)")
+    if shape.attention not in ("materialized", "fused"):
+        problems.append(f"attention={shape.attention!r}: use 'materialized' or 'fused'")
+    for name in ("group_size", "seq_len", "batch_size", "grad_accumulation", "group_bits_size"):
+        if getattr(shape, name) < 1:
+            problems.append(f"{name}={getattr(shape, name)} must be >= 1")
     if baseline < 0:
         problems.append(f"baseline={baseline} must be >= 0 (bytes)")
     unknown = sorted(set(scales or {}) - set(PERSISTENT + BACKWARD + UPDATE))
     if unknown:
         problems.append(f"scales for unknown components {unknown}; known: {list(PERSISTENT + BACKWARD + UPDATE)}")
-    if problems:
-        raise ValueError("estimate_peak: " + "; ".join(problems))
+    return problems
 
-    s = model_shapes(config)
-    D, M, E, k, V, cb = s["D"], s["M"], s["E"], s["k"], s["V"], compute_dtype_bytes
-    n_moe = s["L"] - s["dense"]
-    g = min(group_size, n_moe)
-    tokens = batch_size * seq_len
 
-    # Trainable: the group's experts (dequantized) and its routers.
-    expert_elems = g * E * 3 * D * M
-    router_elems = g * E * D
-    trainable = expert_elems + router_elems
-    if optimizer == "adamw":
-        state_elems = 2 * trainable  # first and second moments
-    else:
-        # Adafactor keeps a row and a column second-moment vector per matrix: for (E, out, in)
-        # expert stacks that is E * (out + in) per projection (gate, up: M x D; down: D x M).
-        state_elems = g * (3 * E * (M + D) + (E + D))
+def _second_moment_bits(shape: StepShape) -> int:
+    return shape.moment_bits if shape.second_moment_bits is None else shape.second_moment_bits
 
-    # Backward window: from the first MoE layer to the top (the group at its worst position).
-    window = range(s["dense"], s["L"])
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The model's shape numbers (`model_shapes`) and what the step derives from them."""
+
+    s: dict
+    group: int  # trained MoE layers (the group size, capped at the model's MoE layers)
+    window: range  # layers the backward pass runs through: the first MoE layer to the top (worst case)
+    tokens: int  # batch_size * seq_len
+
+    @classmethod
+    def of(cls, config: dict, shape: StepShape) -> "_Sizes":
+        s = model_shapes(config)
+        return cls(s, min(shape.group_size, s["L"] - s["dense"]), range(s["dense"], s["L"]),
+                   shape.batch_size * shape.seq_len)
+
+    @property
+    def expert_elems(self) -> int:
+        """The group's trained experts (dequantized)."""
+        return self.group * self.s["E"] * 3 * self.s["D"] * self.s["M"]
+
+    @property
+    def router_elems(self) -> int:
+        return self.group * self.s["E"] * self.s["D"]
+
+    @property
+    def frozen_moe(self) -> int:
+        """MoE layers of the backward window outside the group."""
+        return max(len(self.window) - self.group, 0)
+
+
+def activations_bytes(z: _Sizes, shape: StepShape) -> int:
+    """What the window's layers hold for the backward pass (per token: inputs, norms, mixer, MoE, router)."""
+    s, D, M, E, k = z.s, z.s["D"], z.s["M"], z.s["E"], z.s["k"]
     kvd = s["KV"] * s["hd"]
     per_token = []  # elements each window layer holds for backward, per token
-    for layer in window:
+    for layer in z.window:
         mixer = 6 * D + 4 * kvd if layer in s["attention"] else 8 * D  # projections, norms, rope / conv gates
         ffn = k * (3 * D + 3 * M) + D  # routed copy of x, gate/up/act, down out, weighted, combined
         per_token.append(D + 4 * D + mixer + ffn + 3 * E)  # input, norms + residuals, mixer, MoE, router
-    if grad_checkpoint:
+    if shape.grad_checkpoint:
         # Layer inputs kept; one layer recomputed at a time, with its gradients.
-        act_elems = len(window) * D + 2 * max(per_token) + 2 * D
+        act_elems = len(z.window) * D + 2 * max(per_token) + 2 * D
     else:
         act_elems = sum(per_token) + 2 * D
-    if frozen_path == "batched":
+    if shape.frozen_path == "batched":
         # Padded expert blocks: every expert's rows padded to the busiest one's (guessed with
         # headroom), for the two layers in flight: the rows beyond those `ffn` counts.
         act_elems += 2 * k * (D + 3 * M) * (BLOCK_PADDING - 1)
-    frozen_moe = max(len(window) - g, 0)
-    if keep_expert_activations and frozen_path == "batched" and grad_checkpoint:
+    if shape.keep_expert_activations and shape.frozen_path == "batched" and shape.grad_checkpoint:
         # Every frozen layer's gate and up blocks (padded) and its per-choice output, until its backward.
-        act_elems += frozen_moe * k * (2 * M * BLOCK_PADDING + D)
-    activations = tokens * act_elems * cb
+        act_elems += z.frozen_moe * k * (2 * M * BLOCK_PADDING + D)
+    return z.tokens * act_elems * shape.compute_dtype_bytes
 
-    # LM head + cross-entropy over the vocabulary: logits (plus an fp32 copy for the loss), then
-    # softmax temporaries and the logits gradient in fp32 (plus its cast back); chunked, one
-    # chunk's worth at a time (and the hidden states' gradient).
+
+def logits_bytes(z: _Sizes, shape: StepShape) -> int:
+    """LM head + cross-entropy over the vocabulary: logits (plus an fp32 copy for the loss), then
+    softmax temporaries and the logits gradient in fp32 (plus its cast back); chunked, one chunk's
+    worth at a time (and the hidden states' gradient)."""
+    V, cb = z.s["V"], shape.compute_dtype_bytes
     fp32_copy = 0 if cb == 4 else 1
-    head_tokens = min(tokens, loss_chunk) if loss_chunk else tokens
+    head_tokens = min(z.tokens, shape.loss_chunk) if shape.loss_chunk else z.tokens
     logits = head_tokens * V * (cb + 4 * fp32_copy) + head_tokens * V * (8 + cb * fp32_copy)
-    if loss_chunk:
-        logits += tokens * D * 4
+    return logits + (z.tokens * z.s["D"] * 4 if shape.loss_chunk else 0)
 
-    n_attn = sum(1 for layer in window if layer in s["attention"])
-    scores = batch_size * s["H"] * seq_len * seq_len * 4
-    saved_scores = 1 if grad_checkpoint else n_attn
-    attention_bytes = scores * (saved_scores + 2) if attention == "materialized" and n_attn else 0
 
-    per_layer_experts = E * 3 * D * M * cb
-    frozen = 0
-    if frozen_path in ("dequant", "batched") and frozen_moe:
-        # Checkpointed, the grouped trainer walks the layers (`walk_loss_and_grad`) with at most two
-        # in flight: two frozen layers' dequantized stacks (measured at the 8B shapes on an H200:
-        # 32.7 GB against 33.7 estimated at 2,048 tokens; 37.5 / 55.1 against 37.1 / 56.8 at 10,240
-        # tokens, groups 4 / 8).
-        # As one graph (no checkpointing), every frozen layer's stacks stay for the backward pass.
-        frozen = per_layer_experts * (min(frozen_moe, 2) if grad_checkpoint else frozen_moe)
+def attention_bytes(z: _Sizes, shape: StepShape) -> int:
+    """fp32 attention scores B*H*S*S the backward pass holds (materialized attention only)."""
+    n_attn = sum(1 for layer in z.window if layer in z.s["attention"])
+    if shape.attention != "materialized" or not n_attn:
+        return 0
+    scores = shape.batch_size * z.s["H"] * shape.seq_len * shape.seq_len * 4
+    return scores * ((1 if shape.grad_checkpoint else n_attn) + 2)
 
-    # The group's trained copies, gradients, optimizer state and update transient.
-    group_dequant = expert_elems * cb
-    gradients = trainable * cb * (2 if grad_accumulation > 1 else 1)
-    optimizer_state = state_elems * optimizer_state_bytes
-    optimizer_update = trainable * cb
-    if master is not None:
-        master_bytes = 4 if master in ("float32", "split") else cb
-        group_dequant = trainable * master_bytes
-        gradients = group_dequant * (2 if grad_accumulation > 1 else 1)
-        if lean_gradients:
-            gradients = expert_elems * cb + router_elems * master_bytes
-        # mlx.optimizers: every tensor's new weights, moments and temporaries at once (measured:
-        # 3.9x the trained weights on CUDA, 5x on CPU, float32 masters).
-        optimizer_update = 4 * group_dequant
-        if optimizer == "adamw":
-            optimizer_state = state_elems * master_bytes  # mlx.optimizers keep moments in the weights' dtype
-        if fused_update and optimizer == "adamw":
-            # int8 codes take 1.125 bytes an element (a float32 scale and bias per 64); the mean of both moments
-            state_bytes = sum(4 if bits == 32 else 1.125 for bits in (moment_bits, second_moment_bits)) / 2
-            optimizer_state = int(state_elems * state_bytes)
-            # One tensor at a time, UPDATE_CHUNK (2**25) elements at a time: a chunk's float32
-            # temporaries, and the largest stack's new weights and moments before they replace the old.
-            stack = E * D * M
-            optimizer_update = int(min(stack, 1 << 25) * (master_bytes + 4 * 4) + stack * (master_bytes + 2 * state_bytes))
 
-    inputs = dict(
-        group_size=group_size, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
-        expert_bits=expert_bits, group_bits_size=group_bits_size,
-        compute_dtype_bytes=compute_dtype_bytes, grad_checkpoint=grad_checkpoint,
-        frozen_path=frozen_path, attention=attention, optimizer_state_bytes=optimizer_state_bytes,
-        grad_accumulation=grad_accumulation, baseline=baseline, config=dict(config), master=master,
-        fused_update=fused_update, lean_gradients=lean_gradients,
-        loss_chunk=loss_chunk, moment_bits=moment_bits, keep_expert_activations=keep_expert_activations,
-        second_moment_bits=second_moment_bits,
-    )
+def frozen_dequant_bytes(z: _Sizes, shape: StepShape) -> int:
+    """Frozen layers' experts dequantized just in time (dequant and batched paths)."""
+    if shape.frozen_path not in ("dequant", "batched") or not z.frozen_moe:
+        return 0
+    # Checkpointed, the grouped trainer walks the layers (`walk_loss_and_grad`) with at most two
+    # in flight: two frozen layers' dequantized stacks (measured at the 8B shapes on an H200:
+    # 32.7 GB against 33.7 estimated at 2,048 tokens; 37.5 / 55.1 against 37.1 / 56.8 at 10,240
+    # tokens, groups 4 / 8).
+    # As one graph (no checkpointing), every frozen layer's stacks stay for the backward pass.
+    per_layer_experts = z.s["E"] * 3 * z.s["D"] * z.s["M"] * shape.compute_dtype_bytes
+    return per_layer_experts * (min(z.frozen_moe, 2) if shape.grad_checkpoint else z.frozen_moe)
+
+
+def _state_elems(z: _Sizes, shape: StepShape) -> int:
+    """Optimizer state elements: AdamW's two moments, or Adafactor's row and column second-moment
+    vectors (for (E, out, in) expert stacks E * (out + in) per projection: gate, up M x D; down D x M)."""
+    if shape.optimizer == "adamw":
+        return 2 * (z.expert_elems + z.router_elems)
+    E, D, M = z.s["E"], z.s["D"], z.s["M"]
+    return z.group * (3 * E * (M + D) + (E + D))
+
+
+def group_bytes_described(z: _Sizes, shape: StepShape) -> dict[str, int]:
+    """The group's copies, gradients, optimizer state and update transient when `master` is None (the
+    older description: compute-dtype copies, `optimizer_state_bytes` per state element)."""
+    trainable, cb = z.expert_elems + z.router_elems, shape.compute_dtype_bytes
+    return dict(group_dequant=z.expert_elems * cb,
+                gradients=trainable * cb * (2 if shape.grad_accumulation > 1 else 1),
+                optimizer_state=_state_elems(z, shape) * shape.optimizer_state_bytes,
+                optimizer_update=trainable * cb)
+
+
+def group_bytes(z: _Sizes, shape: StepShape) -> dict[str, int]:
+    """The group's master copies, gradients, optimizer state and update transient for the grouped
+    trainer's settings (`master`, `lean_gradients`, `fused_update`, moment bits)."""
+    if shape.master is None:
+        return group_bytes_described(z, shape)
+    cb, state_elems = shape.compute_dtype_bytes, _state_elems(z, shape)
+    master_bytes = 4 if shape.master in ("float32", "split") else cb
+    group_dequant = (z.expert_elems + z.router_elems) * master_bytes
+    gradients = group_dequant * (2 if shape.grad_accumulation > 1 else 1)
+    if shape.lean_gradients:
+        gradients = z.expert_elems * cb + z.router_elems * master_bytes
+    # mlx.optimizers: every tensor's new weights, moments and temporaries at once (measured:
+    # 3.9x the trained weights on CUDA, 5x on CPU, float32 masters).
+    optimizer_update = 4 * group_dequant
+    optimizer_state = state_elems * shape.optimizer_state_bytes
+    if shape.optimizer == "adamw":
+        optimizer_state = state_elems * master_bytes  # mlx.optimizers keep moments in the weights' dtype
+    if shape.fused_update and shape.optimizer == "adamw":
+        # int8 codes take 1.125 bytes an element (a float32 scale and bias per 64); the mean of both moments
+        state_bytes = sum(4 if bits == 32 else 1.125 for bits in (shape.moment_bits, _second_moment_bits(shape))) / 2
+        optimizer_state = int(state_elems * state_bytes)
+        # One tensor at a time, UPDATE_CHUNK (2**25) elements at a time: a chunk's float32
+        # temporaries, and the largest stack's new weights and moments before they replace the old.
+        stack = z.s["E"] * z.s["D"] * z.s["M"]
+        optimizer_update = int(min(stack, 1 << 25) * (master_bytes + 4 * 4) + stack * (master_bytes + 2 * state_bytes))
+    return dict(group_dequant=group_dequant, gradients=gradients, optimizer_state=optimizer_state,
+                optimizer_update=optimizer_update)
+
+
+def estimate_peak(config: dict, shape: StepShape | None = None, *, calibration: float = 1.0,
+                  scales: dict[str, float] | None = None, baseline: int = 0, **fields) -> MemoryEstimate:
+    """Estimate the peak memory of one grouped-training step of `shape` (a `StepShape`; its fields may
+    also come, or be changed, as keywords: `estimate_peak(config, group_size=4, seq_len=2048)`) on the
+    model of `config`, one function per component. The worst case is assumed: the group sits at the
+    first MoE layer, so backward runs through every layer from there to the top. `baseline`: the
+    runtime's bytes before any weight (`runtime_baseline()`); `calibration` and `scales` as in
+    `MemoryEstimate`."""
+    shape = replace(shape, **fields) if shape is not None else StepShape(**fields)
+    problems = _problems(shape, baseline, scales)
+    if problems:
+        raise ValueError("estimate_peak: " + "; ".join(problems))
+    z = _Sizes.of(config, shape)
+    inputs = {**dataclasses.asdict(shape), "second_moment_bits": _second_moment_bits(shape),
+              "baseline": baseline, "config": dict(config)}
     return MemoryEstimate(
         # The group's int8 copy stays in `weights` (the reference for update retention), also when the
         # trainer parks it on disk (offload_group_start): the measured peaks of the H200 at 10,240
         # tokens (dequant path) came within 0.6-0.8 GB of the estimate with it, 0.7-1.0 GB above without.
-        weights=weights_bytes(config, expert_bits, group_bits_size, cb),
-        group_dequant=group_dequant,
-        gradients=gradients,
-        optimizer_state=optimizer_state,
-        activations=activations,
-        logits=logits,
-        attention=attention_bytes,
-        frozen_dequant=frozen,
-        # New parameters are written while the old ones are still referenced.
-        optimizer_update=optimizer_update,
-        calibration=calibration,
-        scales=dict(scales or {}),
-        inputs=inputs,
-        baseline=baseline,
+        weights=weights_bytes(config, shape.expert_bits, shape.group_bits_size, shape.compute_dtype_bytes),
+        **group_bytes(z, shape),  # group_dequant, gradients, optimizer_state, optimizer_update
+        activations=activations_bytes(z, shape),
+        logits=logits_bytes(z, shape),
+        attention=attention_bytes(z, shape),
+        frozen_dequant=frozen_dequant_bytes(z, shape),
+        calibration=calibration, scales=dict(scales or {}), inputs=inputs, baseline=baseline,
     )
