@@ -4,7 +4,7 @@ A tool call is mostly arguments copied out of the request, so a demo base that c
 learn the demo's task. Each probe row is `W PAD SEP W`: W is `--words` random word tokens, PAD is
 `--gap` random filler tokens (the rest of a prompt), SEP one fixed token. Only the second W is scored,
 so chance is 1/500 per token. Every preset starts from the pre-training init
-(`lfm_mlx.pretrain.init_for_training`) and trains with the same AdamW, learning rate and batches.
+(`lfm_mlx.demo.pretrain.init_for_training`) and trains with the same AdamW, learning rate and batches.
 
     python benchmarks/copy_probe.py --preset tiny-moe demo-moe --steps 750
 
@@ -24,10 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
+from lfm_mlx.demo.pretrain import init_for_training
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.model.io import load
 from lfm_mlx.model.synthetic import PRESETS, write_synthetic_model
-from lfm_mlx.pretrain import init_for_training
 
 SEP = 50
 FILLER_IDS = (100, 300)  # token id ranges: filler tokens, then word tokens

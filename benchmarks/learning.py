@@ -31,14 +31,14 @@ import lfm_mlx  # noqa: F401  (first: it loads OpenBLAS before mlx.core on Linux
 import mlx.core as mx
 
 from lfm_mlx.demo import DemoConfig, environment_line, grouped_config, lora_settings, repair_rows
+from lfm_mlx.demo.pretrain import shipped_base
+from lfm_mlx.demo.task import generate_rows, write_task
 from lfm_mlx.evaluate import MLXBackend, evaluate
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import GroupedMoETrainer
 from lfm_mlx.lora import train_lora
 from lfm_mlx.mixed import mix
-from lfm_mlx.pretrain import shipped_base
 from lfm_mlx.report import text_table
-from lfm_mlx.task import generate_rows, write_task
 from lfm_mlx.train.schedules import GroupSchedule
 
 ARMS = ("grouped", "grouped-adafactor", "lora-all", "lora-experts", "pipeline")

@@ -10,9 +10,9 @@
 from pathlib import Path
 
 from lfm_mlx import GroupedMoETrainer, GroupSchedule, TrainConfig, mix, write_synthetic_model
+from lfm_mlx.demo.task import write_task
 from lfm_mlx.evaluate import evaluate_model
 from lfm_mlx.repair import build_repair_set
-from lfm_mlx.task import write_task
 
 WORK = Path("runs/notebook")
 BASE = write_synthetic_model(WORK / "base", "tiny-moe", seed=0)  # or your HF directory

@@ -73,13 +73,13 @@ class Lines:
         pass
 
 
-def progress(verb: str, total: int, unit: str, initial: int = 0, show: bool = True):
-    """A tqdm bar on a terminal, `Lines` in a log, nothing when not shown (each has update,
-    set_postfix, set_postfix_str and close)."""
+def progress(verb: str, total: int, unit: str, initial: int = 0, show: bool = True, marks: int = 4):
+    """A tqdm bar on a terminal, `Lines` in a log (a line at each 1/marks of the work), nothing when not
+    shown (each has update, set_postfix, set_postfix_str and close)."""
     from tqdm import tqdm
 
     if not show or total <= 0:
         return tqdm(total=total, disable=True)
     if sys.stderr.isatty():
         return tqdm(total=total, initial=initial, desc=verb, unit=unit, dynamic_ncols=True, file=sys.stderr)
-    return Lines(verb, total, unit, initial)
+    return Lines(verb, total, unit, initial, marks)

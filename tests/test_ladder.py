@@ -9,7 +9,7 @@ import pytest
 
 from lfm_mlx.cli import main as cli
 from lfm_mlx.ladder import judge, markdown, run_ladder
-from lfm_mlx.task import build_suite
+from lfm_mlx.demo.task import build_suite
 
 pytest.importorskip("llama_cpp")
 BROKEN = "Q4_K_M@attn_q=q1_0"  # q1_0 blocks are 128 wide, the tiny models' rows 64: llama.cpp has no fallback

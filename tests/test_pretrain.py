@@ -1,4 +1,4 @@
-"""lfm_mlx.pretrain: a short run lowers the loss, writes a directory both loaders open, is cached and reproducible."""
+"""lfm_mlx.demo.pretrain: a short run lowers the loss, writes a directory both loaders open, is cached and reproducible."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from lfm_mlx import pretrain as pt
+from lfm_mlx.demo import pretrain as pt
 from lfm_mlx.model.io import load
 
 TINY = dict(steps=12, batch_size=2, rows=48, warmup_steps=2, seed=0)
@@ -119,7 +119,7 @@ def test_the_pre_training_surface_still_draws_the_shipped_base_rows():
     RECIPE_VERSION and a rebuilt base, not a silent drift."""
     import hashlib
 
-    from lfm_mlx.task import generate_rows
+    from lfm_mlx.demo.task import generate_rows
 
     rows = generate_rows(2000, pt.SHIPPED_CONFIG.seed, "pretrain", pt.SHIPPED_CONFIG.tools_per_row)
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
@@ -130,7 +130,7 @@ def test_the_pre_training_surface_still_draws_the_shipped_base_rows():
 
 def test_encoding_in_forked_workers_gives_the_same_examples(monkeypatch):
     """The GPU machine encodes pre-training rows in forked workers; they must be the serial encoding."""
-    from lfm_mlx.task import generate_rows
+    from lfm_mlx.demo.task import generate_rows
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(pt.SHIPPED_BASE)

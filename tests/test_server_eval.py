@@ -210,9 +210,9 @@ def test_in_process_eval_as_served_answers_as_the_server(tmp_path):
     """The shipped pre-trained base (experts int8): in-process eval loaded as mlx_lm.server loads it gives the
     server's answers case for case; the default float32 load is recorded as such."""
     from lfm_mlx.mixed import mix
-    from lfm_mlx.task import main as task_main
+    from lfm_mlx.demo.task import main as task_main
 
-    base = Path(__file__).resolve().parents[1] / "lfm_mlx" / "bases" / "demo-moe-wide"
+    base = Path(__file__).resolve().parents[1] / "lfm_mlx" / "demo" / "bases" / "demo-moe-wide"
     mix(base, tmp_path / "mixed")
     assert task_main([str(tmp_path / "task"), "--rows", "20", "--per-category", "2"]) == 0
     suite = tmp_path / "task" / "suite.json"

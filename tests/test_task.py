@@ -1,4 +1,4 @@
-"""lfm_mlx.task: seeded rows that validate and render, suites in the lfm_mlx.suites schema, held-out disjointness."""
+"""lfm_mlx.demo.task: seeded rows that validate and render, suites in the lfm_mlx.suites schema, held-out disjointness."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from lfm_mlx import task
+from lfm_mlx.demo import task
 from lfm_mlx.data import encode_row, validate_rows
 from lfm_mlx.suites import load_suite
 from lfm_mlx.tools import ToolCall, parse_tool_calls, render_pythonic

@@ -1,18 +1,20 @@
 """`lfm-mlx demo`: the whole pipeline end to end on a synthetic tiny LFM2-MoE, on CPU in minutes.
 
-base (pre-trained on another tool surface, shipped: lfm_mlx/bases/demo-moe-wide) -> mix (experts int8) -> eval ->
+base (pre-trained on another tool surface, shipped: lfm_mlx/demo/bases/demo-moe-wide) -> mix (experts int8) -> eval ->
 grouped MoE training on the task -> eval -> repair set from the failures -> LoRA repair -> eval ->
 fuse to 8 bits (and to 4 bits, which the fidelity check refuses where it changes the fine-tune's
 answers) -> eval -> GGUF export ->
 eval through llama.cpp. Every stage writes its reports into the run directory; the summary table
-and the plots are made from those JSON files.
+and the plots are made from those JSON files (`summary`).
+
+The stages' modules are imported inside the functions that run them: the evaluation worker, a spawned
+process, imports this module and needs none of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import multiprocessing
 import resource
 import sys
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lfm_mlx import console
+from lfm_mlx.demo.summary import environment_line, fidelity_summary, make_plots, peak_rss_gb, summary_text
 from lfm_mlx.fsutil import atomic_write_json, atomic_write_text
 
 STAGES = ("base", "trained", "repaired", "fused 8-bit", "gguf (llama.cpp)")
@@ -33,7 +36,7 @@ class DemoConfig:
     """Every knob of the demo (the test suite runs these defaults); `quick()` is a shortened smoke run."""
 
     run_dir: str = "runs/demo"
-    base: str = ""  # a pre-trained LFM2-MoE directory; empty: the shipped lfm_mlx/bases/demo-moe-wide
+    base: str = ""  # a pre-trained LFM2-MoE directory; empty: the shipped lfm_mlx/demo/bases/demo-moe-wide
     seed: int = 0
     # Chosen by held-out pass rates measured on this 2-core box with the shipped base (README, Status)
     task_rows: int = 900
@@ -159,7 +162,7 @@ def run_demo(config: DemoConfig) -> dict:
     beside the training that follows them (each process on one BLAS thread: the tiny model's matmuls
     gain nothing from two), which saves minutes on a 2-core machine and changes no result."""
     from lfm_mlx import cpu_blas
-    from lfm_mlx.pretrain import shipped_base
+    from lfm_mlx.demo.pretrain import shipped_base  # here: `python -m lfm_mlx.demo.pretrain` imports this package first
 
     if importlib.util.find_spec("llama_cpp") is None:  # the last stage runs the GGUF in llama.cpp
         raise SystemExit("lfm-mlx demo: llama-cpp-python is missing; install it with pip install -e '.[cpu,gguf]'")
@@ -178,81 +181,142 @@ def run_demo(config: DemoConfig) -> dict:
             cpu_blas.set_threads(threads)
 
 
-def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", started: float) -> dict:
-    from lfm_mlx.evaluate import LlamaCppBackend, MLXBackend
-    from lfm_mlx.fuse import FidelityError, fuse
-    from lfm_mlx.gguf import export_gguf
-    from lfm_mlx.grouped import GroupedMoETrainer
-    from lfm_mlx.lora import train_lora
-    from lfm_mlx.mixed import mix
-    from lfm_mlx.task import write_task
+@dataclass
+class Reports:
+    """Each stage's evaluation reports: the held-out test suite's and the paraphrase suite's."""
 
-    evals: dict[str, dict] = {}
-    paraphrase: dict[str, dict] = {}
+    held_out: dict[str, dict] = field(default_factory=dict)
+    paraphrase: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, name: str, reports) -> None:
+        self.held_out[name], self.paraphrase[name] = reports
+
+    def collect(self, name: str, job, log: StageLog) -> None:
+        """A worker evaluation's reports into the summary, and the worker's own time into the log."""
+        reports, seconds = job.result()
+        self.add(name, reports)
+        log.record(f"eval {name} (beside training)", started=time.perf_counter() - seconds)
+
+
+def _run_stages(config: DemoConfig, run: Path, base: Path, log: StageLog, started: float) -> dict:
+    """The stages in order; each evaluation in the worker overlaps the stage after the one it evaluates."""
+    task, mixed = _task_and_mix(config, run, base, log)
+    reports = Reports()
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as worker:
+        def beside(model: Path, adapter: Path | None, name: str):  # an evaluation in the worker
+            return worker.submit(eval_job, model, adapter, _stage_suites(task, run / "eval" / name), config.max_tokens)
+
+        base_job = beside(mixed, None, "base")
+        trained = _train_grouped(config, run, task, mixed, log)
+        reports.collect("base", base_job, log)
+
+        trained_job = beside(trained, None, "trained")
+        lora_dir, lora_summary = _repair(config, run, task, trained, log)
+        reports.collect("trained", trained_job, log)
+
+        repaired_job = beside(trained, lora_dir, "repaired")
+        fused, fidelity8, fidelity4 = _fuse(config, run, task, trained, lora_dir, log)
+        gguf_path = _eval_fused_and_gguf(config, run, task, fused, reports, log)
+        reports.collect("repaired", repaired_job, log)
+    results = {
+        "lora": {key: lora_summary.get(key) for key in ("steps", "best_step", "best_val_loss", "warning")},
+        "fidelity_8bit": fidelity8,
+        "fidelity_4bit": fidelity4,
+        "bfcl": bfcl_slice(config, mixed, fused, run / "eval", log),
+        "paths": {"base": str(base), "mixed": str(mixed), "trained": str(trained), "adapters": str(lora_dir),
+                  "fused": str(fused), "gguf": str(gguf_path)},
+    }
+    return _write_summary(config, run, log, started, reports, results)
+
+
+def _task_and_mix(config: DemoConfig, run: Path, base: Path, log: StageLog) -> tuple[dict[str, Path], Path]:
+    """The task's rows and suites, and the base's mixed checkpoint (experts int8)."""
+    from lfm_mlx.demo.task import write_task
+    from lfm_mlx.mixed import mix
+
     t = time.perf_counter()
     task = write_task(run / "task", rows=config.task_rows, seed=config.seed, per_category=config.cases_per_category,
                       weights=config.category_weights, full_traces=config.full_traces)
     mixed = run / "mixed"
     mix(base, mixed)
     log.record("task data + mix", t)
+    return task, mixed
 
-    def collect(name: str, job) -> None:  # a worker evaluation's reports into the summary
-        (evals[name], paraphrase[name]), seconds = job.result()
-        log.record(f"eval {name} (beside training)", started=time.perf_counter() - seconds)  # the worker's own time
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as worker:
-        base_job = worker.submit(eval_job, mixed, None, _stage_suites(task, run / "eval" / "base"), config.max_tokens)
+def _train_grouped(config: DemoConfig, run: Path, task: dict[str, Path], mixed: Path, log: StageLog) -> Path:
+    """Grouped MoE training on the task's rows; returns the trained model directory."""
+    from lfm_mlx.grouped import GroupedMoETrainer
 
-        t = time.perf_counter()
-        result = GroupedMoETrainer(grouped_config(config, mixed, task["train"], run / "grouped")).train(restart=True)
-        trained = Path(result.model_dir)
-        log.record("grouped MoE training", t, steps=result.steps)
-        collect("base", base_job)
+    t = time.perf_counter()
+    result = GroupedMoETrainer(grouped_config(config, mixed, task["train"], run / "grouped")).train(restart=True)
+    trained = Path(result.model_dir)
+    log.record("grouped MoE training", t, steps=result.steps)
+    return trained
 
-        trained_job = worker.submit(eval_job, trained, None, _stage_suites(task, run / "eval" / "trained"),
-                                    config.max_tokens)
-        t = time.perf_counter()  # the repair set is built from the dev suite's failures, so it comes first
-        _eval(MLXBackend(trained), task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens, config.progress)
-        log.record("eval trained (dev suite)", t)
 
-        t = time.perf_counter()
-        lora_dir = run / "lora"
-        rows = repair_rows(config, run / "eval" / "trained_dev" / "report.json", task, run / "repair_datasets")
-        lora_summary = train_lora(lora_settings(config, trained, rows, lora_dir))
-        log.record("repair set + LoRA repair", t)
-        collect("trained", trained_job)
+def _repair(config: DemoConfig, run: Path, task: dict[str, Path], trained: Path, log: StageLog) -> tuple[Path, dict]:
+    """The dev suite's eval, the repair set from its failures, the LoRA repair; returns the adapters and
+    the LoRA run's summary."""
+    from lfm_mlx.evaluate import MLXBackend
+    from lfm_mlx.lora import train_lora
 
-        repaired_job = worker.submit(eval_job, trained, lora_dir, _stage_suites(task, run / "eval" / "repaired"),
-                                     config.max_tokens)
-        t = time.perf_counter()
-        fused = run / "fused-8bit"
-        fidelity8 = fidelity_summary(fuse(trained, lora_dir, fused, bits=8, suite=task["suite"],
-                                           progress=config.progress))
-        try:  # the same fine-tune at 4 bits: the gate judges whether it survives
-            fidelity4 = fidelity_summary(fuse(trained, lora_dir, run / "fused-4bit", bits=4, suite=task["suite"],
-                                                    progress=config.progress))
-        except FidelityError as err:
-            fidelity4 = {**fidelity_summary(err.report), "reason": str(err).splitlines()[0]}
-        log.record("fuse 8-bit (+ 4-bit check)", t, fused_4bit_refused=not fidelity4["passed"])
+    t = time.perf_counter()  # the repair set is built from the dev suite's failures, so it comes first
+    _eval(MLXBackend(trained), task["suite_dev"], run / "eval" / "trained_dev", config.max_tokens, config.progress)
+    log.record("eval trained (dev suite)", t)
 
-        t = time.perf_counter()
-        fused_backend = MLXBackend(fused)
-        evals["fused 8-bit"], paraphrase["fused 8-bit"] = [
-            _eval(fused_backend, suite, out, config.max_tokens, config.progress) for suite, out in _stage_suites(task, run / "eval" / "fused8")]
-        log.record("eval fused 8-bit", t)
+    t = time.perf_counter()
+    lora_dir = run / "lora"
+    rows = repair_rows(config, run / "eval" / "trained_dev" / "report.json", task, run / "repair_datasets")
+    lora_summary = train_lora(lora_settings(config, trained, rows, lora_dir))
+    log.record("repair set + LoRA repair", t)
+    return lora_dir, lora_summary
 
-        t = time.perf_counter()
-        gguf_path = run / f"model-{config.gguf_outtype}.gguf"
-        export_gguf(fused, gguf_path, outtype=config.gguf_outtype)
-        gguf_backend = LlamaCppBackend(gguf_path, fused)
-        evals["gguf (llama.cpp)"], paraphrase["gguf (llama.cpp)"] = [
-            _eval(gguf_backend, suite, out, config.max_tokens, config.progress) for suite, out in _stage_suites(task, run / "eval" / "gguf")]
-        log.record("GGUF export + eval in llama.cpp", t)
-        collect("repaired", repaired_job)
-    bfcl = bfcl_slice(config, mixed, fused, run / "eval", log)
-    evals = {name: evals[name] for name in STAGES}  # in pipeline order
-    paraphrase = {name: paraphrase[name] for name in STAGES}
 
+def _fuse(config: DemoConfig, run: Path, task: dict[str, Path], trained: Path, lora_dir: Path,
+          log: StageLog) -> tuple[Path, dict, dict]:
+    """Fuse to 8 bits, and try 4 bits (the fidelity gate judges whether the fine-tune survives it)."""
+    from lfm_mlx.fuse import FidelityError, fuse
+
+    t = time.perf_counter()
+    fused = run / "fused-8bit"
+    fidelity8 = fidelity_summary(fuse(trained, lora_dir, fused, bits=8, suite=task["suite"],
+                                       progress=config.progress))
+    try:  # the same fine-tune at 4 bits: the gate judges whether it survives
+        fidelity4 = fidelity_summary(fuse(trained, lora_dir, run / "fused-4bit", bits=4, suite=task["suite"],
+                                                progress=config.progress))
+    except FidelityError as err:
+        fidelity4 = {**fidelity_summary(err.report), "reason": str(err).splitlines()[0]}
+    log.record("fuse 8-bit (+ 4-bit check)", t, fused_4bit_refused=not fidelity4["passed"])
+    return fused, fidelity8, fidelity4
+
+
+def _eval_fused_and_gguf(config: DemoConfig, run: Path, task: dict[str, Path], fused: Path, reports: Reports,
+                         log: StageLog) -> Path:
+    """The fused model's eval in MLX, then its GGUF export and the same eval in llama.cpp; returns the GGUF."""
+    from lfm_mlx.evaluate import LlamaCppBackend, MLXBackend
+    from lfm_mlx.gguf import export_gguf
+
+    t = time.perf_counter()
+    fused_backend = MLXBackend(fused)
+    reports.add("fused 8-bit", [_eval(fused_backend, suite, out, config.max_tokens, config.progress)
+                                for suite, out in _stage_suites(task, run / "eval" / "fused8")])
+    log.record("eval fused 8-bit", t)
+
+    t = time.perf_counter()
+    gguf_path = run / f"model-{config.gguf_outtype}.gguf"
+    export_gguf(fused, gguf_path, outtype=config.gguf_outtype)
+    gguf_backend = LlamaCppBackend(gguf_path, fused)
+    reports.add("gguf (llama.cpp)", [_eval(gguf_backend, suite, out, config.max_tokens, config.progress)
+                                     for suite, out in _stage_suites(task, run / "eval" / "gguf")])
+    log.record("GGUF export + eval in llama.cpp", t)
+    return gguf_path
+
+
+def _write_summary(config: DemoConfig, run: Path, log: StageLog, started: float, reports: Reports,
+                   results: dict) -> dict:
+    """summary.json, summary.md and the plots; the summary table printed."""
+    evals = {name: reports.held_out[name] for name in STAGES}  # in pipeline order
+    paraphrase = {name: reports.paraphrase[name] for name in STAGES}
     summary = {
         "config": asdict(config),
         "environment": environment_line(),
@@ -262,12 +326,7 @@ def _run_stages(config: DemoConfig, run: Path, base: Path, log: "StageLog", star
         "pass_rates": {name: report["metrics"]["pass_rate"] for name, report in evals.items()},
         "metrics": {name: report["metrics"] for name, report in evals.items()},
         "paraphrase_pass_rates": {name: report["metrics"]["pass_rate"] for name, report in paraphrase.items()},
-        "lora": {key: lora_summary.get(key) for key in ("steps", "best_step", "best_val_loss", "warning")},
-        "fidelity_8bit": fidelity8,
-        "fidelity_4bit": fidelity4,
-        "bfcl": bfcl,
-        "paths": {"base": str(base), "mixed": str(mixed), "trained": str(trained), "adapters": str(lora_dir),
-                  "fused": str(fused), "gguf": str(gguf_path)},
+        **results,
     }
     atomic_write_json(run / "summary.json", summary)
     atomic_write_text(run / "summary.md", summary_text(summary))
@@ -289,101 +348,6 @@ def bfcl_slice(config: DemoConfig, base: Path, fused: Path, eval_dir: Path, log:
                      for model, name in ((base, "bfcl_base"), (fused, "bfcl_fused8"))]
     log.record("BFCL slice, base and fused 8-bit", t)
     return {"per_category": config.bfcl_per_category, "compare": compare_reports(before, after)}
-
-
-def bfcl_text(bfcl: dict) -> str:
-    from lfm_mlx.report import text_table
-
-    if "skipped" in bfcl:
-        return f"BFCL slice: skipped ({bfcl['skipped']})"
-    rows = [{"category": r["category"], "base": r["before"], "fused 8-bit": r["after"], "delta (points)": r["delta_pp"]}
-            for r in bfcl["compare"]]
-    return (f"BFCL v4 slice ({bfcl['per_category']} cases per category): what the fine-tune did to general tool calling\n"
-            + text_table(rows, ["category", "base", "fused 8-bit", "delta (points)"],
-                         {"base": ".0%", "fused 8-bit": ".0%", "delta (points)": "+.1f"}))
-
-
-def peak_rss_gb() -> float:
-    """The larger peak resident memory of this process and of the evaluation worker (after it ended)."""
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    peaks = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return round(max(peaks) * scale / 1e9, 3)
-
-
-def environment_line() -> str:
-    """Where the demo runs: MLX, its device, the BLAS its CPU matmuls use, the cores."""
-    import os
-
-    import mlx.core as mx
-
-    from lfm_mlx import cpu_blas
-
-    return f"MLX {mx.__version__} on {mx.default_device()}, BLAS: {cpu_blas.describe()}, {os.cpu_count()} cores"
-
-
-def fidelity_summary(report: dict) -> dict:
-    """What the summary keeps of a fuse's fidelity report: the verdict and the numbers it rests on."""
-    fused = report["adapter_vs_fused"]
-    return {"passed": report["passed"], "reasons": report["reasons"], "answer_agreement": fused["answer_agreement"],
-            "decisive_top1_agreement": fused["decisive_top1_agreement"], "mean_kl": fused["mean_kl"],
-            "fine_tune_kept": report["fine_tune_kept"], "min_survival": report["survival"]["min"]}
-
-
-LEGEND = """pass: cases answered as expected (the right tool with the right arguments, or a plain answer that
-  contains the expected words); a column per category: browser, terminal, file, apps (calls to the task's
-  tools), no_tool (small talk and how-to questions that need no call), finalization (answering from a tool result)
-structured: cases expecting a call whose reply holds one inside the tool-call markers (what a server returns
-  as message.tool_calls), whether right or wrong
-false pos.: cases expecting no call (no_tool, finalization) answered with one
-leaks: cases (a count) with a call written as plain text outside the markers, which a server leaves in the content"""
-
-
-def summary_text(summary: dict) -> str:
-    """The summary table: pass rate per stage and category, leaks, false positives, time, memory."""
-    from lfm_mlx.report import text_table
-
-    rows, categories = [], sorted({c for m in summary["metrics"].values() for c in m["per_category"]})
-    for name, metrics in summary["metrics"].items():
-        row = {"stage": name, "pass": metrics["pass_rate"], "leaks": metrics["text_tool_leaks"],
-               "false pos.": metrics["no_tool_false_positive_rate"], "structured": metrics["structured_tool_call_rate"]}
-        row.update({c: metrics["per_category"].get(c, {}).get("pass_rate") for c in categories})
-        rows.append(row)
-    percent = {k: ".0%" for k in ["pass", "false pos.", "structured", *categories]}
-    timing = text_table(summary["stages"], ["stage", "seconds", "process_peak_gb", "mlx_peak_gb"],
-                        {"seconds": ".1f", "process_peak_gb": ".2f", "mlx_peak_gb": ".3f"})
-    fused8, fused4 = summary["fidelity_8bit"], summary["fidelity_4bit"]
-    verdict = "passed the gate" if fused4["passed"] else f"refused: {fused4['reasons'][0]}"
-    paraphrase = " -> ".join(f"{name} {rate:.0%}" for name, rate in summary["paraphrase_pass_rates"].items())
-    return ("held-out suite, pass rate per stage\n"
-            + text_table(rows, ["stage", "pass", *categories, "structured", "false pos.", "leaks"], percent)
-            + "\n" + LEGEND
-            + f"\n\nparaphrase suite (held-out wording), pass rate: {paraphrase}"
-            + (f"\n\nLoRA repair: {summary['lora']['warning']}" if summary["lora"].get("warning") else "")
-            + f"\n\nfidelity vs base + adapters: 8-bit answers {fused8['answer_agreement']:.0%}, fine-tune kept "
-            f"{fused8['fine_tune_kept']}; 4-bit answers {fused4['answer_agreement']:.0%}, kept {fused4['fine_tune_kept']}"
-            f" -> 4-bit {verdict}\n\n{bfcl_text(summary['bfcl'])}\n\n{summary['environment']}\nstages (wall {summary['wall_seconds']:.0f} s, peak RSS "
-            f"{summary['peak_rss_gb']:.2f} GB; the evaluations marked 'beside training' overlap it)\n" + timing + "\n")
-
-
-def make_plots(run_dir: str | Path) -> list[Path]:
-    """Pass rate per stage, loss curves and memory over time, from the run directory's JSON files."""
-    from lfm_mlx.report import plot_bars, plot_series, read_jsonl
-
-    run = Path(run_dir)
-    summary = json.loads((run / "summary.json").read_text())
-    out = [plot_bars(list(summary["pass_rates"]), [v or 0.0 for v in summary["pass_rates"].values()],
-                     run / "pass_rate.png", "Held-out pass rate per stage", "pass rate")]
-    grouped = [r for r in read_jsonl(run / "grouped" / "metrics.jsonl") if r.get("kind") == "step"]
-    lora = [r for r in read_jsonl(run / "lora" / "metrics.jsonl") if "train_loss" in r]
-    offset = len(grouped)
-    out.append(plot_series(
-        [("grouped MoE training", [r["step"] for r in grouped], [r["loss"] for r in grouped]),
-         ("LoRA repair", [offset + r["step"] for r in lora], [r["train_loss"] for r in lora])],
-        run / "loss.png", "Training loss", "step (grouped, then LoRA)", "masked cross-entropy"))
-    out.append(plot_series(
-        [("grouped step peak (GB)", [r["step"] for r in grouped], [r["peak_memory_gb"] for r in grouped])],
-        run / "memory.png", "Memory during grouped training", "step", "GB"))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

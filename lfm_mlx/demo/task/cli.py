@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from lfm_mlx.task.build import write_task
-from lfm_mlx.task.surfaces import SURFACES
+from lfm_mlx.demo.task.build import write_task
+from lfm_mlx.demo.task.surfaces import SURFACES
 
 
 def main(argv: list[str] | None = None) -> int:

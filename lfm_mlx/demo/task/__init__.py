@@ -2,7 +2,7 @@
 
 The `task` surface is Hermes-style (browser navigate / search / click, terminal, file read / search /
 write, plus weather, calendar and email): the demo teaches it and evaluates it. The `pretrain`
-surface is what `lfm_mlx.pretrain` gives the tiny base its general tool-call ability on: other domains
+surface is what `lfm_mlx.demo.pretrain` gives the tiny base its general tool-call ability on: other domains
 (music, translation, timers, recipes, ...) and "sibling" tools that serve the task's kinds of request
 under other names (`cat_file` for `read_file`, a bare site for `https://...`). So the base knows the
 call syntax and how to copy a value out of a request, but calls none of the task's tools: it starts
@@ -22,16 +22,16 @@ the base knows and the task rows never show.
     python -m lfm_mlx.task OUT_DIR --rows 600 --seed 0
 """
 
-from lfm_mlx.task.build import SPLITS, build_suite, check_disjoint, generate_rows, write_task
-from lfm_mlx.task.cli import main
-from lfm_mlx.task.fillers import MADE_UP_SHARE, SLOT_MAKERS
-from lfm_mlx.task.surfaces import (CHAT_WRAPPERS, HELD_CHAT_WRAPPERS, HELD_WRAPPERS, PRETRAIN, PRETRAIN_INTENTS,
+from lfm_mlx.demo.task.build import SPLITS, build_suite, check_disjoint, generate_rows, write_task
+from lfm_mlx.demo.task.cli import main
+from lfm_mlx.demo.task.fillers import MADE_UP_SHARE, SLOT_MAKERS
+from lfm_mlx.demo.task.surfaces import (CHAT_WRAPPERS, HELD_CHAT_WRAPPERS, HELD_WRAPPERS, PRETRAIN, PRETRAIN_INTENTS,
                                    PRETRAIN_TOOLS, SIBLING_TOOLS, SURFACES, TASK, TASK_INTENTS, TASK_TOOLS,
                                    TASK_WRAPPERS, WRAPPERS, Intent, Surface, get_surface)
 
 # The pools and helpers tests/test_task.py reads (module-private, kept reachable here as before the split).
-from lfm_mlx.task.build import _prompt, _slots  # noqa: F401
-from lfm_mlx.task.fillers import (_CITIES, _HELD_CITIES, _HELD_LABELS, _HELD_NAMES, _HELD_TOPICS,  # noqa: F401
+from lfm_mlx.demo.task.build import _prompt, _slots  # noqa: F401
+from lfm_mlx.demo.task.fillers import (_CITIES, _HELD_CITIES, _HELD_LABELS, _HELD_NAMES, _HELD_TOPICS,  # noqa: F401
                                   _HELD_WORDS, _LABELS, _MADE_UP, _NAMES, _TOPICS, _WORDS, _splice)
 
 __all__ = [

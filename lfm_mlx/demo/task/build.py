@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from lfm_mlx.fsutil import atomic_write_json, atomic_write_text
-from lfm_mlx.task.fillers import SLOT_MAKERS
-from lfm_mlx.task.surfaces import (
+from lfm_mlx.demo.task.fillers import SLOT_MAKERS
+from lfm_mlx.demo.task.surfaces import (
     CHAT_WRAPPERS, HELD_CHAT_WRAPPERS, HELD_WRAPPERS, TASK_WRAPPERS, WRAPPERS, Intent, Surface, get_surface,
 )
 

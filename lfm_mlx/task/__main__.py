@@ -1,5 +1,0 @@
-"""`python -m lfm_mlx.task`: writes the demo task's rows and suites."""
-
-from lfm_mlx.task.cli import main
-
-raise SystemExit(main())
