@@ -4,6 +4,7 @@ per-phase warmup + cosine schedule, and the choice among AdamW, fused AdamW and 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -14,6 +15,7 @@ from mlx.utils import tree_map
 from lfm_mlx.grouped.config import TrainConfig
 from lfm_mlx.kernels import fused_adamw
 from lfm_mlx.kernels.choices import KernelChoices, UpdateKernels
+from lfm_mlx.kernels.fused_adamw import AdamWStep, TensorUpdate
 from lfm_mlx.kernels.int8_moments import (
     MOMENT_GROUP, V_FLOOR, WEIGHT_STREAM, pack_moment, pack_moment_noisy, round_to_bfloat16, unpack_moment,
 )
@@ -34,93 +36,60 @@ def _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd):
     return p32, m32, v32
 
 
-def _adamw_dense(g, p, m, v, lr, scale, b1, b2, eps, wd):
+# How the update reads and writes a tensor's master and moments. Masters: "plain" (the weights are the
+# master, in their own dtype), "split" (bfloat16 weights + their 16 low bits: a float32 master bit for
+# bit, `kernels.master_bits`), "stochastic" (bfloat16 weights, each update rounded stochastically).
+# Moments: "float32", "int8" (both as int8 codes, the second as its logarithm: its values span orders
+# of magnitude within a group, and a linear code would round small ones to zero and blow their step
+# up), "int8-first" (the first as int8 codes, the second float32: Unsloth's MLX trainer saw an int8
+# second moment diverge).
+MASTERS = ("plain", "split", "stochastic")
+MOMENTS = ("float32", "int8", "int8-first")
+
+
+def _adamw_variant(master: str, moments: str, g, weights: tuple, m, v, lr, scale, seed, b1, b2, eps, wd):
+    """_adamw_math for one (master, moments) layout: (*the new master's arrays, m, v), the moments
+    int8 ones still float32 (the second as its logarithm) for `_Update` to pack."""
+    p = join_master(*weights) if master == "split" else weights[0]
+    if moments != "float32":
+        m = unpack_moment(m)
+    if moments == "int8":
+        v = mx.exp(unpack_moment(v)) - V_FLOOR
     p32, m32, v32 = _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd)
-    return p32.astype(p.dtype), m32.astype(m.dtype), v32.astype(v.dtype)
-
-
-def _adamw_split(g, high, low, m, v, lr, scale, b1, b2, eps, wd):
-    """_adamw_dense on a master split into bfloat16 weights and their low bits (`kernels.master_bits`):
-    the float32 master's update, bit for bit, and the new halves."""
-    p32, m32, v32 = _adamw_math(g, join_master(high, low), m, v, lr, scale, b1, b2, eps, wd)
-    return (*split_master(p32), m32, v32)
-
-
-def _adamw_dense_rounded(g, p, m, v, lr, scale, seed, b1, b2, eps, wd):
-    """_adamw_dense with the new bfloat16 weights rounded stochastically (`round_to_bfloat16`)."""
-    p32, m32, v32 = _adamw_math(g, p, m, v, lr, scale, b1, b2, eps, wd)
-    return round_to_bfloat16(p32, seed + WEIGHT_STREAM), m32.astype(m.dtype), v32.astype(v.dtype)
-
-
-def _adamw_int8_math(g, p, m, v, lr, scale, seed, b1, b2, eps, wd, rounded):
-    """_adamw_math on int8 moments: the new weights (bfloat16 rounded stochastically when
-    `rounded`), the new first moment and the logarithm of the new second moment (float32), for
-    `_adamw_int8_state` to pack."""
-    p32, m32, v32 = _adamw_math(g, p, unpack_moment(m), mx.exp(unpack_moment(v)) - V_FLOOR, lr, scale,
-                                b1, b2, eps, wd)
-    p = round_to_bfloat16(p32, seed + WEIGHT_STREAM) if rounded else p32.astype(p.dtype)
-    return p, m32, mx.log(v32 + V_FLOOR)
-
-
-def _adamw_int8_split_math(g, high, low, m, v, lr, scale, seed, b1, b2, eps, wd):
-    """_adamw_int8_math on a split master: its new halves, then the moments for packing."""
-    p32, m32, log_v32 = _adamw_int8_math(g, join_master(high, low), m, v, lr, scale, seed, b1, b2, eps, wd, False)
-    return (*split_master(p32), m32, log_v32)
-
-
-def _adamw_int8_state(g, master: tuple, m, v, lr, scale, seed, b1, b2, eps, wd, rounded=False,
-                      record: dict | None = None) -> tuple:
-    """_adamw_math on int8 moments, each stored rounded stochastically (unbiased): the first
-    moment linearly, the second as its logarithm (its values span orders of magnitude within a
-    group; a linear code would round small ones to zero and blow their step up). One noise draw
-    serves both, as u and 1 - u: each moment's rounding is still unbiased, at half the draws.
-    `master`: (weights,) or a split master's (bfloat16 weights, low bits); returns the new master's
-    arrays, then the packed moments. `record`: the run's packing-kernel record (`UpdateKernels.moments`)."""
-    if len(master) == 2:
-        kernel = _adamw_int8_split_kernel
+    if master == "split":
+        new = split_master(p32)
+    elif master == "stochastic":
+        new = (round_to_bfloat16(p32, seed + WEIGHT_STREAM),)
     else:
-        kernel = _adamw_int8_rounded_kernel if rounded else _adamw_int8_kernel
-    *new_master, m32, log_v32 = kernel(g, *master, m, v, lr, scale, seed, b1, b2, eps, wd)
-    return (*new_master, pack_moment_noisy(m32, seed, record=record),
-            pack_moment_noisy(log_v32, seed, flip=True, record=record))
+        new = (p32.astype(p.dtype),)
+    if moments == "float32":
+        return (*new, m32.astype(m.dtype), v32.astype(v.dtype))
+    return (*new, m32, mx.log(v32 + V_FLOOR) if moments == "int8" else v32)
 
 
-def _adamw_int8_first_math(g, p, m, v, lr, scale, seed, b1, b2, eps, wd, rounded):
-    """_adamw_math on an int8 first moment and a float32 second moment: the new weights (bfloat16
-    rounded stochastically when `rounded`), the new first moment (float32, for packing) and the new
-    second moment (float32, kept as it is)."""
-    p32, m32, v32 = _adamw_math(g, p, unpack_moment(m), v, lr, scale, b1, b2, eps, wd)
-    p = round_to_bfloat16(p32, seed + WEIGHT_STREAM) if rounded else p32.astype(p.dtype)
-    return p, m32, v32
+@dataclass(frozen=True)
+class _Update:
+    """A compiled update and what happens around it: its float32-moment layouts may run the CUDA kernel
+    (`kernels.fused_adamw`, when its probe finds it bit-identical and faster); int8 moments come out of
+    it in float32 and are packed here, rounded stochastically (one noise draw for both, as u and 1 - u)."""
+
+    compiled: Callable
+    moments: str
+
+    def __call__(self, tensor: TensorUpdate, step: AdamWStep, kernels: UpdateKernels) -> tuple:
+        if self.moments == "float32":
+            return fused_adamw.update(self.compiled, tensor, step, kernels.adamw)
+        *master, m32, v32 = fused_adamw.run(self.compiled, tensor, step)
+        m = pack_moment_noisy(m32, step.seed, record=kernels.moments)
+        v = pack_moment_noisy(v32, step.seed, flip=True, record=kernels.moments) if self.moments == "int8" else v32
+        return (*master, m, v)
 
 
-def _adamw_int8_first_split_math(g, high, low, m, v, lr, scale, seed, b1, b2, eps, wd):
-    """_adamw_int8_first_math on a split master: its new halves, then the moments."""
-    p32, m32, v32 = _adamw_int8_first_math(g, join_master(high, low), m, v, lr, scale, seed, b1, b2, eps, wd, False)
-    return (*split_master(p32), m32, v32)
-
-
-def _adamw_int8_first_state(g, master: tuple, m, v, lr, scale, seed, b1, b2, eps, wd, rounded=False,
-                            record: dict | None = None) -> tuple:
-    """_adamw_int8_state with only the first moment as int8 codes (rounded stochastically); the
-    second moment stays float32 (Unsloth's MLX trainer: an int8 second moment made training diverge)."""
-    if len(master) == 2:
-        kernel = _adamw_int8_first_split_kernel
-    else:
-        kernel = _adamw_int8_first_rounded_kernel if rounded else _adamw_int8_first_kernel
-    *new_master, m32, v32 = kernel(g, *master, m, v, lr, scale, seed, b1, b2, eps, wd)
-    return (*new_master, pack_moment_noisy(m32, seed, record=record), v32)
-
-
-_adamw_kernel = mx.compile(_adamw_dense)
-_adamw_split_kernel = mx.compile(_adamw_split)
-_adamw_rounded_kernel = mx.compile(_adamw_dense_rounded)
-_adamw_int8_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=False))
-_adamw_int8_rounded_kernel = mx.compile(functools.partial(_adamw_int8_math, rounded=True))
-_adamw_int8_split_kernel = mx.compile(_adamw_int8_split_math)
-_adamw_int8_first_kernel = mx.compile(functools.partial(_adamw_int8_first_math, rounded=False))
-_adamw_int8_first_rounded_kernel = mx.compile(functools.partial(_adamw_int8_first_math, rounded=True))
-_adamw_int8_first_split_kernel = mx.compile(_adamw_int8_first_split_math)
+# (master, moments) -> its update: one compiled graph each.
+UPDATES: dict[tuple[str, str], _Update] = {
+    (master, moments): _Update(mx.compile(functools.partial(_adamw_variant, master, moments)), moments)
+    for master in MASTERS for moments in MOMENTS
+}
 _join_kernel = mx.compile(join_master)
 
 
@@ -242,34 +211,31 @@ class FusedAdamW(optim.Optimizer):
         mx.eval(new, state)
         return new
 
-    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        lr = self.learning_rate.astype(mx.float32)
-        (b1, b2), eps, wd = self.betas, self.eps, self.weight_decay
-        rounded = self.stochastic_weights and parameter.dtype == mx.bfloat16
-        if isinstance(state["m"], dict) or rounded:
-            seed = mx.random.randint(0, 1 << 31, (1,)).astype(mx.uint32)  # from the step's seeded RNG
-        # An int8 first moment with a float32 second moment (second_state_bits=32) takes its own update.
-        int8_update = _adamw_int8_state if isinstance(state["v"], dict) else _adamw_int8_first_state
-        if "low" in state and isinstance(state["m"], dict):
-            p, state["low"], state["m"], state["v"] = int8_update(
-                gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale, seed, b1, b2, eps, wd,
-                record=self.kernels.moments)
-        elif "low" in state:
-            p, state["low"], state["m"], state["v"] = fused_adamw.update(
-                _adamw_split_kernel, gradient, (parameter, state["low"]), state["m"], state["v"], lr, self.grad_scale,
-                b1, b2, eps, wd, self.kernels.adamw)
-        elif isinstance(state["m"], dict):
-            p, state["m"], state["v"] = int8_update(gradient, (parameter,), state["m"], state["v"], lr,
-                                                          self.grad_scale, seed, b1, b2, eps, wd, rounded,
-                                                          self.kernels.moments)
-        elif rounded:
-            p, state["m"], state["v"] = _adamw_rounded_kernel(gradient, parameter, state["m"], state["v"], lr,
-                                                              self.grad_scale, seed, b1, b2, eps, wd)
+    def layout(self, parameter: mx.array, state: dict) -> tuple[str, str]:
+        """The (master, moments) layout of one tensor's update (a key of UPDATES)."""
+        if "low" in state:
+            master = "split"
+        elif self.stochastic_weights and parameter.dtype == mx.bfloat16:
+            master = "stochastic"
         else:
-            p, state["m"], state["v"] = fused_adamw.update(_adamw_kernel, gradient, (parameter,), state["m"],
-                                                           state["v"], lr, self.grad_scale, b1, b2, eps, wd,
-                                                           self.kernels.adamw)
-        return p
+            master = "plain"
+        if not isinstance(state["m"], dict):
+            return master, "float32"
+        return master, "int8" if isinstance(state["v"], dict) else "int8-first"
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        master, moments = self.layout(parameter, state)
+        (b1, b2), seed = self.betas, None
+        if moments != "float32" or (self.stochastic_weights and parameter.dtype == mx.bfloat16):
+            seed = mx.random.randint(0, 1 << 31, (1,)).astype(mx.uint32)  # from the step's seeded RNG
+        step = AdamWStep(self.learning_rate.astype(mx.float32), self.grad_scale, b1, b2, self.eps,
+                         self.weight_decay, seed)
+        weights = (parameter, state["low"]) if master == "split" else (parameter,)
+        *new, state["m"], state["v"] = UPDATES[master, moments](TensorUpdate(gradient, weights, state["m"], state["v"]),
+                                                               step, self.kernels)
+        if master == "split":
+            state["low"] = new[1]
+        return new[0]
 
 
 def lr_schedule(config: TrainConfig, steps: int) -> Callable:

@@ -13,6 +13,8 @@ cannot be built.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from lfm_mlx.kernels.probe import best_seconds, choose
@@ -80,6 +82,39 @@ _BODY = """
     reinterpret_cast<float4*>(m_out_)[item] = make_float4(m_out[0], m_out[1], m_out[2], m_out[3]);
     reinterpret_cast<float4*>(v_out_)[item] = make_float4(v_out[0], v_out[1], v_out[2], v_out[3]);
 """
+
+
+@dataclass
+class TensorUpdate:
+    """One tensor's update inputs: its gradient, its master ((weights,) or a split master's (bfloat16
+    weights, uint16 low bits)) and its two moments (float32 arrays or int8 codes)."""
+
+    gradient: mx.array
+    master: tuple[mx.array, ...]
+    m: mx.array | dict
+    v: mx.array | dict
+
+
+@dataclass
+class AdamWStep:
+    """The step's AdamW scalars, the same for every tensor: rate, gradient scale, betas, eps, weight
+    decay, and the seed of the stochastic roundings (None where nothing is rounded)."""
+
+    lr: mx.array
+    scale: mx.array
+    b1: float
+    b2: float
+    eps: float
+    wd: float
+    seed: mx.array | None = None
+
+
+def run(update, tensor: TensorUpdate, step: AdamWStep) -> tuple:
+    """`update` (a compiled update: positional arrays) on `tensor` at `step`: (*new master, m, v)."""
+    return update(tensor.gradient, tensor.master, tensor.m, tensor.v, step.lr, step.scale, step.seed,
+                  step.b1, step.b2, step.eps, step.wd)
+
+
 _NAMES = {"float32": (["p"], ["p_out"]), "split": (["high", "low"], ["high_out", "low_out"])}
 
 _kernels: dict[str, object] = {}
@@ -102,7 +137,8 @@ def layout_of(g: mx.array, master: tuple[mx.array, ...], m: mx.array, v: mx.arra
     return {(mx.float32,): "float32", (mx.bfloat16, mx.uint16): "split"}.get(dtypes)
 
 
-def _launch(layout, g, master, m, v, lr, scale, b1, b2, eps, wd):
+def _launch(layout: str, tensor: TensorUpdate, step: AdamWStep):
+    g, master, m, v = tensor.gradient, tensor.master, tensor.m, tensor.v
     if layout not in _kernels:
         inputs, outputs = _NAMES[layout]
         source = _BODY.replace("LOAD", _LOAD[layout]).replace("STORE", _STORE[layout])
@@ -110,32 +146,30 @@ def _launch(layout, g, master, m, v, lr, scale, b1, b2, eps, wd):
             name=f"lfm_adamw_{layout}", input_names=["g", *inputs, "m", "v", "lr", "scale", "constants", "count"],
             output_names=[*outputs, "m_out_", "v_out_"], source=source)
     vectors = g.size // 4
-    constants = mx.array([b1, 1 - b1, b2, 1 - b2, eps, wd], dtype=mx.float32)
+    constants = mx.array([step.b1, 1 - step.b1, step.b2, 1 - step.b2, step.eps, step.wd], dtype=mx.float32)
     outputs = [a.dtype for a in master] + [mx.float32, mx.float32]
-    return _kernels[layout](inputs=[g, *master, m, v, lr.reshape(1).astype(mx.float32),
-                                    scale.reshape(1).astype(mx.float32), constants,
+    return _kernels[layout](inputs=[g, *master, m, v, step.lr.reshape(1).astype(mx.float32),
+                                    step.scale.reshape(1).astype(mx.float32), constants,
                                     mx.array([vectors], dtype=mx.uint64)],
                             grid=(vectors, 1, 1), threadgroup=(256, 1, 1),
                             output_shapes=[g.shape] * len(outputs), output_dtypes=outputs)
 
 
-def update(reference, g, master: tuple[mx.array, ...], m, v, lr, scale, b1, b2, eps, wd,
-           records: dict[str, dict] | None = None) -> tuple:
+def update(reference, tensor: TensorUpdate, step: AdamWStep, records: dict[str, dict] | None = None) -> tuple:
     """(*new master, first moment, second moment): through the kernel once the probe (on the run's
     first tensor of PROBE_ELEMENTS or more of this layout, into the run's `records`) chose it, else
-    `reference(g, *master, m, v, ...)` (the compiled MLX update; always without records).
-    `master`: (float32 weights,) or (bfloat16 weights, uint16 low bits)."""
-    layout = layout_of(g, master, m, v)
+    the compiled MLX update `reference` (`run(reference, tensor, step)`; always without records)."""
+    layout = layout_of(tensor.gradient, tensor.master, tensor.m, tensor.v)
     if layout is not None and records is not None:
         record = records[layout]
-        if record["choice"] is None and g.size >= PROBE_ELEMENTS:
-            probe(layout, reference, g, master, m, v, lr, scale, b1, b2, eps, wd, record)
+        if record["choice"] is None and tensor.gradient.size >= PROBE_ELEMENTS:
+            probe(layout, reference, tensor, step, record)
         if record["choice"] == "kernel":
-            return tuple(_launch(layout, g, master, m, v, lr, scale, b1, b2, eps, wd))
-    return tuple(reference(g, *master, m, v, lr, scale, b1, b2, eps, wd))
+            return tuple(_launch(layout, tensor, step))
+    return tuple(run(reference, tensor, step))
 
 
-def probe(layout, reference, g, master, m, v, lr, scale, b1, b2, eps, wd, record: dict | None = None) -> dict:
+def probe(layout: str, reference, tensor: TensorUpdate, step: AdamWStep, record: dict | None = None) -> dict:
     """Decide on a real update whether the kernel of `layout` is used: the same bits in every
     output as `reference`, and faster. Records in `record` (the run's record of this layout)."""
     record = {} if record is None else record
@@ -146,10 +180,10 @@ def probe(layout, reference, g, master, m, v, lr, scale, b1, b2, eps, wd, record
         return record
 
     def mlx_update():
-        return reference(g, *master, m, v, lr, scale, b1, b2, eps, wd)
+        return run(reference, tensor, step)
 
     def kernel_update():
-        return _launch(layout, g, master, m, v, lr, scale, b1, b2, eps, wd)
+        return _launch(layout, tensor, step)
 
     try:
         differing = sum((a.view(mx.uint8) != b.view(mx.uint8)).sum().item()
@@ -157,6 +191,6 @@ def probe(layout, reference, g, master, m, v, lr, scale, b1, b2, eps, wd, record
     except Exception as err:  # a build or launch failure leaves MLX's update in place
         record["reason"] = f"kernel failed: {type(err).__name__}: {err}"
         return record
-    record.update(elements=g.size, differing=differing, mlx_s=best_seconds(mlx_update),
+    record.update(elements=tensor.gradient.size, differing=differing, mlx_s=best_seconds(mlx_update),
                   kernel_s=best_seconds(kernel_update))
     return choose(record, differing, "bytes of the new master and moments")
