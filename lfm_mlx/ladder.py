@@ -25,8 +25,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from lfm_mlx.errors import InvalidInput, MissingInput, debugging, read_json_input
 from lfm_mlx.fsutil import atomic_file, atomic_write_json, atomic_write_text, locked, recover, refuse_overlap
@@ -264,113 +266,171 @@ def run_ladder(model_dir: str | Path, out_dir: str | Path, suite: str, types: li
                repeats: int = 3, threads: int | None = None, command: str | None = None,
                log=print) -> dict:
     """Measure the ladder into OUT_DIR (GGUF files, evals/, ladder.json/.md/.png); return ladder.json's dict."""
-    from dataclasses import replace
-
-    from lfm_mlx.ladder_worker import prompt_key
-    from lfm_mlx.suites import load_suite
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    for name, value, least in (("--tolerance", tolerance, 0), ("--limit", limit, 1), ("--max-tokens", max_tokens, 1),
-                               ("--prefill-tokens", prefill_tokens, 1), ("--decode-tokens", decode_tokens, 1),
-                               ("--repeats", repeats, 1), ("--threads", threads, 1)):
+    settings = {"tolerance": tolerance, "outtype": outtype, "limit": limit, "max_tokens": max_tokens,
+                "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens, "repeats": repeats,
+                "threads": threads, "imatrix_from": imatrix_from and str(imatrix_from)}
+    _check_inputs(model_dir, imatrix_from, settings)
+    rungs = parse_rungs(list(types or DEFAULT_TYPES), imatrix_from is not None)
+    loaded = _load_suite_cut(suite, limit)
+    refuse_overlap(out_dir, {"model directory": model_dir})
+    tokenizer, prompts = _chat_prompts(model_dir, loaded)
+    ladder = _new_ladder(model_dir, loaded, settings, command)
+    measure_job = {"suite": str(loaded.path), "limit": limit, "tokenizer_dir": str(model_dir), "prompts": prompts,
+                   "eos_token_ids": sorted(tokenizer.eos_token_ids), "speed_prompt": next(iter(prompts.values())),
+                   "n_ctx": 4096, "threads": threads, "max_tokens": max_tokens, "prefill_tokens": prefill_tokens,
+                   "decode_tokens": decode_tokens, "repeats": repeats}
+    with locked(out_dir), tempfile.TemporaryDirectory(prefix="lfm_mlx-ladder-") as tmp:
+        bench = _Bench(out_dir, Path(tmp), measure_job, log)
+        try:
+            _climb(ladder, rungs, model_dir, imatrix_from, bench)
+        except KeyboardInterrupt:
+            ladder["error"] = "interrupted (Ctrl-C); the rungs above were measured"
+        finally:
+            if ladder["rungs"]:
+                _save(ladder, out_dir)
+    return ladder
+
+
+def _check_inputs(model_dir: Path, imatrix_from: str | Path | None, settings: dict) -> None:
+    """Refuse a bad setting or a missing input before anything is loaded."""
+    for name, key, least in (("--tolerance", "tolerance", 0), ("--limit", "limit", 1),
+                             ("--max-tokens", "max_tokens", 1), ("--prefill-tokens", "prefill_tokens", 1),
+                             ("--decode-tokens", "decode_tokens", 1), ("--repeats", "repeats", 1),
+                             ("--threads", "threads", 1)):
+        value = settings[key]
         if value is not None and value < least:
             raise InvalidInput(f"{name} {value}: must be at least {least}")
+    outtype = settings["outtype"]
     if outtype not in OUTTYPES or outtype == "q8_0":
         raise InvalidInput(f"--outtype {outtype!r}: the parent must be a float export (bf16, f16 or f32)")
     if not model_dir.is_dir():
         raise MissingInput(f"model directory {model_dir} does not exist; pass a local model directory")
     if imatrix_from is not None and not Path(imatrix_from).is_file():
         raise MissingInput(f"--imatrix-from {imatrix_from}: no such file (chat rows or text, one JSON object a line)")
-    rungs = parse_rungs(list(types or DEFAULT_TYPES), imatrix_from is not None)
-    loaded = load_suite(suite)
-    loaded = replace(loaded, cases=loaded.cases[:limit])
-    refuse_overlap(out_dir, {"model directory": model_dir})
 
+
+def _load_suite_cut(suite: str, limit: int | None):
+    """The suite, cut to its first `limit` cases."""
+    from lfm_mlx.suites import load_suite
+
+    loaded = load_suite(suite)
+    return replace(loaded, cases=loaded.cases[:limit])
+
+
+def _chat_prompts(model_dir: Path, loaded) -> tuple[object, dict[str, str]]:
+    """The model's tokenizer, and every case's prompt rendered by its chat template (by prompt key):
+    the children get the rendered text, so they import neither MLX's model code nor transformers."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from lfm_mlx.ladder_worker import prompt_key
 
     tokenizer = load_tokenizer(model_dir)
     prompts = {prompt_key(c.messages, c.tools): tokenizer.apply_chat_template(
         c.messages, tools=c.tools or None, add_generation_prompt=True, tokenize=False) for c in loaded.cases}
+    return tokenizer, prompts
+
+
+def _new_ladder(model_dir: Path, loaded, settings: dict, command: str | None) -> dict:
+    """ladder.json before the first rung: what is measured, how, and on which machine."""
     import llama_cpp
 
-    ladder = {
+    return {
         "format": FORMAT, "version": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command, "complete": False, "error": None, "model_dir": str(model_dir),
         "suite": {"name": loaded.name, "path": str(loaded.path), "sha256": loaded.sha256, "cases": len(loaded.cases)},
-        "settings": {"tolerance": tolerance, "outtype": outtype, "limit": limit, "max_tokens": max_tokens,
-                     "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens, "repeats": repeats,
-                     "threads": threads, "imatrix_from": imatrix_from and str(imatrix_from)},
+        "settings": settings,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "llama_cpp": f"llama-cpp-python {llama_cpp.__version__}"},
         "rungs": [], "recommendation": None,
     }
-    measure_job = {"suite": str(loaded.path), "limit": limit, "tokenizer_dir": str(model_dir), "prompts": prompts,
-                   "eos_token_ids": sorted(tokenizer.eos_token_ids), "speed_prompt": next(iter(prompts.values())),
-                   "n_ctx": 4096, "threads": threads, "max_tokens": max_tokens, "prefill_tokens": prefill_tokens,
-                   "decode_tokens": decode_tokens, "repeats": repeats}
 
-    def save() -> None:
-        judge(ladder)
-        atomic_write_json(out_dir / "ladder.json", ladder)
-        redraw(out_dir)
 
-    def measure(rung: dict, work: Path, parent_texts: dict | None) -> dict:
-        result, why = _child("measure", dict(measure_job, gguf=str(out_dir / rung["file"])), work)
+def _save(ladder: dict, out_dir: Path) -> None:
+    """Judge what was measured so far and write ladder.json, .md and .png."""
+    judge(ladder)
+    atomic_write_json(out_dir / "ladder.json", ladder)
+    redraw(out_dir)
+
+
+@dataclass
+class _Bench:
+    """Where rungs are written (out_dir) and worked on (work), the measure job each child gets, the log."""
+
+    out_dir: Path
+    work: Path
+    measure_job: dict
+    log: Callable[[str], None]
+
+    def measure(self, rung: dict, parent_texts: dict | None) -> dict:
+        """Measure the rung's file in a child process into the rung; return its greedy answers by case id."""
+        result, why = _child("measure", dict(self.measure_job, gguf=str(self.out_dir / rung["file"])), self.work)
         texts = {}
         if result is None:
             rung.update(status="failed", stage="load and measure in llama.cpp", error=why)
         else:
-            texts = _measured(rung, result, parent_texts, out_dir)
-        log(f"ladder: {rung['name']}: " + (f"{_size(rung['bytes'])}, pass {rung['passed']}/{rung['runs']}, decode "
-                                           f"{rung['decode_tok_s']:.1f} tok/s" if result else f"failed: {why}"))
+            texts = _measured(rung, result, parent_texts, self.out_dir)
+        self.log(f"ladder: {rung['name']}: " + (f"{_size(rung['bytes'])}, pass {rung['passed']}/{rung['runs']}, "
+                                                f"decode {rung['decode_tok_s']:.1f} tok/s" if result else f"failed: {why}"))
         return texts
 
-    from lfm_mlx.gguf import compute_imatrix, export_gguf, read_samples
+    def quantize(self, rung: dict, source: Path, imatrix: Path | None) -> bool:
+        """Quantize `source` to the rung's file in a child process; record the size or why it failed."""
+        job = {"source": str(source), "out": str(self.out_dir / rung["file"]),
+               "qtype": rung["qtype"], "overrides": rung["overrides"],
+               "imatrix": str(imatrix) if rung["imatrix"] else None}
+        result, why = _child("quantize", job, self.work)
+        recover(self.out_dir / rung["file"])  # what a quantizer llama.cpp aborted left: its temporary,
+        (self.out_dir / f".{rung['file']}.lock").unlink(missing_ok=True)  # and its (dead) lock file
+        if result is None:
+            rung.update(status="failed", stage="quantize", error=why)
+            self.log(f"ladder: {rung['name']}: failed to quantize: {why}")
+            return False
+        rung.update(bytes=result["bytes"], tensor_types=result["tensor_types"], quantize_seconds=result["seconds"])
+        return True
 
+
+def _climb(ladder: dict, rungs: list[dict], model_dir: Path, imatrix_from: str | Path | None, bench: _Bench) -> None:
+    """Export and measure the parent, then quantize and measure each rung, saving after every rung;
+    mark the ladder complete at the end (or say why the parent stopped it)."""
     taken: set[str] = set()
-    with locked(out_dir), tempfile.TemporaryDirectory(prefix="lfm_mlx-ladder-") as tmp:
-        work = Path(tmp)
-        try:
-            parent = {"name": outtype.upper(), "qtype": None, "imatrix": False, "overrides": {},
-                      "file": _file_name(model_dir.name, outtype.upper(), taken)}
-            report = export_gguf(model_dir, out_dir / parent["file"], outtype)
-            parent.update(bytes=report["bytes"], tensor_types=report["tensor_types"])
-            ladder["rungs"].append(parent)
-            parent_texts = measure(parent, work, None)
-            if parent["status"] != "measured":  # nothing to compare against: stop here
-                ladder["error"] = f"the parent {parent['file']} failed in llama.cpp: {parent['error']}"
-                return ladder
-            imatrix = None
-            if imatrix_from is not None:
-                import numpy as np
+    parent = _export_parent(model_dir, ladder["settings"]["outtype"], bench.out_dir, taken)
+    ladder["rungs"].append(parent)
+    parent_texts = bench.measure(parent, None)
+    if parent["status"] != "measured":  # nothing to compare against: stop here
+        ladder["error"] = f"the parent {parent['file']} failed in llama.cpp: {parent['error']}"
+        return
+    imatrix = _importance_matrix(model_dir, imatrix_from, bench) if imatrix_from is not None else None
+    for rung in rungs:
+        rung["file"] = _file_name(model_dir.name, rung["name"], taken)
+        ladder["rungs"].append(rung)
+        if bench.quantize(rung, bench.out_dir / parent["file"], imatrix):
+            bench.measure(rung, parent_texts)
+        _save(ladder, bench.out_dir)
+    ladder["complete"] = True
 
-                imatrix, samples = work / "imatrix.npz", read_samples(imatrix_from)
-                log(f"ladder: importance matrix from {len(samples)} transcripts (MLX)")
-                np.savez(imatrix, **compute_imatrix(model_dir, samples))
-            for rung in rungs:
-                rung["file"] = _file_name(model_dir.name, rung["name"], taken)
-                ladder["rungs"].append(rung)
-                job = {"source": str(out_dir / parent["file"]), "out": str(out_dir / rung["file"]),
-                       "qtype": rung["qtype"], "overrides": rung["overrides"],
-                       "imatrix": str(imatrix) if rung["imatrix"] else None}
-                result, why = _child("quantize", job, work)
-                recover(out_dir / rung["file"])  # what a quantizer llama.cpp aborted left: its temporary,
-                (out_dir / f".{rung['file']}.lock").unlink(missing_ok=True)  # and its (dead) lock file
-                if result is None:
-                    rung.update(status="failed", stage="quantize", error=why)
-                    log(f"ladder: {rung['name']}: failed to quantize: {why}")
-                else:
-                    rung.update(bytes=result["bytes"], tensor_types=result["tensor_types"],
-                                quantize_seconds=result["seconds"])
-                    measure(rung, work, parent_texts)
-                save()
-            ladder["complete"] = True
-        except KeyboardInterrupt:
-            ladder["error"] = "interrupted (Ctrl-C); the rungs above were measured"
-        finally:
-            if ladder["rungs"]:
-                save()
-    return ladder
+
+def _export_parent(model_dir: Path, outtype: str, out_dir: Path, taken: set[str]) -> dict:
+    """The float parent rung, exported to OUT_DIR: every quantized rung is made from it."""
+    from lfm_mlx.gguf import export_gguf
+
+    parent = {"name": outtype.upper(), "qtype": None, "imatrix": False, "overrides": {},
+              "file": _file_name(model_dir.name, outtype.upper(), taken)}
+    report = export_gguf(model_dir, out_dir / parent["file"], outtype)
+    parent.update(bytes=report["bytes"], tensor_types=report["tensor_types"])
+    return parent
+
+
+def _importance_matrix(model_dir: Path, imatrix_from: str | Path, bench: _Bench) -> Path:
+    """The importance matrix of the transcripts in `imatrix_from`, computed in MLX, in the work folder."""
+    import numpy as np
+
+    from lfm_mlx.gguf import compute_imatrix, read_samples
+
+    imatrix, samples = bench.work / "imatrix.npz", read_samples(imatrix_from)
+    bench.log(f"ladder: importance matrix from {len(samples)} transcripts (MLX)")
+    np.savez(imatrix, **compute_imatrix(model_dir, samples))
+    return imatrix
 
 
 def main(argv: list[str] | None = None) -> int:
