@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import asdict
 
 import mlx.core as mx
@@ -74,6 +76,21 @@ def test_cache_is_reused_and_keyed_by_settings(tmp_path):
     assert other.key() != config.key()
     assert pt.main(["--cache-dir", str(tmp_path), "--steps", "2", "--batch-size", "2", "--rows", "8"]) == 0
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # the CLI finds the same cache entry
+
+
+def test_quiet_prints_only_the_final_line(tmp_path, capsys):
+    capsys.readouterr()
+    assert pt.main(["--out", str(tmp_path / "q"), "--steps", "2", "--batch-size", "2", "--rows", "8", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith(f"base: {tmp_path / 'q'} ") and len(out.splitlines()) == 1
+
+
+@pytest.mark.parametrize("module", ["lfm_mlx.pretrain", "lfm_mlx.demo.pretrain"])
+def test_the_recorded_command_and_the_moved_module_both_run(module):
+    """`python -m lfm_mlx.pretrain` (README and the shipped base's pretrain.json) is a shim over lfm_mlx.demo.pretrain."""
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "--quiet" in done.stdout and "--loss-on" in done.stdout, done.stderr
 
 
 def test_bad_settings_fail_before_training(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
@@ -192,3 +194,13 @@ def test_main_writes_rows_and_suites(tmp_path, capsys):
     assert load_suite(out / "suite_dev.json").name == "demo_task_dev"
     assert load_suite(out / "suite_paraphrase.json").name == "demo_task_paraphrase"
     assert "suite:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", ["lfm_mlx.task", "lfm_mlx.demo.task"])
+def test_the_recorded_command_and_the_moved_module_both_write_the_task(module, tmp_path):
+    """`python -m lfm_mlx.task` (README) is a shim over lfm_mlx.demo.task; both write the same rows."""
+    done = subprocess.run([sys.executable, "-m", module, str(tmp_path / "out"), "--rows", "20", "--per-category", "2"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    task.main([str(tmp_path / "direct"), "--rows", "20", "--per-category", "2"])
+    assert (tmp_path / "out" / "train.jsonl").read_text() == (tmp_path / "direct" / "train.jsonl").read_text()
