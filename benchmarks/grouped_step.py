@@ -16,7 +16,7 @@ The MLX side is the trainer's own step (`lfm_mlx.grouped` functions) on the firs
 - one variant per lever, each the default with one setting changed (see VARIANTS); `frugal` is
   TrainConfig's `memory_preset: frugal`, timed at the preset's own group size.
 Every other variant runs the experts on the path the start-up probe picks (as the trainer does),
-or on the one it names (`gather-experts`, `batched-experts`, or `--expert-path`).
+or on the one it names (`gather-experts`, `batched-experts` (the blocks kernel), or `--expert-kernel`).
 
 Each variant reports step time (median of `--steps` after `--warmup`), tokens/s, the MLX peak of
 the backward and update phases, and what occupies memory (arrays by kind: measured, not
@@ -73,7 +73,7 @@ from lfm_mlx.data import Batch, masked_loss
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
     PROBE_TOKENS, ActiveGroup, StepSettings, TrainConfig, accumulate_gradients, apply_update, estimate_for_config,
-    measure_frozen_paths, moe_layers, probe_dequant_kernel, probe_row_gather, set_frozen_path,
+    measure_expert_kernels, moe_layers, probe_dequant_kernel, probe_row_gather, set_expert_kernel,
 )
 from lfm_mlx.mixed import parameter_bytes, quantize_experts
 from lfm_mlx.model.io import build_model, cast_floats, compute_dtype
@@ -131,8 +131,8 @@ VARIANTS: dict[str, dict] = {
     "keep-activations": dict(keep_expert_activations=True),
     # The expert paths, forced (the default takes the start-up probe's choice): gather_mm over
     # just-in-time dequantized experts, and padded expert blocks through batched matmuls.
-    "gather-experts": dict(frozen_path="dequant"),
-    "batched-experts": dict(frozen_path="batched"),
+    "gather-experts": dict(expert_kernel="dequant"),
+    "batched-experts": dict(expert_kernel="blocks"),  # the name of the results before issue 28
     # Other math (not defaults): a bf16 master copy; Adafactor's factored second moment.
     "master-compute": dict(master_dtype="compute"),
     "adafactor": dict(optimizer="adafactor"),
@@ -262,7 +262,7 @@ class GroupStep:
         self.model, self.straightforward = model, straightforward
         # The straightforward step dequantizes by mx.dequantize (the kernel is a lever).
         kernels = replace(kernels, dequant=False) if straightforward else kernels
-        set_frozen_path(model, path, kernels=kernels)
+        set_expert_kernel(model, path, kernels=kernels)
         tick = time.perf_counter()
         # As the trainer: the group's int8 start copy waits in a file (offload_group_start).
         self.group = ActiveGroup(model, layers, cfg, steps, path, PARKING, kernels=kernels)
@@ -693,7 +693,7 @@ def run_lora(model: nn.Module, batch: Batch, args) -> dict:
     """mlx-lm's LoRA (rank 16 on every linear / expert layer of every block), AdamW, on the same model."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    set_frozen_path(model, "qmm")  # LoRASwitchLinear wraps mlx-lm's own QuantizedSwitchLinear and SwitchGLU
+    set_expert_kernel(model, "qmm")  # LoRASwitchLinear wraps mlx-lm's own QuantizedSwitchLinear and SwitchGLU
     model.freeze()
     linear_to_lora_layers(model, len(model.model.layers), {"rank": 16, "scale": 20.0, "dropout": 0.0})
     mx.eval(model.parameters())
@@ -920,8 +920,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-repeats", type=int, default=5)
     parser.add_argument("--block-timings", action=argparse.BooleanOptionalAction, default=True,
                         help="the expert paths timed on one MoE layer at the full length")
-    parser.add_argument("--expert-path", default="auto", choices=["auto", "qmm", "dequant", "batched"],
-                        help="auto: the start-up probe picks (as the trainer); else that path, probe skipped")
+    parser.add_argument("--expert-kernel", "--expert-path", dest="expert_path", default="auto",
+                        choices=["auto", "qmm", "dequant", "blocks", "batched"],
+                        help="auto: the start-up probe picks (as the trainer); else that kernel, probe skipped "
+                             "(--expert-path and 'batched': the names before issue 28)")
     parser.add_argument("--loss-steps", type=int, default=50, help="steps of the loss comparison (0: skip)")
     parser.add_argument("--loss-batches", type=int, default=4)
     parser.add_argument("--loss-lr", type=float, default=1e-5)
@@ -1008,23 +1010,23 @@ def main(argv: list[str] | None = None) -> int:
     args.kernels = KernelChoices.from_records(results)  # the run's kernels, as the trainer's
     if args.expert_path == "auto":
         probe = _section(results, "expert_path_probe", out, lambda: {
-            "seq_len": probe_len, "seconds": measure_frozen_paths(model, layers[0], probe_len, dtype, args.seed,
+            "seq_len": probe_len, "seconds": measure_expert_kernels(model, layers[0], probe_len, dtype, args.seed,
                                                                        args.kernels)})
         seconds = probe.get("seconds", {"qmm": 1.0})
         chosen = min(seconds, key=seconds.get)
     else:
-        chosen = args.expert_path
-        results["expert_path_probe"] = {"skipped": f"--expert-path {chosen}"}
+        chosen = "blocks" if args.expert_path == "batched" else args.expert_path
+        results["expert_path_probe"] = {"skipped": f"--expert-kernel {chosen}"}
     if args.block_timings:
         _section(results, "block_timings_full_seq", out, lambda: {
-            f"{k}_ms": v * 1000 for k, v in measure_frozen_paths(model, moe_layers(model)[-1], args.seq, dtype,
+            f"{k}_ms": v * 1000 for k, v in measure_expert_kernels(model, moe_layers(model)[-1], args.seq, dtype,
                                                                        kernels=args.kernels).items()})
     results["expert_path_choice"] = chosen
 
     results["mlx"] = {}
     for name in variants:
         changes = VARIANTS[name]
-        path = STRAIGHTFORWARD_PATH if name == "straightforward" else changes.get("frozen_path", chosen)
+        path = STRAIGHTFORWARD_PATH if name == "straightforward" else changes.get("expert_kernel", chosen)
         print(f"[grouped_step] mlx {name} ({path}) ...", flush=True)
         tick = time.perf_counter()
         results["mlx"][name] = _guarded(run_variant, model, layers, batch, args, name, changes, path,

@@ -34,6 +34,16 @@ def say(verb: str, text: str, quiet: bool = False) -> None:
         print(f"lfm-mlx {verb}: {text}", file=sys.stderr, flush=True)
 
 
+_WARNED: set[str] = set()
+
+
+def deprecated(topic: str, text: str) -> None:
+    """One line on stderr about an old spelling (`topic`: what was renamed), once per process and topic."""
+    if topic not in _WARNED:
+        _WARNED.add(topic)
+        print(f"lfm-mlx: warning: {text}", file=sys.stderr, flush=True)
+
+
 def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print only errors and the final line (no start line, no progress)")

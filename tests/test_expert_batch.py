@@ -78,7 +78,7 @@ def test_the_walk_reuses_the_forward_layout_and_forgets_it_after():
     """In the layer walk each block computes its layout once (forward pass) and the backward's
     recomputation reuses it; nothing is kept afterwards, so later calls route afresh."""
     model = tiny_model()
-    set_frozen_path(model, "batched")
+    set_frozen_path(model, "blocks")
     activate_group(model, [2, 3], mx.float32)
     calls = []
     real = expert_blocks.expert_layout
@@ -102,14 +102,14 @@ def test_the_walk_reuses_the_forward_layout_and_forgets_it_after():
 def test_batched_blocks_give_the_gather_paths_outputs_and_gradients(frozen):
     """Forward and every trained gradient (experts and routers of layers 2-3) through the layer walk."""
     results = {}
-    for path in (frozen, "batched"):
+    for path in (frozen, "blocks"):
         model = tiny_model()
         set_frozen_path(model, path)
         activate_group(model, [2, 3], mx.float32)
         inputs, targets, mask = token_batch(29, seed=6)
         (loss, _), grads = walk_loss_and_grad(model, inputs, targets, mask, 2)
         results[path] = (model(inputs), loss.item(), grads)
-    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results[frozen], results["batched"]
+    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results[frozen], results["blocks"]
     switch = model.model.layers[5].feed_forward.switch_mlp
     assert isinstance(switch, BatchedSwitchGLU) and isinstance(switch.up_proj, DequantSwitchLinear)
     assert isinstance(model.model.layers[2].feed_forward.switch_mlp.up_proj, TrainableSwitchLinear)
@@ -124,11 +124,11 @@ def test_batched_blocks_give_the_gather_paths_outputs_and_gradients(frozen):
 def test_switching_paths_keeps_the_parameters_and_requantizes_in_place():
     model = tiny_model()
     before = as_np(model.parameters())
-    set_frozen_path(model, "batched")
+    set_frozen_path(model, "blocks")
     assert as_np(model.parameters()).keys() == before.keys()  # same names: checkpoints unchanged
     start = moe_params(model, [2])
     activate_group(model, [2], mx.float32)
-    requantize_group(model, [2], start, "batched")
+    requantize_group(model, [2], start, "blocks")
     assert isinstance(model.model.layers[2].feed_forward.switch_mlp.gate_proj, DequantSwitchLinear)
     set_frozen_path(model, "qmm")
     assert type(model.model.layers[2].feed_forward.switch_mlp) is SwitchGLU
@@ -189,7 +189,7 @@ def test_the_walk_speculates_capacities_and_redoes_a_pass_whose_guess_fell_short
     read); a guess forced too small is caught at the end of the forward pass and the pass redone.
     All three give the exact walk's loss and gradients."""
     model = tiny_model()
-    set_frozen_path(model, "batched")
+    set_frozen_path(model, "blocks")
     activate_group(model, [2, 3], mx.float32)
     inputs, targets, mask = token_batch(29, seed=6)
     calls = []
@@ -219,7 +219,7 @@ def test_kept_expert_activations_give_the_walks_gradients_without_recomputing_fr
     gradients as recomputing them, also when a short capacity guess redoes the forward pass; the
     trained blocks recompute as before, and nothing stays kept after the walk."""
     model = tiny_model()
-    set_frozen_path(model, "batched")
+    set_frozen_path(model, "blocks")
     activate_group(model, [2, 3], mx.float32)
     inputs, targets, mask = token_batch(29, seed=6)
     (ref_loss, _), ref = walk_loss_and_grad(model, inputs, targets, mask, 2)
@@ -258,7 +258,7 @@ def test_the_path_probe_times_the_blocks_as_the_walk_runs_them():
         times = measure_frozen_paths(model, 4, 32, mx.float32)
     finally:
         expert_blocks.expert_layout = real
-    assert set(times) == {"qmm", "dequant", "batched"} and all(t > 0 for t in times.values())
+    assert set(times) == {"qmm", "dequant", "blocks"} and all(t > 0 for t in times.values())
     assert len(calls) == 1  # one host layout for the warm-up and the three timed calls
     switch = model.model.layers[4].feed_forward.switch_mlp
     assert isinstance(switch, BatchedSwitchGLU) and switch.kept_layout is None and not switch.keep_layout
@@ -271,7 +271,7 @@ def test_kernel_choices_are_passed_down_not_left_behind():
 
     model = tiny_model()
     chosen = KernelChoices(dequant=True, row_gather=True)
-    set_frozen_path(model, "batched", kernels=chosen)
+    set_frozen_path(model, "blocks", kernels=chosen)
     switch = model.model.layers[2].feed_forward.switch_mlp
     assert switch.kernels is chosen and switch.gate_proj.use_kernel
     layout = expert_layout(mx.array([[0, 1], [1, 2]]), 4, switch.kernels.row_gather)
@@ -279,6 +279,6 @@ def test_kernel_choices_are_passed_down_not_left_behind():
     set_frozen_path(model, "dequant")  # no choices given: MLX's ops
     gate = model.model.layers[2].feed_forward.switch_mlp.gate_proj
     assert isinstance(gate, DequantSwitchLinear) and not gate.use_kernel
-    set_frozen_path(model, "batched")
+    set_frozen_path(model, "blocks")
     assert model.model.layers[2].feed_forward.switch_mlp.kernels == KernelChoices()
     assert not expert_layout(mx.array([[0, 1], [1, 2]]), 4).kernel

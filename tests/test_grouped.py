@@ -67,7 +67,7 @@ def make_config(model_dir, rows, run_dir, **changes) -> TrainConfig:
     """Small and fast: two groups of three MoE layers (tiny-moe has layers 2-7), 4 steps each."""
     base = dict(model=str(model_dir), data=[str(rows)], run_dir=str(run_dir), group_size=3, group_stride=3,
                 epochs=1, steps_per_group=4, batch_size=2, learning_rate=3e-3, warmup_steps=1,
-                splits=(0.75, 0.25, 0.0), frozen_path="qmm", eval_each_group=False, progress=False,
+                splits=(0.75, 0.25, 0.0), expert_kernel="qmm", eval_each_group=False, progress=False,
                 checkpoint_every=0)
     return TrainConfig(**{**base, **changes})
 
@@ -88,7 +88,7 @@ def tensors(model_dir: Path) -> dict[str, mx.array]:
 
 def test_two_fresh_auto_runs_on_one_machine_take_the_same_expert_path(tiny_moe_mixed_dir, rows_path, tmp_path,
                                                                        monkeypatch, machine_cache):
-    """`frozen_path: auto` measures once per machine and shape; a second fresh run reuses the choice
+    """`expert_kernel: auto` measures once per machine and shape; a second fresh run reuses the choice
     (timings vary, and the paths sum in other orders), so the same config gives the same weights."""
     import lfm_mlx.grouped.probes as probes
 
@@ -97,14 +97,14 @@ def test_two_fresh_auto_runs_on_one_machine_take_the_same_expert_path(tiny_moe_m
 
     def measured(*args, **kwargs):  # each run would time another winner
         calls.append(1)
-        return {"qmm": 1.0, "dequant": 2.0, "batched": 3.0} if len(calls) == 1 else {"qmm": 3.0, "dequant": 1.0,
-                                                                                       "batched": 2.0}
+        return {"qmm": 1.0, "dequant": 2.0, "blocks": 3.0} if len(calls) == 1 else {"qmm": 3.0, "dequant": 1.0,
+                                                                                       "blocks": 2.0}
 
-    monkeypatch.setattr(probes, "measure_frozen_paths", measured)
+    monkeypatch.setattr(probes, "measure_expert_kernels", measured)
     runs = []
     for name in ("first", "second"):
-        GroupedMoETrainer(make_config(tiny_moe_mixed_dir, rows_path, tmp_path / name, frozen_path="auto")).train()
-        runs.append(json.loads((tmp_path / name / "frozen_path.json").read_text()))
+        GroupedMoETrainer(make_config(tiny_moe_mixed_dir, rows_path, tmp_path / name, expert_kernel="auto")).train()
+        runs.append(json.loads((tmp_path / name / "expert_kernel.json").read_text()))
     assert len(calls) == 1 and runs[0]["choice"] == runs[1]["choice"] == "qmm"
     assert "measured on this machine before" in runs[1]["reason"] and runs[1]["seconds"] == runs[0]["seconds"]
     first, second = tensors(tmp_path / "first" / "model"), tensors(tmp_path / "second" / "model")
@@ -113,7 +113,7 @@ def test_two_fresh_auto_runs_on_one_machine_take_the_same_expert_path(tiny_moe_m
 
 def test_training_lowers_loss_and_saves_a_loadable_mixed_model(tiny_moe_mixed_dir, rows_path, tmp_path):
     config = make_config(tiny_moe_mixed_dir, rows_path, tmp_path / "run", steps_per_group=8,
-                         frozen_path="auto", eval_each_group=True)
+                         expert_kernel="auto", eval_each_group=True)
     result = GroupedMoETrainer(config).train()
 
     steps = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "step"]
@@ -131,8 +131,8 @@ def test_training_lowers_loss_and_saves_a_loadable_mixed_model(tiny_moe_mixed_di
     assert not (tmp_path / "run" / GROUP_START).exists()  # each group's parked start copy went at its end
 
     # The frozen-path measurement and the resolved config are recorded in the run directory.
-    frozen = json.loads((tmp_path / "run" / "frozen_path.json").read_text())
-    assert frozen["choice"] in ("qmm", "dequant", "batched") and set(frozen["seconds"]) == {"qmm", "dequant", "batched"}
+    frozen = json.loads((tmp_path / "run" / "expert_kernel.json").read_text())
+    assert frozen["choice"] in ("qmm", "dequant", "blocks") and set(frozen["seconds"]) == {"qmm", "dequant", "blocks"}
     assert frozen["dequant_kernel"] == {"choice": "mx.dequantize", "reason": "not the CUDA backend"}
     resolved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert resolved["steps_per_group"] == 8 and resolved["groups"] == [[2, 3, 4], [5, 6, 7]]
@@ -163,15 +163,15 @@ def test_the_batched_expert_path_trains_as_the_gather_path(tiny_moe_mixed_dir, r
     """The same run on padded expert blocks (`kernels.expert_blocks`) and on gather_mm: the same step losses
     (float32, another summation order) and a saved model mlx_lm opens with int8 experts."""
     losses = {}
-    for path in ("dequant", "batched"):
-        config = make_config(tiny_moe_mixed_dir, rows_path, tmp_path / path, frozen_path=path)
+    for path in ("dequant", "blocks"):
+        config = make_config(tiny_moe_mixed_dir, rows_path, tmp_path / path, expert_kernel=path)
         result = GroupedMoETrainer(config).train()
         losses[path] = [r["loss"] for r in read_metrics(tmp_path / path) if r["kind"] == "step"]
-    assert len(losses["batched"]) == 8
+    assert len(losses["blocks"]) == 8
     # The first group's steps agree to float32 rounding; after its requantization a few int8 codes
     # on a rounding boundary may land the other way (measured: 4e-4 relative in the second group).
-    np.testing.assert_allclose(losses["batched"][:4], losses["dequant"][:4], rtol=1e-5)
-    np.testing.assert_allclose(losses["batched"][4:], losses["dequant"][4:], rtol=2e-3)
+    np.testing.assert_allclose(losses["blocks"][:4], losses["dequant"][:4], rtol=1e-5)
+    np.testing.assert_allclose(losses["blocks"][4:], losses["dequant"][4:], rtol=2e-3)
     import mlx_lm
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
@@ -512,3 +512,33 @@ def test_missing_paths_are_reported_together(tmp_path):
     with pytest.raises(ConfigError) as err:
         GroupedMoETrainer(config).train()
     assert "a.jsonl does not exist" in str(err.value) and "b.jsonl" in str(err.value) and "no-model" in str(err.value)
+
+
+def test_the_old_expert_kernel_spellings_train_with_one_warning(tiny_moe_mixed_dir, rows_path, tmp_path, capsys,
+                                                                 monkeypatch):
+    """`frozen_path` (issue 28's old key) and its value `batched` still work: mapped to expert_kernel:
+    blocks, with one warning line on stderr a process; the run trains as with the new spelling."""
+    from lfm_mlx import console
+
+    monkeypatch.setattr(console, "_WARNED", set())
+    base = make_config(tiny_moe_mixed_dir, rows_path, tmp_path / "new", expert_kernel="blocks").model_dump()
+    del base["expert_kernel"], base["memory"]
+    old = TrainConfig.from_dict({**base, "run_dir": str(tmp_path / "old"), "frozen_path": "batched"})
+    again = TrainConfig.from_dict({**base, "frozen_path": "dequant"})
+    value_only = TrainConfig.from_dict({**base, "expert_kernel": "batched"})
+    err = capsys.readouterr().err
+    assert (old.expert_kernel, again.expert_kernel, value_only.expert_kernel) == ("blocks", "dequant", "blocks")
+    assert err.count("\n") == 1 and err.startswith("lfm-mlx: warning: config key 'frozen_path' is deprecated; "
+                                                   "use 'expert_kernel'"), err
+    assert old.training_hash_dict()["frozen_path"] == "batched"  # hashed as before: older run dirs resume
+    result = GroupedMoETrainer(old).train()
+    assert result.expert_kernel == result.frozen_path == "blocks"
+    assert json.loads((tmp_path / "old" / "expert_kernel.json").read_text())["choice"] == "blocks"
+    with pytest.raises(ConfigError, match="frozen_path and expert_kernel are both set"):
+        TrainConfig.from_dict({**base, "frozen_path": "qmm", "expert_kernel": "qmm"})
+    with pytest.raises(ConfigError, match="did you mean 'expert_kernel'"):
+        TrainConfig.from_dict({**base, "frozen_pth": "qmm"})
+    with pytest.raises(ConfigError, match="did you mean 'expert_kernel'"):
+        TrainConfig.from_dict({**base, "expert_kernal": "qmm"})
+    with pytest.raises(ConfigError, match="expert_kernel"):
+        TrainConfig.from_dict({**base, "expert_kernel": "fast"})

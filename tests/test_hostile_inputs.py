@@ -337,7 +337,7 @@ def test_the_bad_row_hint_names_options_that_work_and_the_end_line_counts_the_dr
     ctx = Ctx(tmp_path, tiny_moe_mixed_dir, tiny_moe_mixed_dir, tiny_moe_mixed_dir)
     with ctx.rows.open("a") as rows:
         rows.write('{"messages": [{"role": "user", "content": "no answer"}]}\n')  # row 9 has no assistant turn
-    train = ctx.train_yaml(steps_per_group=1, group_size=6, eval_each_group=False, frozen_path="qmm",
+    train = ctx.train_yaml(steps_per_group=1, group_size=6, eval_each_group=False, expert_kernel="qmm",
                            memory={"total_gb": 8, "soft_gb": 5, "hard_gb": 6})
     lora = ctx.lora_yaml(rank=2, modules=["conv"], max_steps=2)
     ends = {}

@@ -76,7 +76,7 @@ def test_estimate_grows_with_group_and_sequence():
     base = estimate_peak(BIG, StepShape(4, 2048), grad_checkpoint=False)
     assert estimate_peak(BIG, StepShape(4, 2048), optimizer="adafactor", grad_checkpoint=False).total < base.total
     assert estimate_peak(BIG, StepShape(4, 2048), grad_checkpoint=True).total < base.total
-    assert estimate_peak(BIG, StepShape(4, 2048), grad_checkpoint=False, frozen_path="dequant").total > base.total
+    assert estimate_peak(BIG, StepShape(4, 2048), grad_checkpoint=False, expert_kernel="dequant").total > base.total
     assert estimate_peak(BIG, StepShape(4, 2048), grad_checkpoint=False, attention="fused").total < base.total
 
 

@@ -182,3 +182,19 @@ def test_two_ranks_report_each_ranks_memory_and_the_all_reduce_and_rank_0_alone_
     # One process: the report and table as before, nothing of ranks.
     assert "world_size" not in generous[2] and not any("ranks" in r for r in generous[2]["sizes"])
     assert "rank GB" not in generous[0].stdout
+
+
+def test_the_old_frozen_path_flag_and_field_still_work_with_one_warning(capsys, monkeypatch):
+    """--frozen-path (and SweepConfig.frozen_path, value 'batched') are --expert-kernel's old spellings."""
+    from lfm_mlx import console
+    from lfm_mlx.sweep.cli import main as sweep_main
+    from lfm_mlx.sweep.config import SweepConfig
+
+    monkeypatch.setattr(console, "_WARNED", set())
+    assert SweepConfig(preset="tiny-moe", frozen_path="batched").expert_kernel == "blocks"
+    assert SweepConfig(preset="tiny-moe", expert_kernel="batched").expert_kernel == "blocks"
+    assert capsys.readouterr().err.count("warning") == 1
+    monkeypatch.setattr(console, "_WARNED", set())
+    assert sweep_main(["--preset", "not-a-preset", "--frozen-path", "batched", "-q"]) == 2  # checked, then refused
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "--frozen-path is deprecated; use --expert-kernel" in err, err

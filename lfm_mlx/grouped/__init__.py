@@ -36,8 +36,8 @@ from lfm_mlx.grouped.config import (
     lean_gradients, master_of, router_master_of, split_master_in_use,
 )
 from lfm_mlx.grouped.experts import (
-    FROZEN_CLASSES, DequantSwitchLinear, TrainableSwitchLinear, activate_group, after, cast_keeping_gradient_dtype,
-    make_quantized, requantize_group, set_frozen_path, summarize_stats, update_stats,
+    EXPERT_KERNEL_CLASSES, FROZEN_CLASSES, DequantSwitchLinear, TrainableSwitchLinear, activate_group, after, cast_keeping_gradient_dtype,
+    make_quantized, requantize_group, set_expert_kernel, set_frozen_path, summarize_stats, update_stats,
 )
 from lfm_mlx.grouped.step import (
     accumulate_gradients, apply_update, chunked_masked_loss, evaluate_loss, forward_hidden, forward_logits,
@@ -46,7 +46,7 @@ from lfm_mlx.grouped.step import (
 from lfm_mlx.grouped.optimizer import FusedAdamW, lr_schedule, make_optimizer
 from lfm_mlx.grouped.group import ActiveGroup, StepResult, end_group, park_group_start
 from lfm_mlx.grouped.probes import (
-    PROBE_TOKENS, measure_frozen_paths, probe_attention, probe_dequant_kernel, probe_row_gather,
+    PROBE_TOKENS, measure_expert_kernels, measure_frozen_paths, probe_attention, probe_dequant_kernel, probe_row_gather,
 )
 from lfm_mlx.grouped.setup import choose_expert_path, load_mixed_model, probe_kernels
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, steps_per_group
@@ -60,15 +60,15 @@ from lfm_mlx.model.quant import STORAGE_DTYPE, pack_codes, quantize_affine, unpa
 __all__ = [
     "CHANGEABLE_ON_RESUME", "GROUP_START", "ConfigError", "MemorySettings", "StepSettings", "TrainConfig",
     "estimate_for_config",
-    "lean_gradients", "master_of", "router_master_of", "split_master_in_use", "FROZEN_CLASSES", "PROJECTIONS",
+    "lean_gradients", "master_of", "router_master_of", "split_master_in_use", "EXPERT_KERNEL_CLASSES", "FROZEN_CLASSES", "PROJECTIONS",
     "STORAGE_DTYPE", "DequantSwitchLinear", "TrainableSwitchLinear", "activate_group", "after",
     "cast_keeping_gradient_dtype", "make_quantized", "moe_layers", "moe_params", "quantize_affine",
-    "requantize_group", "set_frozen_path", "summarize_stats", "unpack_codes", "update_stats", "speculation_counts",
+    "requantize_group", "set_expert_kernel", "set_frozen_path", "summarize_stats", "unpack_codes", "update_stats", "speculation_counts",
     "accumulate_gradients", "apply_update", "chunked_masked_loss", "evaluate_loss", "forward_hidden",
     "forward_logits", "global_norm", "make_loss_and_grad", "recompute_in_backward", "trained_weight_norm",
     "walk_loss_and_grad", "FusedAdamW", "lr_schedule", "make_optimizer", "ActiveGroup", "StepResult", "end_group",
     "park_group_start", "choose_expert_path", "load_mixed_model", "probe_kernels",
-    "PROBE_TOKENS", "measure_frozen_paths", "probe_attention", "probe_dequant_kernel", "probe_row_gather",
+    "PROBE_TOKENS", "measure_expert_kernels", "measure_frozen_paths", "probe_attention", "probe_dequant_kernel", "probe_row_gather",
     "BatchStream", "NonFiniteStop", "TrainResult", "steps_per_group", "GroupedMoETrainer", "EXIT_CONFIG",
     "EXIT_OVER_BUDGET", "main", "pack_codes", "pack_moment", "unpack_moment",
 ]

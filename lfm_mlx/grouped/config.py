@@ -12,13 +12,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lfm_mlx.errors import UserError
 from lfm_mlx.memory import MemoryBudget, MemoryEstimate, StepShape, estimate_peak
+from lfm_mlx import console
 from lfm_mlx.model.io import compute_dtype
+from lfm_mlx.model.moe import EXPERT_KERNEL_DEPRECATION, expert_kernel
 from lfm_mlx.train.yamlfile import read_yaml
 
 
 # Keys a resume may change with --allow-config-change (the optimizer's step size, not what is trained).
 CHANGEABLE_ON_RESUME = ("learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eps", "betas")
 GROUP_START = "group_start.safetensors"  # in the run dir: the training group's int8 start copy (offload_group_start)
+# Renamed keys (issue 28): old key -> new key; the old one is still read, with one warning a process.
+RENAMED_KEYS = {"frozen_path": "expert_kernel"}
+# How training_hash_dict spells a renamed key and its values: as before the rename, so a run dir
+# started before it has the same hash and still resumes.
+HASHED_AS = {"expert_kernel": ("frozen_path", {"blocks": "batched"})}
 
 
 class ConfigError(UserError, ValueError):
@@ -50,7 +57,7 @@ class MemorySettings(BaseModel):
 # memory_preset -> the settings it stands for; a key the user sets explicitly wins over the preset.
 MEMORY_PRESETS: dict[str, dict] = {
     # LFM2.5-8B-A1B grouped training at 4,096 tokens inside a 32 GB Mac (estimate_peak, bf16, fused
-    # attention: 21.6 GB on the dequant expert path, 24.1 GB on the batched one; the exact default 34.6 / 37.0):
+    # attention: 21.6 GB with the dequant expert kernel, 24.1 GB with blocks; the exact default 34.6 / 37.0):
     # an int8 first moment with a float32 second one, the float32 master kept exact (split), groups
     # of two MoE layers (no overlap), cross-entropy 512 tokens at a time, and every saving already on
     # by default kept on (checkpointing, lean gradients, the group's start copy parked on disk).
@@ -132,7 +139,10 @@ class TrainConfig(BaseModel):
     keep_expert_activations: bool = Field(False, description="frozen expert blocks above the group keep their "
                                           "gate and up projections from the forward pass, so the backward pass "
                                           "skips their recomputation (padded-block path, layer walk; more memory)")
-    frozen_path: Literal["auto", "qmm", "dequant", "batched"] = "auto"
+    expert_kernel: Literal["auto", "qmm", "dequant", "blocks"] = Field(
+        "auto", description="how the frozen int8 experts run: qmm (int8 gather_qmm), dequant (dequantized just in "
+                            "time, gather_mm), blocks (every MoE block as padded expert blocks through batched "
+                            "matmuls), auto (measured at start-up); was frozen_path, with 'batched' for blocks")
     stop_gradient: bool = True
     stochastic_rounding: bool = False
     # control
@@ -161,7 +171,7 @@ class TrainConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, data):
-        return apply_memory_preset(data) if isinstance(data, dict) else data
+        return apply_memory_preset(_renamed(data)) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainConfig":
@@ -197,7 +207,8 @@ class TrainConfig(BaseModel):
                 given = f" (got {problem['input']!r})" if problem["type"] != "missing" else ""
                 if problem["type"] == "extra_forbidden":
                     fields = list(_settings_at(cls, problem["loc"][:-1]).model_fields)
-                    near = difflib.get_close_matches(str(problem["loc"][-1]), fields, n=1)
+                    near = difflib.get_close_matches(str(problem["loc"][-1]), fields + list(RENAMED_KEYS), n=1)
+                    near = [RENAMED_KEYS.get(name, name) for name in near]  # an old name's new one
                     given = (f" (did you mean {'.'.join([*map(str, problem['loc'][:-1]), near[0]])!r}?)" if near
                              else f" (not a key here; keys: {', '.join(fields)})")
                 lines.append(f"  {key}: {problem['msg']}{given}")
@@ -246,7 +257,27 @@ class TrainConfig(BaseModel):
         """The fields that change what training computes (a resumed run must match them)."""
         ignore = {"run_dir", "progress", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips",
                   "eval_each_group", "memory"}
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in ignore}
+        hashed = {}
+        for key, value in self.model_dump(mode="json").items():
+            if key not in ignore:
+                name, values = HASHED_AS.get(key, (key, {}))
+                hashed[name] = values.get(value, value) if isinstance(value, str) else value
+        return hashed
+
+
+def _renamed(data: dict) -> dict:
+    """`data` with renamed keys (RENAMED_KEYS) and the expert kernel's old value "batched" in today's
+    spelling, saying so once per process; both spellings of one key at once is an error."""
+    data = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"{old} and {new} are both set: {old} is the old name of {new}; keep only {new}")
+            console.deprecated("expert_kernel", EXPERT_KERNEL_DEPRECATION)
+            data[new] = data.pop(old)
+    if isinstance(data.get("expert_kernel"), str):
+        data["expert_kernel"] = expert_kernel(data["expert_kernel"])
+    return data
 
 
 def _settings_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
@@ -308,14 +339,14 @@ class StepSettings:
 
     def step_shape(self, model_config: dict, frozen: str, seq_len: int, group_size: int | None = None,
                    attention: str = "materialized") -> StepShape:
-        """What the step holds (its master, optimizer state, loss chunking, checkpointing) on expert path
-        `frozen` at `seq_len` tokens per example, for `estimate_peak`."""
+        """What the step holds (its master, optimizer state, loss chunking, checkpointing) with expert
+        kernel `frozen` at `seq_len` tokens per example, for `estimate_peak`."""
         cfg, quant = self.config, model_config.get("quantization") or {}
         return StepShape(
             group_size=group_size or cfg.group_size, seq_len=seq_len, batch_size=cfg.batch_size,
             optimizer=cfg.optimizer, expert_bits=int(quant.get("bits", 8)),
             group_bits_size=int(quant.get("group_size", 64)), compute_dtype_bytes=2 if self.compute == mx.bfloat16 else 4,
-            grad_checkpoint=cfg.grad_checkpoint, frozen_path=frozen, attention=attention,
+            grad_checkpoint=cfg.grad_checkpoint, expert_kernel=expert_kernel(frozen), attention=attention,
             grad_accumulation=cfg.grad_accumulation, master=cfg.master_dtype, fused_update=self.fused_adamw,
             lean_gradients=self.lean_gradients, loss_chunk=cfg.loss_chunk,
             moment_bits=8 if self.fused_adamw and cfg.optimizer_state in ("int8", "int8-first") else 32,
@@ -347,6 +378,6 @@ def master_of(config: TrainConfig, compute: mx.Dtype) -> mx.Dtype:
 def estimate_for_config(model_config: dict, config: TrainConfig, frozen: str, seq_len: int,
                         group_size: int | None = None, attention: str = "materialized") -> MemoryEstimate:
     """`estimate_peak` for what a TrainConfig's step holds on the model of `model_config` (its compute
-    dtype) on expert path `frozen`, at `seq_len` tokens per example."""
+    dtype) with expert kernel `frozen`, at `seq_len` tokens per example."""
     settings = config.settings(compute_dtype(model_config))
     return estimate_peak(model_config, settings.step_shape(model_config, frozen, seq_len, group_size, attention))

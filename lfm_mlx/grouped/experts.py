@@ -13,7 +13,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from lfm_mlx.kernels import dequant
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU
-from lfm_mlx.model.moe import PROJECTIONS, feed_forward, moe_layers
+from lfm_mlx.model.moe import PROJECTIONS, expert_kernel, feed_forward, moe_layers
 from lfm_mlx.model.quant import STORAGE_DTYPE, quantize_affine, unpack_codes
 
 
@@ -64,7 +64,7 @@ class TrainableSwitchLinear(SwitchLinear):
 class DequantSwitchLinear(QuantizedSwitchLinear):
     """Frozen int8 experts dequantized just in time and run through gather_mm (same parameters as
     QuantizedSwitchLinear): much faster than gather_qmm's backward on CUDA, more transient memory.
-    `use_kernel`: through the dequantization kernel (`KernelChoices.dequant`, set by `set_frozen_path`)."""
+    `use_kernel`: through the dequantization kernel (`KernelChoices.dequant`, set by `set_expert_kernel`)."""
 
     use_kernel = False
 
@@ -79,9 +79,10 @@ class DequantSwitchLinear(QuantizedSwitchLinear):
                             sorted_indices=sorted_indices)
 
 
-# Expert paths -> the frozen experts' module. On "batched" every MoE block (trained experts
+# Expert kernels -> the frozen experts' module. On "blocks" every MoE block (trained experts
 # included) runs as padded expert blocks through batched matmuls (`kernels.expert_blocks`), else gather_mm.
-FROZEN_CLASSES = {"qmm": QuantizedSwitchLinear, "dequant": DequantSwitchLinear, "batched": DequantSwitchLinear}
+EXPERT_KERNEL_CLASSES = {"qmm": QuantizedSwitchLinear, "dequant": DequantSwitchLinear, "blocks": DequantSwitchLinear}
+FROZEN_CLASSES = EXPERT_KERNEL_CLASSES  # the name before issue 28
 
 
 def make_quantized(cls: type, weight: mx.array, scales: mx.array, biases: mx.array | None,
@@ -97,17 +98,18 @@ def make_quantized(cls: type, weight: mx.array, scales: mx.array, biases: mx.arr
     return module
 
 
-def set_frozen_path(model: nn.Module, path: str, skip: list[int] = (), kernels: KernelChoices | None = None) -> None:
-    """Switch every frozen expert stack (outside `skip`) to the `qmm`, `dequant` or `batched` path
-    (`batched` also runs the trained experts as padded expert blocks: `kernels.expert_blocks`), with the
+def set_expert_kernel(model: nn.Module, path: str, skip: list[int] = (), kernels: KernelChoices | None = None) -> None:
+    """Switch every frozen expert stack (outside `skip`) to expert kernel `qmm`, `dequant` or `blocks`
+    (`blocks` also runs the trained experts as padded expert blocks: `kernels.expert_blocks`), with the
     run's `kernels` (default: none, MLX's ops)."""
     kernels = kernels or KernelChoices()
-    cls = FROZEN_CLASSES[path]
+    path = expert_kernel(path)
+    cls = EXPERT_KERNEL_CLASSES[path]
     for i in moe_layers(model):
         ff = feed_forward(model, i)
-        if path == "batched" and not isinstance(ff.switch_mlp, BatchedSwitchGLU):
+        if path == "blocks" and not isinstance(ff.switch_mlp, BatchedSwitchGLU):
             ff.switch_mlp = BatchedSwitchGLU(ff.switch_mlp, kernels)
-        elif path != "batched" and isinstance(ff.switch_mlp, BatchedSwitchGLU):
+        elif path != "blocks" and isinstance(ff.switch_mlp, BatchedSwitchGLU):
             ff.switch_mlp = ff.switch_mlp.unbatched()
         if isinstance(ff.switch_mlp, BatchedSwitchGLU):
             ff.switch_mlp.kernels = kernels
@@ -121,6 +123,9 @@ def set_frozen_path(model: nn.Module, path: str, skip: list[int] = (), kernels: 
                                                      m.bits, m.mode, kernels))
             elif isinstance(m, DequantSwitchLinear):
                 m.use_kernel = kernels.dequant
+
+
+set_frozen_path = set_expert_kernel  # the name before issue 28
 
 
 def activate_group(model: nn.Module, layers: list[int], master: mx.Dtype, train_routers: bool = True,
@@ -198,7 +203,7 @@ def requantize_group(model: nn.Module, layers: list[int], start: dict[str, mx.ar
     `start` holds the group's parameters at the start of the group (`moe_params`). Returns the
     update retention of experts and routers, per layer and for the group.
     """
-    cls = FROZEN_CLASSES[frozen]
+    cls = EXPERT_KERNEL_CLASSES[expert_kernel(frozen)]
     expert_parts, router_parts, per_layer = [], [], {}
     for i in layers:
         prefix = f"model.layers.{i}.feed_forward"

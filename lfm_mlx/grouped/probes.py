@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from lfm_mlx.fsutil import atomic_write_json
-from lfm_mlx.grouped.experts import FROZEN_CLASSES, set_frozen_path
+from lfm_mlx.grouped.experts import EXPERT_KERNEL_CLASSES, set_expert_kernel
 from lfm_mlx.kernels import dequant, row_gather
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU
@@ -25,47 +25,47 @@ from lfm_mlx.model.moe import feed_forward
 PROBE_TOKENS = 1024  # tokens of the start-up expert-path probe (at most the longest example)
 
 
-def frozen_path_cache() -> Path:
-    """Where `frozen_path: auto` keeps its measured choices: one per machine and shape, so two fresh runs
+def expert_kernel_cache() -> Path:
+    """Where `expert_kernel: auto` keeps its measured choices: one per machine and shape, so two fresh runs
     of one config on one machine take the same path (the paths sum in other orders: other weights)."""
     root = os.environ.get("LFM_MLX_CACHE") or Path.home() / ".cache" / "lfm_mlx"
-    return Path(root) / "frozen_path.json"
+    return Path(root) / "expert_kernel.json"  # frozen_path.json before issue 28: measured again
 
 
-def frozen_path_key(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype) -> str:
+def expert_kernel_key(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype) -> str:
     """What the measurement depends on: the device, the MoE block's shape, the dtype and the probe."""
     args = model.model.args
     shape = (args.hidden_size, args.moe_intermediate_size, args.num_experts, args.num_experts_per_tok)
     return f"{mx.default_device()} | moe {shape} | {dtype} | {seq_len} tokens | layer {layer}"
 
 
-def remembered_frozen_path(key: str) -> dict | None:
+def remembered_expert_kernel(key: str) -> dict | None:
     """The record measured earlier on this machine for `key`, or None (absent or unreadable cache)."""
     try:
-        return json.loads(frozen_path_cache().read_text()).get(key)
+        return json.loads(expert_kernel_cache().read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def auto_frozen_path(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype, seed: int,
+def auto_expert_kernel(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype, seed: int,
                      kernels: KernelChoices | None = None) -> dict:
-    """`frozen_path: auto`'s record: the choice measured earlier on this machine for this shape, else
-    measured now (`measure_frozen_paths`) and kept for the next run."""
-    key = frozen_path_key(model, layer, seq_len, dtype)
-    record = remembered_frozen_path(key)
+    """`expert_kernel: auto`'s record: the choice measured earlier on this machine for this shape, else
+    measured now (`measure_expert_kernels`) and kept for the next run."""
+    key = expert_kernel_key(model, layer, seq_len, dtype)
+    record = remembered_expert_kernel(key)
     if record is not None:
         return record | {"reason": f"{record['reason']}, measured on this machine before (kept in "
-                                   f"{frozen_path_cache()}; delete it to measure again)"}
-    times = measure_frozen_paths(model, layer, seq_len, dtype, seed, kernels)
+                                   f"{expert_kernel_cache()}; delete it to measure again)"}
+    times = measure_expert_kernels(model, layer, seq_len, dtype, seed, kernels)
     record = {"choice": min(times, key=times.get), "reason": "faster forward+backward of one MoE block",
               "seconds": times, "seq_len": seq_len, "layer": layer, "device": str(mx.default_device())}
-    remember_frozen_path(key, record)
+    remember_expert_kernel(key, record)
     return record
 
 
-def remember_frozen_path(key: str, record: dict) -> None:
+def remember_expert_kernel(key: str, record: dict) -> None:
     """Keep `record` for later runs; a cache that cannot be written only costs a new measurement."""
-    path = frozen_path_cache()
+    path = expert_kernel_cache()
     try:
         known = json.loads(path.read_text()) if path.exists() else {}
         atomic_write_json(path, {**(known if isinstance(known, dict) else {}), key: record})
@@ -101,19 +101,19 @@ def probe_row_gather(model: nn.Module, tokens: int) -> dict:
                             model.model.embed_tokens.weight.dtype)
 
 
-def measure_frozen_paths(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype,
+def measure_expert_kernels(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype,
                          seed: int = 0, kernels: KernelChoices | None = None) -> dict[str, float]:
     """Seconds for forward + input-gradient of one frozen MoE block on (1, seq_len) tokens, with
     experts through int8 gather_qmm ("qmm"), dequantized just in time ("dequant"), or as padded
-    expert blocks ("batched"), each as the layer walk runs it: the blocks' layout known beforehand
+    expert blocks ("blocks"), each as the layer walk runs it: the blocks' layout known beforehand
     (the walk's forward pass guesses it on the device, the backward reuses it), not computed on the
     host. (Timed with a host read per call, the blocks lost the choice to "dequant" by 5% in one of
     three H200 runs, while the whole step ran 1.8x faster on them: 0.139 against 0.246 s.)"""
     block = feed_forward(model, layer)
     x = mx.random.normal((1, seq_len, model.model.args.hidden_size), key=mx.random.key(seed)).astype(dtype)
     times = {}
-    for path in FROZEN_CLASSES:
-        set_frozen_path(model, path, kernels=kernels)
+    for path in EXPERT_KERNEL_CLASSES:
+        set_expert_kernel(model, path, kernels=kernels)
         switch = block.switch_mlp
         grad = mx.grad(lambda v: block(v).astype(mx.float32).sum())
         if isinstance(switch, BatchedSwitchGLU):
@@ -125,6 +125,9 @@ def measure_frozen_paths(model: nn.Module, layer: int, seq_len: int, dtype: mx.D
                 switch.keep_layout = False
                 switch.forget()
     return times
+
+
+measure_frozen_paths = measure_expert_kernels  # the name before issue 28
 
 
 def probe_attention(heads: int, head_dim: int, dtype: mx.Dtype, seq_len: int = 1024) -> dict:

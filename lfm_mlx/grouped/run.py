@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lfm_mlx.data import Batch, Example, batch_order, make_batch
 from lfm_mlx.grouped.config import TrainConfig
+from lfm_mlx.model.moe import expert_kernel
 
 
 class NonFiniteStop(RuntimeError):
@@ -51,8 +52,21 @@ class TrainResult:
     skipped_steps: int
     initial_valid_loss: float | None
     final_valid_loss: float | None
-    frozen_path: str
+    expert_kernel: str
     groups: list[dict]
+
+    @property
+    def frozen_path(self) -> str:
+        """`expert_kernel` by its name before issue 28."""
+        return self.expert_kernel
+
+    @classmethod
+    def from_record(cls, record: dict, **fields) -> "TrainResult":
+        """From a summary.json's "result" (one written before issue 28 says frozen_path, "batched" for "blocks")."""
+        record = dict(record)
+        if "frozen_path" in record:
+            record["expert_kernel"] = expert_kernel(record.pop("frozen_path"), warn=False)
+        return cls(**{**record, **fields})
 
 
 def steps_per_group(n_train: int, config: TrainConfig, n_groups: int, world_size: int = 1) -> int:

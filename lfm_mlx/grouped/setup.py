@@ -12,7 +12,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from lfm_mlx.grouped import probes
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.model.io import load
-from lfm_mlx.model.moe import feed_forward, moe_layers
+from lfm_mlx.model.moe import expert_kernel, feed_forward, moe_layers
 from lfm_mlx.model.quant import quantize_experts
 
 
@@ -36,13 +36,13 @@ def probe_kernels(model: nn.Module, layer: int, gather_tokens: int) -> dict:
 def choose_expert_path(model: nn.Module, layer: int, requested: str, probe_tokens: int, dtype: mx.Dtype,
                        seed: int, kernels: KernelChoices | None = None, remember: bool = True,
                        given: str = "set in the config") -> dict:
-    """The frozen experts' path record ({"choice", "reason", ...}): `requested` unless "auto"; auto
+    """The expert kernel's record ({"choice", "reason", ...}): `requested` unless "auto"; auto
     measures one MoE block at `probe_tokens` tokens with the run's `kernels`, kept per machine and
-    shape when `remember` (`probes.auto_frozen_path`), else measured every time."""
+    shape when `remember` (`probes.auto_expert_kernel`), else measured every time."""
     if requested != "auto":
-        return {"choice": requested, "reason": given}
+        return {"choice": expert_kernel(requested), "reason": given}
     if remember:
-        return probes.auto_frozen_path(model, layer, probe_tokens, dtype, seed, kernels)
-    times = probes.measure_frozen_paths(model, layer, probe_tokens, dtype, seed, kernels)
+        return probes.auto_expert_kernel(model, layer, probe_tokens, dtype, seed, kernels)
+    times = probes.measure_expert_kernels(model, layer, probe_tokens, dtype, seed, kernels)
     return {"choice": min(times, key=times.get), "reason": "faster forward+backward of one MoE block",
             "seconds": times}

@@ -26,7 +26,7 @@ from lfm_mlx.grouped import ranks
 from lfm_mlx.grouped.config import (
     CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, estimate_for_config,
 )
-from lfm_mlx.grouped.experts import set_frozen_path
+from lfm_mlx.grouped.experts import set_expert_kernel
 from lfm_mlx.grouped.group import ActiveGroup
 from lfm_mlx.grouped.probes import PROBE_TOKENS, probe_attention
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, UndoStep, _step_seed, steps_per_group
@@ -35,7 +35,7 @@ from lfm_mlx.grouped.step import evaluate_loss, trained_weight_norm
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.memory import GB, MemoryBudgetExceeded, MemoryHardStop, MemoryReading, MemoryWatchdog
 from lfm_mlx.model.io import compute_dtype, read_config, resolve_model_path, save_model_dir, weight_files
-from lfm_mlx.model.moe import layer_of, moe_params
+from lfm_mlx.model.moe import expert_kernel, layer_of, moe_params
 from lfm_mlx.train import distributed
 from lfm_mlx.train.checkpoint import Checkpoint, ParkedArrays, config_hash, list_checkpoints, save_checkpoint
 from lfm_mlx.train.schedules import GroupSchedule
@@ -201,7 +201,7 @@ class GroupedMoETrainer:
         self.master = self.config.settings(self.dtype).master
         return config
 
-    def _choose_frozen_path(self, model_config: dict, resumed: dict | None) -> dict:
+    def _choose_expert_kernel(self, model_config: dict, resumed: dict | None) -> dict:
         """The recorded choice on resume (bit-exact replay); else forced, or measured."""
         cfg = self.config
         # Bit-identical either way, so a resumed run may probe again.
@@ -210,10 +210,11 @@ class GroupedMoETrainer:
         kernels = probe_kernels(self.model, self.schedule.groups[0][0], seq)
         self.kernels = KernelChoices.from_records(kernels)  # this run's, passed down from here
         if resumed is not None:
-            return {"choice": resumed["frozen_path"], "reason": "recorded when the run started"} | kernels
-        record = choose_expert_path(self.model, self.schedule.groups[0][0], cfg.frozen_path, seq, self.dtype,
+            recorded = resumed["expert_kernel"] if "expert_kernel" in resumed else resumed["frozen_path"]  # older
+            return {"choice": expert_kernel(recorded, warn=False), "reason": "recorded when the run started"} | kernels
+        record = choose_expert_path(self.model, self.schedule.groups[0][0], cfg.expert_kernel, seq, self.dtype,
                                     cfg.seed, self.kernels) | kernels
-        if cfg.frozen_path != "auto":
+        if cfg.expert_kernel != "auto":
             return record
         choice = record["choice"]
         if choice != "qmm":
@@ -275,16 +276,16 @@ class GroupedMoETrainer:
             lambda: json.loads(summary_path.read_text()) if summary_path.exists() else None))
         if summary is not None:
             if summary.get("config_hash") == self.hash and summary.get("complete"):
-                return TrainResult(**{**summary["result"], "run_dir": self.run_dir,
-                                      "model_dir": Path(summary["result"]["model_dir"])})
+                return TrainResult.from_record(summary["result"], run_dir=self.run_dir,
+                                              model_dir=Path(summary["result"]["model_dir"]))
         self.watchdog = MemoryWatchdog(cfg.memory.budget(), cfg.memory.sample_every, reader=self.memory_reader)
         self.attention = self._probe_attention(model_config)
-        admission_path = "dequant" if cfg.frozen_path == "dequant" else "qmm"
+        admission_path = "dequant" if cfg.expert_kernel == "dequant" else "qmm"
         estimate = self.world.on_every(self._admit, model_config, admission_path)  # each rank's own budget
 
         resume, changes = ranks.read_resume(self.world, self.run_dir, self.hash, self._config_changes)
         model_config = self._load_model(model_config)
-        frozen = self._choose_frozen_path(model_config, resume.state if resume else None)
+        frozen = self._choose_expert_kernel(model_config, resume.state if resume else None)
         self.frozen = frozen["choice"]
         self.stream = BatchStream(self.dataset.train, cfg.batch_size * self.world.size, cfg.seed,  # global batches
                                   cfg.sort_by_length, self.pad_id)
@@ -294,25 +295,25 @@ class GroupedMoETrainer:
             "schedule": self.schedule.to_dict(), "groups": groups, "steps_per_group": self.spg,
             "phases": self.n_phases, "total_steps": self.n_phases * self.spg,
             "warmup_steps_effective": min(cfg.warmup_steps, self.spg // 2),
-            "compute_dtype": str(self.dtype), "master_dtype": str(self.master), "frozen_path": frozen,
+            "compute_dtype": str(self.dtype), "master_dtype": str(self.master), "expert_kernel": frozen,
             "memory_estimate": estimate, "attention": self.attention, "train_examples": len(self.dataset.train),
             "valid_examples": len(self.dataset.valid),
         }
         self.world.on_main(atomic_write_json, self.run_dir / "train_config.json", resolved)
-        self.world.on_main(atomic_write_json, self.run_dir / "frozen_path.json", frozen)
+        self.world.on_main(atomic_write_json, self.run_dir / "expert_kernel.json", frozen)  # frozen_path.json before issue 28
         if cfg.progress and self.world.main:
             print(self._start_line(resolved, resume is not None), file=sys.stderr, flush=True)
 
         # ---- state: fresh or restored
         state = {"phase": 0, "step_in_phase": 0, "global_step": 0, "skipped_steps": 0, "consecutive_skips": 0,
                  "tokens_seen": 0, "history": [], "initial_valid_loss": None, "layers_done": [], "config_changes": []}
-        set_frozen_path(self.model, self.frozen, kernels=self.kernels)
+        set_expert_kernel(self.model, self.frozen, kernels=self.kernels)
         if resume is None:
             self._truncate_metrics(0)
             valid = evaluate_loss(self.model, self.dataset.valid, cfg.batch_size, self.pad_id) if (
                 cfg.eval_each_group and self.dataset.valid) else None
             state["initial_valid_loss"] = valid
-            self._log({"kind": "start", "step": 0, "valid_loss": valid, "frozen_path": frozen,
+            self._log({"kind": "start", "step": 0, "valid_loss": valid, "expert_kernel": frozen,
                        "estimate_gb": estimate["total"] / GB, "steps_per_group": self.spg,
                        "total_steps": self.n_phases * self.spg})
         else:
@@ -321,7 +322,7 @@ class GroupedMoETrainer:
             active = groups[state["phase"] % len(groups)] if state["step_in_phase"] else []
             done = {k: v for k, v in resume.weights.items() if layer_of(k) not in active}
             self.model.load_weights(list(done.items()) + list(resume.group_start.items()), strict=False)
-            set_frozen_path(self.model, self.frozen, kernels=self.kernels)
+            set_expert_kernel(self.model, self.frozen, kernels=self.kernels)
             self._log({"kind": "resume", "step": state["global_step"], "checkpoint": resume.path.name})
             if changes:  # allowed by --allow-config-change: kept in the run's history and every later checkpoint
                 state["config_changes"].append({"step": state["global_step"], "checkpoint": resume.path.name,
@@ -361,7 +362,7 @@ class GroupedMoETrainer:
         def snapshot(step_in_phase: int) -> dict:
             return {**state, "phase": phase, "step_in_phase": step_in_phase, "config_hash": self.hash,
                     "training_config": cfg.training_hash_dict(),
-                    "frozen_path": self.frozen, "data_order": order, "epoch": epoch, "group": index,
+                    "expert_kernel": self.frozen, "data_order": order, "epoch": epoch, "group": index,
                     "rng": {"rule": "mx.random.seed(sha256(f'{seed}/step/{step}')[:4]) before every step",
                             "seed": cfg.seed}}
 
@@ -482,13 +483,13 @@ class GroupedMoETrainer:
         final = state["history"][-1]["valid_loss"] if state["history"] else None
         result = TrainResult(run_dir=self.run_dir, model_dir=out, steps=state["global_step"],
                              skipped_steps=state["skipped_steps"], initial_valid_loss=state["initial_valid_loss"],
-                             final_valid_loss=final, frozen_path=self.frozen, groups=state["history"])
+                             final_valid_loss=final, expert_kernel=self.frozen, groups=state["history"])
         record = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
         self._log({"kind": "end", "step": state["global_step"], "valid_loss": final,
                    "skipped_steps": state["skipped_steps"], "model_dir": str(out)})
         self.world.on_main(atomic_write_json, self.run_dir / "summary.json",
                           {"complete": True, "config_hash": self.hash, "result": record,
                            "config_changes": state["config_changes"],
-                           "tokens_seen": state["tokens_seen"], "frozen_path": frozen})
+                           "tokens_seen": state["tokens_seen"], "expert_kernel": frozen})
         return result
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, replace
 
+from lfm_mlx import console
+from lfm_mlx.model.moe import EXPERT_KERNEL_DEPRECATION, EXPERT_KERNELS, expert_kernel
+
 
 GB = 1e9
 
@@ -171,8 +174,8 @@ class StepShape:
 
     `group_size` MoE layers train (experts dequantized, routers trainable), on batches of
     `batch_size` x `seq_len` tokens (the longest example). `group_bits_size` is the quantization
-    group (elements per scale/bias pair). `frozen_path`: "qmm" (frozen experts through int8
-    gather_qmm), "dequant" (dequantized just in time) or "batched" (dequantized just in time, padded
+    group (elements per scale/bias pair). `expert_kernel`: "qmm" (frozen experts through int8
+    gather_qmm), "dequant" (dequantized just in time) or "blocks" (dequantized just in time, padded
     expert blocks: the same weights' memory). `attention`: "materialized" (scores held as fp32
     B*H*S*S, as MLX's sdpa backward does on CPU) or "fused". `optimizer_state_bytes`: 4 for fp32
     state, 2 when the optimizer keeps state in a bf16 parameter's dtype.
@@ -187,7 +190,7 @@ class StepShape:
     for the fused update's int8 moments (1.125 bytes an element with their scales), `second_moment_bits`
     the second moment's where it differs (32 with moment_bits 8: only the first moment int8);
     `keep_expert_activations` the frozen expert blocks keep their gate and up projections and output
-    for the backward pass (batched path, checkpointed)."""
+    for the backward pass (blocks kernel, checkpointed)."""
 
     group_size: int
     seq_len: int
@@ -197,7 +200,7 @@ class StepShape:
     group_bits_size: int = 64
     compute_dtype_bytes: int = 2
     grad_checkpoint: bool = True
-    frozen_path: str = "qmm"
+    expert_kernel: str = "qmm"
     attention: str = "materialized"
     optimizer_state_bytes: int = 4
     grad_accumulation: int = 1
@@ -215,8 +218,8 @@ def _problems(shape: StepShape, baseline: int, scales: dict[str, float] | None) 
     problems = []
     if shape.optimizer not in ("adamw", "adafactor"):
         problems.append(f"optimizer={shape.optimizer!r}: use 'adamw' or 'adafactor'")
-    if shape.frozen_path not in ("qmm", "dequant", "batched"):
-        problems.append(f"frozen_path={shape.frozen_path!r}: use 'qmm', 'dequant' or 'batched'")
+    if shape.expert_kernel not in EXPERT_KERNELS:
+        problems.append(f"expert_kernel={shape.expert_kernel!r}: use 'qmm', 'dequant' or 'blocks'")
     if shape.master not in (None, "split", "float32", "compute", "compute-stochastic"):
         problems.append(f"master={shape.master!r}: use 'split', 'float32', 'compute' or 'compute-stochastic'")
     if shape.moment_bits not in (8, 32):
@@ -287,11 +290,11 @@ def activations_bytes(z: _Sizes, shape: StepShape) -> int:
         act_elems = len(z.window) * D + 2 * max(per_token) + 2 * D
     else:
         act_elems = sum(per_token) + 2 * D
-    if shape.frozen_path == "batched":
+    if shape.expert_kernel == "blocks":
         # Padded expert blocks: every expert's rows padded to the busiest one's (guessed with
         # headroom), for the two layers in flight: the rows beyond those `ffn` counts.
         act_elems += 2 * k * (D + 3 * M) * (BLOCK_PADDING - 1)
-    if shape.keep_expert_activations and shape.frozen_path == "batched" and shape.grad_checkpoint:
+    if shape.keep_expert_activations and shape.expert_kernel == "blocks" and shape.grad_checkpoint:
         # Every frozen layer's gate and up blocks (padded) and its per-choice output, until its backward.
         act_elems += z.frozen_moe * k * (2 * M * BLOCK_PADDING + D)
     return z.tokens * act_elems * shape.compute_dtype_bytes
@@ -318,8 +321,8 @@ def attention_bytes(z: _Sizes, shape: StepShape) -> int:
 
 
 def frozen_dequant_bytes(z: _Sizes, shape: StepShape) -> int:
-    """Frozen layers' experts dequantized just in time (dequant and batched paths)."""
-    if shape.frozen_path not in ("dequant", "batched") or not z.frozen_moe:
+    """Frozen layers' experts dequantized just in time (dequant and blocks kernels)."""
+    if shape.expert_kernel not in ("dequant", "blocks") or not z.frozen_moe:
         return 0
     # Checkpointed, the grouped trainer walks the layers (`walk_loss_and_grad`) with at most two
     # in flight: two frozen layers' dequantized stacks (measured at the 8B shapes on an H200:
@@ -386,6 +389,11 @@ def estimate_peak(config: dict, shape: StepShape | None = None, *, calibration: 
     first MoE layer, so backward runs through every layer from there to the top. `baseline`: the
     runtime's bytes before any weight (`runtime_baseline()`); `calibration` and `scales` as in
     `MemoryEstimate`."""
+    if "frozen_path" in fields:  # the keyword before issue 28
+        console.deprecated("expert_kernel", EXPERT_KERNEL_DEPRECATION)
+        fields["expert_kernel"] = fields.pop("frozen_path")
+    if "expert_kernel" in fields:
+        fields["expert_kernel"] = expert_kernel(fields["expert_kernel"])
     shape = replace(shape, **fields) if shape is not None else StepShape(**fields)
     problems = _problems(shape, baseline, scales)
     if problems:

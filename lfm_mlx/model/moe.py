@@ -7,8 +7,28 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from lfm_mlx import console
+
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # the stacked experts of a `switch_mlp`
 EXPERT_SUFFIXES = tuple(f"switch_mlp.{proj}" for proj in PROJECTIONS)  # their module paths end so
+
+# How the frozen int8 experts run (README glossary: expert kernel): int8 gather_qmm, dequantized just in
+# time through gather_mm, or every MoE block as padded expert blocks (`kernels.expert_blocks`).
+EXPERT_KERNELS = ("qmm", "dequant", "blocks")
+RENAMED_EXPERT_KERNELS = {"batched": "blocks"}  # old value -> its name now (issue 28)
+EXPERT_KERNEL_DEPRECATION = ("config key 'frozen_path' is deprecated; use 'expert_kernel' (same values; "
+                             "'batched' is now 'blocks')")
+
+
+def expert_kernel(name: str, warn: bool = True) -> str:
+    """`name` with an old spelling ("batched") mapped to today's ("blocks"), saying so once per process
+    when `warn` (not for names a run recorded itself: a resumed run reads them silently)."""
+    if name in RENAMED_EXPERT_KERNELS:
+        if warn:
+            console.deprecated("expert_kernel", f"expert kernel {name!r} is deprecated; use "
+                                                f"{RENAMED_EXPERT_KERNELS[name]!r} (config key expert_kernel)")
+        return RENAMED_EXPERT_KERNELS[name]
+    return name
 
 
 def is_expert(path: str) -> bool:

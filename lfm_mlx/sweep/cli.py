@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lfm_mlx import console
 from lfm_mlx.memory import MemoryBudget
+from lfm_mlx.model.moe import expert_kernel
 from lfm_mlx.sweep.config import DEFAULT_SIZES, EXIT_BAD_INPUT, EXIT_NOTHING_FITS, PLOT_NAME, REPORT_NAME, SweepConfig
 from lfm_mlx.sweep.run import run_sweep
 from lfm_mlx.sweep.report import format_table, plot_sweep
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per size; the first is a warm-up (default 3)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
     parser.add_argument("--master-dtype", default="split", choices=["split", "float32", "compute", "compute-stochastic"])
-    parser.add_argument("--frozen-path", default="auto", choices=["auto", "qmm", "dequant", "batched"])
+    parser.add_argument("--expert-kernel", default="auto", choices=["auto", "qmm", "dequant", "blocks"],
+                        help="how the frozen int8 experts run (README glossary; default auto: measured)")
+    parser.add_argument("--frozen-path", choices=["auto", "qmm", "dequant", "batched", "blocks"],
+                        help=argparse.SUPPRESS)  # --expert-kernel's name before issue 28
     parser.add_argument("--calibrate", default="fit", help="fit (each size from the smaller ones measured before "
                         "it; the first calibrates itself), none, or a global factor (default fit)")
     parser.add_argument("--budget-gb", type=float, default=64.0, help="machine memory (default 64)")
@@ -47,20 +51,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     console.add_quiet(parser)
     args = parser.parse_args(argv)
+    if args.frozen_path is not None:
+        console.deprecated("expert_kernel", "--frozen-path is deprecated; use --expert-kernel (same values; "
+                                            "'batched' is now 'blocks')")
+        args.expert_kernel = expert_kernel(args.frozen_path, warn=False)
     main_rank = distributed.init().main  # under mlx.launch rank 0 alone prints and writes
     args.quiet = args.quiet or not main_rank
     try:
         budget = MemoryBudget(total_gb=args.budget_gb, soft_gb=args.soft_gb, hard_gb=args.hard_gb)
         cfg = SweepConfig(model=args.model, preset=args.preset, data=args.data, seq_len=args.seq_len,
                           group_sizes=args.group_sizes, steps=args.steps, optimizer=args.optimizer,
-                          master_dtype=args.master_dtype, frozen_path=args.frozen_path, calibrate=args.calibrate,
+                          master_dtype=args.master_dtype, expert_kernel=args.expert_kernel, calibrate=args.calibrate,
                           budget=budget, out=args.out, seed=args.seed)
         cfg.check()
         console.say("sweep", f"group sizes {','.join(map(str, sorted(set(cfg.group_sizes))))} of "
                              f"{cfg.model or 'preset ' + cfg.preset} on {console.where()}: {cfg.steps} step(s) each of "
                              + (f"the longest row of {cfg.data} (at most {cfg.seq_len} tokens)" if cfg.data else
                                 f"{cfg.seq_len} random tokens")
-                             + f", {cfg.optimizer}, masters {cfg.master_dtype}, experts {cfg.frozen_path}; memory "
+                             + f", {cfg.optimizer}, masters {cfg.master_dtype}, experts {cfg.expert_kernel}; memory "
                                f"soft/hard {args.soft_gb:g}/{args.hard_gb:g} GB of {args.budget_gb:g} (machine "
                                f"{console.machine_gb():.1f} GB); writing {cfg.out}", args.quiet)
         report = run_sweep(cfg, log=lambda line: console.say("sweep", line, args.quiet))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lfm_mlx import console
 from lfm_mlx.memory import MemoryBudget
+from lfm_mlx.model.moe import EXPERT_KERNEL_DEPRECATION, EXPERT_KERNELS, expert_kernel
 from lfm_mlx.model.synthetic import PRESETS
 
 
@@ -29,11 +31,18 @@ class SweepConfig:
     steps: int = 3
     optimizer: str = "adamw"
     master_dtype: str = "split"
-    frozen_path: str = "auto"
+    expert_kernel: str = "auto"
     calibrate: str = "fit"  # "fit", "none" or a factor such as "0.9"
     budget: MemoryBudget = field(default_factory=MemoryBudget)
     out: str = "runs/sweep"
     seed: int = 0
+    frozen_path: str | None = None  # expert_kernel's name before issue 28 (moved there, with one warning)
+
+    def __post_init__(self):
+        if self.frozen_path is not None:
+            console.deprecated("expert_kernel", EXPERT_KERNEL_DEPRECATION)
+            self.expert_kernel, self.frozen_path = self.frozen_path, None
+        self.expert_kernel = expert_kernel(self.expert_kernel)
 
     def check(self) -> None:
         """Raise one ValueError listing every bad setting (name, value, fix)."""
@@ -57,8 +66,8 @@ class SweepConfig:
         if self.master_dtype not in ("split", "float32", "compute", "compute-stochastic"):
             problems.append(f"--master-dtype {self.master_dtype!r}: use split, float32, compute or "
                             "compute-stochastic")
-        if self.frozen_path not in ("auto", "qmm", "dequant", "batched"):
-            problems.append(f"--frozen-path {self.frozen_path!r}: use auto, qmm, dequant or batched")
+        if self.expert_kernel not in ("auto", *EXPERT_KERNELS):
+            problems.append(f"--expert-kernel {self.expert_kernel!r}: use auto, qmm, dequant or blocks")
         if self.calibrate not in ("fit", "none"):
             try:
                 if float(self.calibrate) <= 0:

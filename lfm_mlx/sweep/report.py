@@ -47,7 +47,7 @@ def format_table(report: dict) -> str:
     budget, cal, rec = report["budget"], report["calibration"], report["recommendation"]
     lines = [
         f"group-size sweep: {report['model']['source']}, {report['batch']['tokens']} tokens/step, "
-        f"{report['settings']['optimizer']}, frozen experts {report['frozen_path']['choice']}, attention "
+        f"{report['settings']['optimizer']}, frozen experts {report.get('expert_kernel', report.get('frozen_path'))['choice']}, attention "
         f"{report['attention']['kind']}, {report['machine']['backend']} "
         f"({report['machine']['gpu'] or report['machine']['cpu']})",
         f"budget {budget['total_gb']:g} GB: soft {budget['soft_gb']:g}, hard stop {budget['hard_gb']:g}; runtime "

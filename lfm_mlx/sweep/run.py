@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from lfm_mlx.data import Batch
 from lfm_mlx.fsutil import atomic_write_json
-from lfm_mlx.grouped import TrainConfig, choose_expert_path, moe_layers, probe_attention, probe_kernels, set_frozen_path
+from lfm_mlx.grouped import TrainConfig, choose_expert_path, moe_layers, probe_attention, probe_kernels, set_expert_kernel
 from lfm_mlx.grouped import ranks
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.memory import GB, MemoryHardStop, MemorySoftLimitWarning, MemoryWatchdog, StepMemoryReader
@@ -52,10 +52,10 @@ class _Setup:
 
 def prepare(cfg: SweepConfig, log=print) -> _Setup:
     """Config and batch, the attention probe, the runtime baseline, then the model (in that order,
-    so the baseline holds everything but the weights), and the frozen-expert path."""
+    so the baseline holds everything but the weights), and the expert kernel."""
     train = TrainConfig(model=cfg.model or f"preset:{cfg.preset}", data=[cfg.data or "synthetic"],
                         run_dir=str(cfg.out), optimizer=cfg.optimizer, master_dtype=cfg.master_dtype,
-                        frozen_path=cfg.frozen_path, max_tokens=cfg.seq_len, seed=cfg.seed, progress=False)
+                        expert_kernel=cfg.expert_kernel, max_tokens=cfg.seq_len, seed=cfg.seed, progress=False)
     machine = machine_info()
     model_dir = None
     if cfg.preset is not None:
@@ -86,16 +86,16 @@ def prepare(cfg: SweepConfig, log=print) -> _Setup:
     records = probe_kernels(model, moe[0], batch.inputs.shape[1])
     kernels = KernelChoices.from_records(records)
     # measured at 256 tokens every time (not kept per machine: a sweep measures, it does not train)
-    frozen = choose_expert_path(model, moe[0], cfg.frozen_path, min(256, batch.inputs.shape[1]), dtype, cfg.seed,
+    frozen = choose_expert_path(model, moe[0], cfg.expert_kernel, min(256, batch.inputs.shape[1]), dtype, cfg.seed,
                                 kernels, remember=False, given="set on the command line") | records
-    set_frozen_path(model, frozen["choice"], kernels=kernels)
+    set_expert_kernel(model, frozen["choice"], kernels=kernels)
     gc.collect()
     mx.clear_cache()
     master = train.settings(dtype).master
     report = {
         "kind": "lfm_mlx.sweep/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {**{k: v for k, v in asdict(cfg).items() if k != "budget"},
+        "settings": {**{k: v for k, v in asdict(cfg).items() if k not in ("budget", "frozen_path")},
                      "group_sizes": sorted(set(cfg.group_sizes)), "grad_checkpoint": train.grad_checkpoint,
                      "batch_size": train.batch_size},
         "budget": asdict(cfg.budget),
@@ -108,7 +108,7 @@ def prepare(cfg: SweepConfig, log=print) -> _Setup:
                   "quantization": {k: config["quantization"][k] for k in ("bits", "group_size")}},
         "batch": {"seq_len": batch.inputs.shape[1], "tokens": batch.inputs.size,
                   "source": "data" if cfg.data else "random tokens", "data": data_info},
-        "baseline": baseline, "attention": attention, "frozen_path": frozen, "tolerance": TOLERANCE,
+        "baseline": baseline, "attention": attention, "expert_kernel": frozen, "tolerance": TOLERANCE,
     }
     return _Setup(train, config, model, batch, baseline, attention, frozen, master, report, kernels)
 
