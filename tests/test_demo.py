@@ -121,7 +121,7 @@ def test_the_demo_fixes_its_expert_path_so_reruns_are_identical(demo, tmp_path):
 
     run, _ = demo
     frozen = json.loads((run / "grouped" / "expert_kernel.json").read_text())
-    assert frozen["choice"] == DemoConfig().frozen_path and frozen["reason"] == "set in the config", frozen
+    assert frozen["choice"] == DemoConfig().expert_kernel and frozen["reason"] == "set in the config", frozen
     again = evaluate(MLXBackend(run / "fused-8bit"), [run / "task" / "suite.json"], tmp_path, max_tokens=48,
                      progress=False)
     first = reports(run)["fused 8-bit"]

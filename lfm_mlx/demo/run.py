@@ -53,7 +53,7 @@ class DemoConfig:
     train_lr: float = 1e-3  # 2e-3 (groups of 4, half the rows each): 34%
     # Fixed rather than "auto" (timed at start-up): the paths sum in other orders, and a timing
     # choice could give two runs on one machine other weights.
-    frozen_path: str = "qmm"
+    expert_kernel: str = "qmm"
     lora_steps: int = 300
     lora_lr: float = 1e-3  # 300 steps: 81% against 80% for 150 steps at 5e-4 (validation loss 0.050 against 0.066)
     lora_rank: int = 16
@@ -118,7 +118,7 @@ def grouped_config(config: DemoConfig, mixed: Path, train_rows: Path, run_dir: P
         model=str(mixed), data=[str(train_rows)], run_dir=str(run_dir), max_tokens=1024,
         splits=(0.95, 0.05, 0.0), group_size=config.group_size, group_stride=config.group_stride,
         epochs=config.epochs, steps_per_group="epoch", batch_size=4, learning_rate=config.train_lr,
-        warmup_steps=5, checkpoint_every=0, seed=config.seed, frozen_path=config.frozen_path,
+        warmup_steps=5, checkpoint_every=0, seed=config.seed, expert_kernel=config.expert_kernel,
         memory=demo_memory_budget(), progress=config.progress,
     )
     return TrainConfig(**{**settings, **overrides})
