@@ -17,7 +17,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
 from lfm_mlx import fuse as F
-from lfm_mlx import lora, models
+from lfm_mlx import lora
+from lfm_mlx.model import io as models
 from tests.test_lora import TOOLS, make_rows, small_config, write_repair_set
 from tests.test_server_eval import mlx_lm_server
 
