@@ -543,6 +543,7 @@ def loss_curve(model: nn.Module, layers: list[int], batches: list[Batch], change
     """From the weights `start` (name -> array), `steps` steps cycling over `batches` in `order`;
     the mean loss over all batches afterwards."""
     model.update(tree_unflatten(list(start.items())))  # every curve from the same weights
+    mx.random.seed(0)  # and the same random stream (stochastic rounding), whatever curves ran before
     cfg = train_config(changes, steps, lr)
     straightforward = changes is STRAIGHTFORWARD
     with contextlib.ExitStack() as stack:
