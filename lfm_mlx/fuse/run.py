@@ -40,20 +40,12 @@ def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path,
     Raises FidelityError (nothing written at `save_path`; the report goes next to it as
     `<save_path>.refused.json`) when the gate fails without `force`.
     """
-    from mlx_lm.tuner.utils import load_adapters
-
-    from lfm_mlx.model.io import load, resolve_model_path, save_model_dir
+    from lfm_mlx.model.io import resolve_model_path, save_model_dir
 
     bits = parse_bits(bits)
     log = log or (lambda line: None)
     thresholds = thresholds or Thresholds()
-    if scope not in SCOPES:
-        raise ValueError(f"scope: {scope!r} must be one of {', '.join(SCOPES)}")
-    if (rows is None) == (suite is None):
-        raise ValueError("fidelity needs one prompt set: pass rows (held-out repair rows, e.g. repair_datasets/NAME) "
-                         "or suite (an eval suite name or file)")
-    if not (Path(adapter_path) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"adapter_path: {adapter_path} has no adapter_config.json; pass a LoRA output directory")
+    _check_arguments(scope, rows, suite, adapter_path)
     save_path = Path(save_path)
     refuse_overlap(save_path, {"base model": model_dir, "adapter directory": adapter_path})
     _check_base(model_dir, adapter_path)
@@ -61,51 +53,20 @@ def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path,
     with locked(save_path, sibling=True):
         recover(save_path)
         started = time.perf_counter()
-
-        adapter_model, tokenizer, config = load(model_dir, return_config=True)
-        if scope == "experts" and bits is not None and config["model_type"] != "lfm2_moe":
-            raise ValueError(f"scope: 'experts' on a dense {config['model_type']} model quantizes nothing; "
-                             f"pass --scope all, or --bits bf16 for an unquantized fuse")
-        load_adapters(adapter_model, str(adapter_path))
-        adapter_model.eval()
-        if rows is not None:
-            sequences = prompts_from_rows(rows, tokenizer, max_prompts)
-        else:
-            sequences = prompts_from_suite(suite, tokenizer, adapter_model, max_prompts, new_tokens)
-        sequences = [seq for seq in sequences if seq.positions]
-        if not sequences:
-            raise ValueError("the prompt set has no scored positions (rows without assistant turns?); pass other rows or a suite")
+        adapter_model, tokenizer, config = _load_with_adapters(model_dir, adapter_path, scope, bits)
+        sequences = _scored_prompts(adapter_model, tokenizer, rows, suite, max_prompts, new_tokens)
         log(f"scoring base + adapters on {len(sequences)} prompt(s)")
         reference = log_probs(adapter_model, sequences)
-
-        base_model, _, _ = load(model_dir, dtype=mx.bfloat16, lazy=True, with_tokenizer=False, return_config=True)
-        entries, layers = build_fused(adapter_model, base_model, scope, bits, group_size, progress)
-        check_free_space(save_path, sum(v.nbytes for _, v in tree_flatten(base_model.parameters())), "the fused model")
-        fused_config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-        if any(isinstance(v, dict) for v in entries.values()):  # per-path entries: mlx_lm.load rebuilds this exact mix
-            fused_config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **entries}
-
-        report = {
-            "format": "lfm_mlx.fuse_report", "version": 1,
-            "model": str(model_dir), "adapter_path": str(adapter_path), "save_path": str(save_path),
-            "bits": bits or "bf16", "scope": scope, "group_size": group_size,
-            "prompt_set": {"rows": str(rows) if rows else None, "suite": str(suite) if suite else None,
-                           "sequences": len(sequences)},
-            "thresholds": asdict(thresholds),
-        }
+        base_model, fused_config, layers = _merged_base(model_dir, adapter_model, config, scope, bits, group_size,
+                                                        progress, save_path)
+        report = _report_head(model_dir, adapter_path, save_path, bits, scope, group_size, rows, suite,
+                              len(sequences), thresholds)
         with atomic_dir(save_path) as tmp:
             log("writing the fused model, loading it back, scoring it and the base")
             save_model_dir(base_model, fused_config, resolve_model_path(model_dir), tmp)
-            del base_model
+            del base_model  # free the merged weights before the fused model is loaded back
             _force_pythonic(tmp)
-            fused_model, _ = load(tmp)
-            report["adapter_vs_fused"] = compare(reference, fused_model, sequences, thresholds.top1_margin)
-            del fused_model
-            with lora_disabled(adapter_model):  # how far the fine-tune moved the model, for scale
-                report["adapter_vs_base"] = compare(reference, adapter_model, sequences, thresholds.top1_margin)
-            base_kl = report["adapter_vs_base"]["mean_kl"]
-            # 1 = the fused model is as close to base + adapters as it gets; 0 = it behaves like the base.
-            report["fine_tune_kept"] = round(1 - report["adapter_vs_fused"]["mean_kl"] / base_kl, 4) if base_kl > 0 else None
+            _score_fused(report, reference, adapter_model, tmp, sequences, thresholds)
             report["layers"] = layers
             report["survival"] = _survival_summary(layers)
             report["size_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
@@ -113,16 +74,106 @@ def fuse(model_dir: str | Path, adapter_path: str | Path, save_path: str | Path,
             report.update(passed=not reasons, reasons=reasons, forced=bool(reasons) and force,
                           elapsed_s=round(time.perf_counter() - started, 2))
             if reasons and not force:
-                refused = save_path.parent / f"{save_path.name}.refused.json"
-                atomic_write_json(refused, report)
-                advice = "fuse at more bits (--bits 8, or bf16)" if bits is not None and bits < 8 else "fuse with --bits bf16"
-                if scope == "all":
-                    advice += " or with --scope experts"
-                raise FidelityError(f"refusing to write {save_path}: " + "; ".join(reasons)
-                                    + f". {advice[0].upper() + advice[1:]}; --force writes it anyway. Report: {refused}", report)
+                _refuse(report, save_path, bits, scope)
             atomic_write_json(tmp / "fidelity.json", report)
         (save_path.parent / f"{save_path.name}.refused.json").unlink(missing_ok=True)  # a stale refusal no longer holds
         return report
+
+
+def _check_arguments(scope: str, rows: str | Path | None, suite: str | Path | None, adapter_path: str | Path) -> None:
+    """Refuse a scope, prompt set or adapter directory that cannot work, before anything is loaded."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope: {scope!r} must be one of {', '.join(SCOPES)}")
+    if (rows is None) == (suite is None):
+        raise ValueError("fidelity needs one prompt set: pass rows (held-out repair rows, e.g. repair_datasets/NAME) "
+                         "or suite (an eval suite name or file)")
+    if not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter_path: {adapter_path} has no adapter_config.json; pass a LoRA output directory")
+
+
+def _load_with_adapters(model_dir: str | Path, adapter_path: str | Path, scope: str, bits: int | None):
+    """The base with the adapters applied (eval mode), its tokenizer and config.json."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    from lfm_mlx.model.io import load
+
+    adapter_model, tokenizer, config = load(model_dir, return_config=True)
+    if scope == "experts" and bits is not None and config["model_type"] != "lfm2_moe":
+        raise ValueError(f"scope: 'experts' on a dense {config['model_type']} model quantizes nothing; "
+                         f"pass --scope all, or --bits bf16 for an unquantized fuse")
+    load_adapters(adapter_model, str(adapter_path))
+    adapter_model.eval()
+    return adapter_model, tokenizer, config
+
+
+def _scored_prompts(adapter_model, tokenizer, rows: str | Path | None, suite: str | Path | None, max_prompts: int,
+                    new_tokens: int) -> list:
+    """The fidelity prompt set (from held-out rows, or the suite's prompts answered by base + adapters),
+    keeping only sequences with positions to score."""
+    if rows is not None:
+        sequences = prompts_from_rows(rows, tokenizer, max_prompts)
+    else:
+        sequences = prompts_from_suite(suite, tokenizer, adapter_model, max_prompts, new_tokens)
+    sequences = [seq for seq in sequences if seq.positions]
+    if not sequences:
+        raise ValueError("the prompt set has no scored positions (rows without assistant turns?); pass other rows or a suite")
+    return sequences
+
+
+def _merged_base(model_dir: str | Path, adapter_model, config: dict, scope: str, bits: int | None, group_size: int,
+                 progress: bool, save_path: Path) -> tuple[object, dict, list[dict]]:
+    """The base (bf16, lazy) with the adapters merged in and `scope` quantized, its config.json, and the
+    per-layer merge records; refuses when save_path's disk cannot hold it."""
+    from lfm_mlx.model.io import load
+
+    base_model, _, _ = load(model_dir, dtype=mx.bfloat16, lazy=True, with_tokenizer=False, return_config=True)
+    entries, layers = build_fused(adapter_model, base_model, scope, bits, group_size, progress)
+    check_free_space(save_path, sum(v.nbytes for _, v in tree_flatten(base_model.parameters())), "the fused model")
+    fused_config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    if any(isinstance(v, dict) for v in entries.values()):  # per-path entries: mlx_lm.load rebuilds this exact mix
+        fused_config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **entries}
+    return base_model, fused_config, layers
+
+
+def _report_head(model_dir: str | Path, adapter_path: str | Path, save_path: Path, bits: int | None, scope: str,
+                 group_size: int, rows: str | Path | None, suite: str | Path | None, sequences: int,
+                 thresholds: Thresholds) -> dict:
+    """The report's first keys: what was fused, how, and on which prompts."""
+    return {
+        "format": "lfm_mlx.fuse_report", "version": 1,
+        "model": str(model_dir), "adapter_path": str(adapter_path), "save_path": str(save_path),
+        "bits": bits or "bf16", "scope": scope, "group_size": group_size,
+        "prompt_set": {"rows": str(rows) if rows else None, "suite": str(suite) if suite else None,
+                       "sequences": sequences},
+        "thresholds": asdict(thresholds),
+    }
+
+
+def _score_fused(report: dict, reference, adapter_model, fused_dir: Path, sequences: list,
+                 thresholds: Thresholds) -> None:
+    """Into the report: the written model and the bare base, each against base + adapters, and the share
+    of the fine-tune the fused model kept."""
+    from lfm_mlx.model.io import load
+
+    fused_model, _ = load(fused_dir)
+    report["adapter_vs_fused"] = compare(reference, fused_model, sequences, thresholds.top1_margin)
+    del fused_model  # out of memory before the base is scored
+    with lora_disabled(adapter_model):  # how far the fine-tune moved the model, for scale
+        report["adapter_vs_base"] = compare(reference, adapter_model, sequences, thresholds.top1_margin)
+    base_kl = report["adapter_vs_base"]["mean_kl"]
+    # 1 = the fused model is as close to base + adapters as it gets; 0 = it behaves like the base.
+    report["fine_tune_kept"] = round(1 - report["adapter_vs_fused"]["mean_kl"] / base_kl, 4) if base_kl > 0 else None
+
+
+def _refuse(report: dict, save_path: Path, bits: int | None, scope: str) -> None:
+    """Write the failed report beside save_path as NAME.refused.json and raise FidelityError with advice."""
+    refused = save_path.parent / f"{save_path.name}.refused.json"
+    atomic_write_json(refused, report)
+    advice = "fuse at more bits (--bits 8, or bf16)" if bits is not None and bits < 8 else "fuse with --bits bf16"
+    if scope == "all":
+        advice += " or with --scope experts"
+    raise FidelityError(f"refusing to write {save_path}: " + "; ".join(report["reasons"])
+                        + f". {advice[0].upper() + advice[1:]}; --force writes it anyway. Report: {refused}", report)
 
 
 def _check_base(model_dir: str | Path, adapter_path: str | Path) -> None:
