@@ -119,17 +119,50 @@ def build_repair_set(report_path: str | Path, name: str, out_dir: str | Path, su
     sample), so the repair does not teach calling tools everywhere. Cases without a gold answer
     are skipped and counted. The source report is copied in as source_report.json.
     """
+    _check_options(name, passing_ratio, no_tool_ratio, valid_fraction, test_fraction)
+    report_path = Path(report_path)
+    report = load_report(report_path)
+    suite_map = _report_suites(report, report_path, list(suites))
+    failed, passing, quiet = _sort_cases(report, report_path, suite_map)
+    rng = random.Random(seed)
+    chosen_passing = rng.sample(passing, min(len(passing), round(passing_ratio * len(failed))))
+    chosen_quiet = rng.sample(quiet, min(len(quiet), round(no_tool_ratio * len(failed))))
+    rows, skipped, sources = _training_rows((("failure", failed), ("passing", chosen_passing),
+                                             ("no_tool", chosen_quiet)))
+    if not rows:
+        raise ValueError(f"{report_path}: no case with a gold answer was selected ({dict(skipped)} skipped); nothing to write")
+
+    splits = _split(rows, set(holdout), seed, valid_fraction, test_fraction)
+    manifest = {
+        "format": MANIFEST_FORMAT, "version": 1, "name": name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "note": note, "seed": seed,
+        "source_report": _source_report_entry(report, report_path),
+        "suites": [{"name": s.name, "path": str(s.path), "sha256": s.sha256} for s in suite_map.values()],
+        "selection": {"failures": len(failed), "passing_available": len(passing), "passing_chosen": len(chosen_passing),
+                      "no_tool_available": len(quiet), "no_tool_chosen": len(chosen_quiet), "skipped": dict(skipped),
+                      "passing_ratio": passing_ratio, "no_tool_ratio": no_tool_ratio},
+        "holdout": sorted(set(holdout) | {f"{c.suite}/{c.id}" for c, _ in rows if c.held_out}),
+        "splits": {},
+    }
+    _write_set(Path(out_dir) / name, force, splits, sources, manifest, report_path)
+    return manifest
+
+
+def _check_options(name: str, passing_ratio: float, no_tool_ratio: float, valid_fraction: float,
+                   test_fraction: float) -> None:
+    """Refuse a dataset name that is not a plain directory name, and ratios or fractions out of range."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"--name {name!r}: use a plain directory name such as iter01")
     for label, value in (("passing_ratio", passing_ratio), ("no_tool_ratio", no_tool_ratio),
                          ("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if value < 0 or (label.endswith("fraction") and value >= 0.5):
             raise ValueError(f"{label}={value}: ratios must be >= 0 and fractions in [0, 0.5)")
-    report_path = Path(report_path)
-    report = load_report(report_path)
-    suite_map = _report_suites(report, report_path, list(suites))
-    cases_by_key = {(s.name, c.id): c for s in suite_map.values() for c in s.cases}
 
+
+def _sort_cases(report: dict, report_path: Path, suite_map: dict[str, Suite]) -> tuple[list[Case], list[Case], list[Case]]:
+    """The report's cases, in its order, as (failed, passing tool-call, passing no-tool) suite cases."""
+    cases_by_key = {(s.name, c.id): c for s in suite_map.values() for c in s.cases}
     failed, passing, quiet = [], [], []
     for record in report["cases"]:
         case = cases_by_key.get((record["suite"], record["id"]))
@@ -141,12 +174,14 @@ def build_repair_set(report_path: str | Path, name: str, out_dir: str | Path, su
             passing.append(case)
         else:
             quiet.append(case)
-    rng = random.Random(seed)
-    chosen_passing = rng.sample(passing, min(len(passing), round(passing_ratio * len(failed))))
-    chosen_quiet = rng.sample(quiet, min(len(quiet), round(no_tool_ratio * len(failed))))
+    return failed, passing, quiet
 
+
+def _training_rows(groups) -> tuple[list[tuple[Case, dict]], Counter, dict[str, str]]:
+    """Each chosen case's training row (checked by the training loader's rules), the cases skipped for
+    want of a gold answer (counted by reason), and which group each row came from (by SUITE/ID)."""
     rows, skipped, sources = [], Counter(), {}
-    for source, group in (("failure", failed), ("passing", chosen_passing), ("no_tool", chosen_quiet)):
+    for source, group in groups:
         for case in group:
             row = case_row(case)
             if row is None:
@@ -157,27 +192,22 @@ def build_repair_set(report_path: str | Path, name: str, out_dir: str | Path, su
                 raise ValueError(f"suite {case.suite!r} case {case.id!r} makes an invalid training row: {'; '.join(problems)}")
             rows.append((case, row))
             sources[f"{case.suite}/{case.id}"] = source
-    if not rows:
-        raise ValueError(f"{report_path}: no case with a gold answer was selected ({dict(skipped)} skipped); nothing to write")
+    return rows, skipped, sources
 
-    splits = _split(rows, set(holdout), seed, valid_fraction, test_fraction)
-    manifest = {
-        "format": MANIFEST_FORMAT, "version": 1, "name": name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command, "note": note, "seed": seed,
-        "source_report": {"path": str(report_path), "copy": "source_report.json", "sha256": _file_sha256(report_path),
-                          "command": report.get("command"), "created": report.get("created"),
-                          "backend": report.get("backend"), "complete": report.get("complete"),
-                          "pass_rate": report.get("metrics", {}).get("pass_rate")},
-        "suites": [{"name": s.name, "path": str(s.path), "sha256": s.sha256} for s in suite_map.values()],
-        "selection": {"failures": len(failed), "passing_available": len(passing), "passing_chosen": len(chosen_passing),
-                      "no_tool_available": len(quiet), "no_tool_chosen": len(chosen_quiet), "skipped": dict(skipped),
-                      "passing_ratio": passing_ratio, "no_tool_ratio": no_tool_ratio},
-        "holdout": sorted(set(holdout) | {f"{c.suite}/{c.id}" for c, _ in rows if c.held_out}),
-        "splits": {},
-    }
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir / name, replace=force) as tmp:
+
+def _source_report_entry(report: dict, report_path: Path) -> dict:
+    """The manifest's record of the eval report the set was built from (copied in as source_report.json)."""
+    return {"path": str(report_path), "copy": "source_report.json", "sha256": _file_sha256(report_path),
+            "command": report.get("command"), "created": report.get("created"),
+            "backend": report.get("backend"), "complete": report.get("complete"),
+            "pass_rate": report.get("metrics", {}).get("pass_rate")}
+
+
+def _write_set(folder: Path, force: bool, splits: dict[str, list[tuple[Case, dict]]], sources: dict[str, str],
+               manifest: dict, report_path: Path) -> None:
+    """Write the split files, the source report's copy and the manifest (its splits filled in) into
+    `folder`, as a whole or not at all."""
+    with atomic_dir(folder, replace=force) as tmp:
         for split, items in splits.items():
             text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for _, row in items)
             if items:  # mlx_lm's loader fails on an empty split file but accepts a missing one
@@ -192,7 +222,6 @@ def build_repair_set(report_path: str | Path, name: str, out_dir: str | Path, su
             }
         (tmp / "source_report.json").write_bytes(report_path.read_bytes())
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
