@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from lfm_mlx.kernels.probe import best_seconds, choose
+from lfm_mlx.kernels.probe import begin, best_seconds, choose
 
 PROBE_ELEMENTS = 1 << 20  # the probe waits for a tensor this large: small ones time launch costs
 
@@ -172,11 +172,8 @@ def update(reference, tensor: TensorUpdate, step: AdamWStep, records: dict[str, 
 def probe(layout: str, reference, tensor: TensorUpdate, step: AdamWStep, record: dict | None = None) -> dict:
     """Decide on a real update whether the kernel of `layout` is used: the same bits in every
     output as `reference`, and faster. Records in `record` (the run's record of this layout)."""
-    record = {} if record is None else record
-    record.clear()
-    record["choice"] = "mlx"
-    if mx.default_device() != mx.gpu or not mx.cuda.is_available():
-        record["reason"] = "not the CUDA backend"
+    record, on_cuda = begin(record)
+    if not on_cuda:
         return record
 
     def mlx_update():

@@ -17,7 +17,7 @@ import math
 
 import mlx.core as mx
 
-from lfm_mlx.kernels.probe import best_seconds, choose
+from lfm_mlx.kernels.probe import begin, best_seconds, choose
 from lfm_mlx.model.quant import pack_codes
 
 MOMENT_GROUP = 64  # elements per scale / bias pair of an int8 moment
@@ -163,11 +163,8 @@ def pack_moment_noisy(x: mx.array, seed: mx.array, flip: bool = False, record: d
 def probe(x: mx.array, seed: mx.array, record: dict | None = None) -> dict:
     """Decide on a real moment `x` whether packing uses the kernel (same codes, scales and biases
     bit for bit as MLX's graph, with and without flipped noise, and faster); records in `record`."""
-    record = {} if record is None else record
-    record.clear()
-    record["choice"] = "mlx"
-    if mx.default_device() != mx.gpu or not mx.cuda.is_available():
-        record["reason"] = "not the CUDA backend"
+    record, on_cuda = begin(record)
+    if not on_cuda:
         return record
     if x.shape[-1] % MOMENT_GROUP:
         record["reason"] = f"last axis {x.shape[-1]} is not a multiple of {MOMENT_GROUP}"

@@ -19,6 +19,18 @@ def best_seconds(fn, repeats: int = 5) -> float:
     return best
 
 
+def begin(record: dict | None) -> tuple[dict, bool]:
+    """A probe's record reset to MLX's path (the caller's dict, so the run's record fills in place),
+    and whether there is a CUDA backend to probe at all."""
+    record = {} if record is None else record
+    record.clear()
+    record["choice"] = "mlx"
+    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    if not on_cuda:
+        record["reason"] = "not the CUDA backend"
+    return record, on_cuda
+
+
 def choose(record: dict, differing: int, what: str) -> dict:
     """Complete a probe's `record`, which holds `kernel_s` and `mlx_s`: choice "kernel" when no
     element differed and the kernel was faster, else "mlx", with the reason."""
