@@ -538,6 +538,10 @@ def test_the_old_expert_kernel_spellings_train_with_one_warning(tiny_moe_mixed_d
         TrainConfig.from_dict({**base, "frozen_path": "qmm", "expert_kernel": "qmm"})
     with pytest.raises(ConfigError, match="did you mean 'expert_kernel'"):
         TrainConfig.from_dict({**base, "frozen_pth": "qmm"})
+    # A resume refused for another kernel names the key and values as the config spells them today
+    other = TrainConfig.from_dict({**base, "run_dir": str(tmp_path / "old"), "expert_kernel": "dequant"})
+    with pytest.raises(ConfigError, match=r"different run \(expert_kernel: 'blocks' -> 'dequant'\)"):
+        GroupedMoETrainer(other).train()
     with pytest.raises(ConfigError, match="did you mean 'expert_kernel'"):
         TrainConfig.from_dict({**base, "expert_kernal": "qmm"})
     with pytest.raises(ConfigError, match="expert_kernel"):

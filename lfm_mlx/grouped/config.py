@@ -265,6 +265,14 @@ class TrainConfig(BaseModel):
         return hashed
 
 
+def as_configured(name: str, value):
+    """A hashed (name, value) (training_hash_dict) in the config's own spelling, for messages."""
+    for key, (hashed, values) in HASHED_AS.items():
+        if hashed == name:
+            return key, {spelled: current for current, spelled in values.items()}.get(value, value)
+    return name, value
+
+
 def _renamed(data: dict) -> dict:
     """`data` with renamed keys (RENAMED_KEYS) and the expert kernel's old value "batched" in today's
     spelling, saying so once per process; both spellings of one key at once is an error."""
