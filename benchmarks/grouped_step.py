@@ -22,7 +22,8 @@ Each variant reports step time (median of `--steps` after `--warmup`), tokens/s,
 the backward and update phases, and what occupies memory (arrays by kind: measured, not
 estimated). The default also gets an MFU estimate (FLOP model in `flop_model`, the peak assumed in
 `peak_flops_assumed`) and a profile of where its step's time goes (`profile_step`: an isolated-part
-estimate by layer kind, against the measured step). `--repeats N` then runs N interleaved rounds of
+estimate by layer kind, against the measured step); the plain PyTorch baseline's first run times
+the same feed-forward parts on transformers' modules (`torch_ffn_parts`), so each part has its peer. `--repeats N` then runs N interleaved rounds of
 the default and every PyTorch baseline (`repeats`: each run, medians and spreads; `ratios`: paired
 by round). Then: the loss after `--loss-steps` steps on a fixed synthetic set, the reference
 (`--loss-reference`) against the default and `--loss-variants` (and the reference on another data
@@ -716,7 +717,53 @@ def run_lora(model: nn.Module, batch: Batch, args) -> dict:
 TORCH_BASELINES = ("torch", "torch-fused", "torch-fp32-master")
 
 
-def run_torch(config: dict, layers: list[int], args, kind: str = "torch") -> dict:
+def torch_ffn_parts(model, layers: list[int], args, device: str, dtype, sync) -> dict:
+    """The feed-forward parts of `profile_step` on transformers' modules, for a part-by-part comparison:
+    a dense MLP, a frozen and a trained MoE block (`experts_implementation` as the model runs it), each
+    alone on the step's shapes: forward, and forward + backward (the input gradient and the part's own
+    trainable parameters' gradients), median of `--profile-repeats` after one warm-up."""
+    import torch
+
+    inner = model.model
+    first, dense = layers[0], model.config.num_dense_layers
+    h = torch.randn(args.batch, args.seq, model.config.hidden_size, device=device, dtype=dtype,
+                    generator=torch.Generator(device).manual_seed(11))
+    cotangent = torch.randn_like(h) * 1e-3
+    examples = {"dense_mlp": 0, "trained_experts": first,
+                "frozen_experts": next((i for i in range(first, len(inner.layers)) if i >= dense and i not in layers), None)}
+
+    def median_ms(work) -> float:
+        work()
+        sync()
+        times = []
+        for _ in range(args.profile_repeats):
+            tick = time.perf_counter()
+            work()
+            sync()
+            times.append(time.perf_counter() - tick)
+        return statistics.median(times) * 1000
+
+    parts = {}
+    for kind, i in examples.items():
+        if i is None:
+            continue
+        layer = inner.layers[i]
+        x = h.detach().requires_grad_(True)
+        trainable = [p for p in layer.feed_forward.parameters() if p.requires_grad]
+
+        def backward(layer=layer, x=x, trainable=trainable):
+            layer.feed_forward(layer.ffn_norm(x)).backward(cotangent)
+            x.grad = None
+            for p in trainable:
+                p.grad = None
+
+        parts[kind] = {"forward_ms": median_ms(lambda layer=layer, x=x: layer.feed_forward(layer.ffn_norm(x))),
+                       "forward_backward_ms": median_ms(backward), "trainable_arrays": len(trainable),
+                       "timed_layer": i}
+    return parts
+
+
+def run_torch(config: dict, layers: list[int], args, kind: str = "torch", profile_parts: bool = False) -> dict:
     """transformers' Lfm2MoeForCausalLM, experts + routers of `layers` trainable, AdamW, as `kind`:
     `torch`: bf16 parameters, gradients and moments, torch.optim.AdamW's default implementation;
     `torch-fused`: the same with AdamW(fused=True) (CUDA; on CPU foreach, recorded);
@@ -791,6 +838,9 @@ def run_torch(config: dict, layers: list[int], args, kind: str = "torch") -> dic
         return torch.cuda.max_memory_allocated() / GB if device == "cuda" else None
 
     result = timed_steps(step, args.warmup, args.steps, reset, read)
+    if profile_parts:  # after the timed steps, so they do not see its allocations
+        opt.zero_grad(set_to_none=True)
+        result["parts_ms"] = torch_ffn_parts(model, layers, args, device, dtype, sync)
     result.update(kind=kind, device=device, dtype=str(dtype), torch=torch.__version__,
                   transformers=transformers.__version__,
                   trainable_parameters=sum(p.numel() for p in params),
@@ -875,7 +925,8 @@ def run_repeats(results: dict, out: Path, model, layers: list[int], batch: Batch
             print(f"[grouped_step] repeat {round_index + 1}/{args.repeats}: {name} ...", flush=True)
             gc.collect()
             mx.clear_cache()  # MLX's cached buffers go back before PyTorch allocates
-            runs[name].append(_guarded(run_torch, config, layers, args, name))
+            first_plain = name == "torch" and round_index == 0  # its feed-forward parts beside the default's profile
+            runs[name].append(_guarded(run_torch, config, layers, args, name, profile_parts=args.profile and first_plain))
             release_torch_memory()
             atomic_write_json(out, results)
         print(f"[grouped_step] repeat {round_index + 1}/{args.repeats}: mlx default ...", flush=True)
@@ -986,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if torch_baselines and not args.repeats:  # first, so MLX's buffer cache cannot crowd them out
         for base in torch_baselines:
-            _section(results, base, out, run_torch, config, layers, args, base)
+            _section(results, base, out, run_torch, config, layers, args, base, args.profile and base == "torch")
             release_torch_memory()
 
     from lfm_mlx.grouped import probe_attention  # what the trainer's admission measures
@@ -1080,6 +1131,12 @@ def main(argv: list[str] | None = None) -> int:
     if "step" in profile:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in profile["share_of_measured_step"].items())
         print(f"profile (isolated-part estimate) of the default step {profile['step']['measured_s']:.3f} s: {shares}")
+    theirs = results.get("torch", {}).get("parts_ms", {})
+    for kind, part in profile.get("parts_ms", {}).items():  # the same part, MLX and PyTorch
+        if kind in theirs:
+            print(f"part {kind} (ms, forward / forward + backward): MLX {part['forward_ms']:.2f} / "
+                  f"{part['forward_backward_ms']:.2f}, PyTorch {theirs[kind]['forward_ms']:.2f} / "
+                  f"{theirs[kind]['forward_backward_ms']:.2f}")
     if "loss_comparison" in results and "difference" in results["loss_comparison"]:
         lc = results["loss_comparison"]
         ref = lc["reference"]
