@@ -268,3 +268,32 @@ def test_resume_after_a_crash_continues_exactly(tiny_moe_mixed_dir, repair_set, 
     (rows / "train.jsonl").write_text((rows / "train.jsonl").read_text().replace("Done.", "Finished."))
     with pytest.raises(ValueError, match="the rows changed"):
         lora.train_lora(config)
+
+
+def test_float_experts_train_adapters_for_the_int8_model(tiny_moe_mixed_dir, repair_set, tmp_path):
+    """`float_experts`: float32 copies of the int8 experts compute the mixed model's logits (same weight
+    values, another summation order), and the adapters trained on them serve the int8 model as the
+    adapters trained on it do (same keys and shapes, close validation loss, the trained answer)."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    from lfm_mlx.model.io import load
+    from lfm_mlx.model.quant import float_experts
+
+    quantized, tokenizer = load(tiny_moe_mixed_dir)
+    copied, _ = load(tiny_moe_mixed_dir)
+    n_quantized = sum(isinstance(m, QuantizedSwitchLinear) for _, m in copied.named_modules())
+    assert n_quantized > 0 and float_experts(copied) == n_quantized
+    assert not any(isinstance(m, QuantizedSwitchLinear) for _, m in copied.named_modules())
+    assert sum(isinstance(m, SwitchLinear) for _, m in copied.named_modules()) == n_quantized
+    ids = mx.array([tokenizer.encode("list the files in /tmp and read notes.txt")])
+    assert mx.allclose(copied(ids), quantized(ids), atol=1e-4).item()
+
+    on_int8 = lora.train_lora(small_config(tiny_moe_mixed_dir, repair_set, tmp_path / "int8"))
+    on_float = lora.train_lora(small_config(tiny_moe_mixed_dir, repair_set, tmp_path / "float", float_experts=True))
+    assert abs(on_float["best_val_loss"] - on_int8["best_val_loss"]) < 0.05 * on_int8["best_val_loss"]
+    a, b = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("int8", "float"))
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    model, tokenizer = mlx_lm.load(str(tiny_moe_mixed_dir), adapter_path=str(tmp_path / "float"))
+    row = make_rows(1, offset=300)[0]
+    prompt = tokenizer.apply_chat_template(row["messages"][:3], tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert mlx_lm.generate(model, tokenizer, tokenizer.encode(prompt, add_special_tokens=False), max_tokens=24) == "Done."

@@ -56,6 +56,9 @@ class LoraConfig:
     max_consecutive_skips: int = 3  # steps in a row with a non-finite loss, gradient or update (each undone)
     seed: int = 0
     skip_invalid: bool = False
+    # Train on float32 copies of int8 experts (the same values): faster where quantized expert matmuls
+    # are slow (MLX's CPU backend), at 4 bytes a weight; the adapters fit the int8 model as they are.
+    float_experts: bool = False
     resume: bool = True  # continue from out_dir/checkpoint when present
     progress: bool = True
 
@@ -113,7 +116,7 @@ class LoraConfig:
                     hint = f" (did you mean {near[0]!r}?)" if near else ""
                     out.append(f"modules: unknown module {name!r}{hint}; use groups {sorted(MODULE_GROUPS)} "
                                f"or paths such as 'self_attn.q_proj'")
-        for key in ("skip_invalid", "resume", "progress"):
+        for key in ("skip_invalid", "float_experts", "resume", "progress"):
             if not isinstance(getattr(self, key), bool):
                 out.append(f"{key}: {getattr(self, key)!r} must be true or false")
         return out

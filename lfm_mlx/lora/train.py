@@ -153,6 +153,7 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
                 world: distributed.World) -> dict:
     from lfm_mlx.data import batch_order, make_batch
     from lfm_mlx.model.io import load
+    from lfm_mlx.model.quant import float_experts
 
     resume_state = world.broadcast_json(world.on_main(_check_resumable, out, config))
     if resume_state is not None and resume_state.get("world_size", 1) != world.size:
@@ -162,6 +163,8 @@ def _train_lora(config: LoraConfig, out: Path, on_step: Callable[[dict], None] |
             f"or choose a new out_dir")
 
     model, tokenizer, model_config = load(config.model, return_config=True)
+    if config.float_experts:
+        float_experts(model)
     train, valid, test, manifest = load_data(config, tokenizer)
     mx.random.seed(config.seed)  # LoRA A matrices start random
     adapter = apply_lora(model, config)

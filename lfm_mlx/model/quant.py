@@ -1,11 +1,12 @@
 """Affine quantization as mx.quantize lays it out: packing codes into uint32 words and back, quantizing
 to the storage dtype's scales (requantizing trained experts), quantizing a model's experts (a mixed
-checkpoint), and a layer's weight read back as float32."""
+checkpoint), and a layer's weight read back as float32 (or a model's experts made float32 copies)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from lfm_mlx.model.moe import is_expert
 
@@ -86,3 +87,23 @@ def dense_weight(module: nn.Module) -> mx.array:
         return mx.dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
                              bits=module.bits, mode=module.mode).astype(mx.float32)
     return module.weight.astype(mx.float32)
+
+
+def float_experts(model: nn.Module) -> int:
+    """Replace every quantized expert projection (mlx-lm's QuantizedSwitchLinear) with a SwitchLinear
+    holding its dequantized float32 weight and its bias; return how many were replaced."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    replaced = []
+    for path, module in model.named_modules():
+        if isinstance(module, QuantizedSwitchLinear):
+            weight, bias = dense_weight(module), "bias" in module
+            experts, out_dims, in_dims = weight.shape
+            dense = SwitchLinear(in_dims, out_dims, experts, bias=bias)
+            dense.weight = weight
+            if bias:
+                dense.bias = module.bias.astype(mx.float32)
+            replaced.append((path, dense))
+    if replaced:
+        model.update_modules(tree_unflatten(replaced))
+    return len(replaced)
