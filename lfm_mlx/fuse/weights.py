@@ -7,7 +7,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from lfm_mlx import console
-from lfm_mlx.model.quant import dense_weight, quant_params
+from lfm_mlx.model.quant import dense_weight, float_layer_like, quant_params
 
 
 ROUTER_SUFFIX = "feed_forward.gate"
@@ -54,26 +54,10 @@ def storage_params(path: str, module: nn.Module, scope: str, bits: int | None, g
     return {"group_size": group_size, "bits": bits, "mode": "affine"}
 
 
-def _float_layer_like(module: nn.Module, weight: mx.array) -> nn.Module:
-    """A float layer of the same kind as `module` holding `weight` (and its bias, if any)."""
-    SwitchLinear, QuantizedSwitchLinear = _switch_classes()
-    bias = "bias" in module
-    if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
-        layer = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0], bias=bias)
-    elif isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
-        layer = nn.Embedding(*weight.shape)
-    else:
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
-    layer.weight = weight
-    if bias:
-        layer.bias = module.bias
-    return layer
-
-
 def store(module: nn.Module, weight: mx.array, params: dict | None) -> nn.Module:
     """The stored layer for float32 `weight`: quantized with `params`, else bf16; float leaves in
     bf16 exactly as they will be saved, so what we measure is what gets written."""
-    layer = _float_layer_like(module, weight)
+    layer = float_layer_like(module, weight)
     if params is not None:
         layer = layer.to_quantized(**params)
     layer.update({k: v.astype(mx.bfloat16) for k, v in layer.parameters().items()

@@ -265,12 +265,14 @@ class TrainConfig(BaseModel):
         return hashed
 
 
-def as_configured(name: str, value):
-    """A hashed (name, value) (training_hash_dict) in the config's own spelling, for messages."""
-    for key, (hashed, values) in HASHED_AS.items():
+def describe_change(name: str, before, after) -> str:
+    """`key: before -> after` for a key of training_hash_dict, in the config's own spelling (HASHED_AS
+    reversed), for messages."""
+    for key, (hashed, spellings) in HASHED_AS.items():
         if hashed == name:
-            return key, {spelled: current for current, spelled in values.items()}.get(value, value)
-    return name, value
+            current = {spelled: value for value, spelled in spellings.items()}
+            name, before, after = key, current.get(before, before), current.get(after, after)
+    return f"{name}: {before!r} -> {after!r}"
 
 
 def _renamed(data: dict) -> dict:

@@ -24,7 +24,7 @@ from lfm_mlx.data import build_dataset
 from lfm_mlx.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_free_space
 from lfm_mlx.grouped import ranks
 from lfm_mlx.grouped.config import (
-    CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, as_configured, estimate_for_config,
+    CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, describe_change, estimate_for_config,
 )
 from lfm_mlx.grouped.experts import set_expert_kernel
 from lfm_mlx.grouped.group import ActiveGroup
@@ -169,8 +169,7 @@ class GroupedMoETrainer:
         changes = {k: [before[k], now[k]] for k in now if json.dumps(before[k]) != json.dumps(now[k])}
         allowed = set(self.allow_config_change) & set(CHANGEABLE_ON_RESUME)
         if not changes or not set(changes) <= allowed:
-            listed = ", ".join(f"{as_configured(k, a)[0]}: {as_configured(k, a)[1]!r} -> {as_configured(k, b)[1]!r}"
-                               for k, (a, b) in changes.items())
+            listed = ", ".join(describe_change(k, a, b) for k, (a, b) in changes.items())
             changeable = [k for k in changes if k in CHANGEABLE_ON_RESUME]
             hint = (f"; to resume with it, add --allow-config-change {' --allow-config-change '.join(changeable)}"
                     if changeable and len(changeable) == len(changes) else

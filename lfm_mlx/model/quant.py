@@ -89,21 +89,31 @@ def dense_weight(module: nn.Module) -> mx.array:
     return module.weight.astype(mx.float32)
 
 
-def float_experts(model: nn.Module) -> int:
-    """Replace every quantized expert projection (mlx-lm's QuantizedSwitchLinear) with a SwitchLinear
-    holding its dequantized float32 weight and its bias; return how many were replaced."""
+def float_layer_like(module: nn.Module, weight: mx.array) -> nn.Module:
+    """A float layer of the same kind as `module` (linear, embedding or switch, quantized or not)
+    holding `weight` (and the module's bias, if any)."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-    replaced = []
-    for path, module in model.named_modules():
-        if isinstance(module, QuantizedSwitchLinear):
-            weight, bias = dense_weight(module), "bias" in module
-            experts, out_dims, in_dims = weight.shape
-            dense = SwitchLinear(in_dims, out_dims, experts, bias=bias)
-            dense.weight = weight
-            if bias:
-                dense.bias = module.bias.astype(mx.float32)
-            replaced.append((path, dense))
+    bias = "bias" in module
+    if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
+        layer = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0], bias=bias)
+    elif isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
+        layer = nn.Embedding(*weight.shape)
+    else:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
+    layer.weight = weight
+    if bias:
+        layer.bias = module.bias
+    return layer
+
+
+def float_experts(model: nn.Module) -> int:
+    """Replace every quantized expert projection (mlx-lm's QuantizedSwitchLinear) with a SwitchLinear
+    holding its dequantized float32 weight; return how many were replaced."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    replaced = [(path, float_layer_like(module, dense_weight(module)))
+                for path, module in model.named_modules() if isinstance(module, QuantizedSwitchLinear)]
     if replaced:
         model.update_modules(tree_unflatten(replaced))
     return len(replaced)
