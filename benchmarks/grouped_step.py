@@ -418,15 +418,16 @@ def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: 
 # ---------------------------------------------------------------- where the step's time goes
 
 
-def _median_seconds(work, repeats: int) -> float:
-    """Median wall time of `work()` (which evaluates its arrays) over `repeats` runs after one warmup."""
+def _median_seconds(work, repeats: int, sync=mx.synchronize) -> float:
+    """Median wall time of `work()` (which evaluates its arrays; `sync` waits for the device) over
+    `repeats` runs after one warmup."""
     work()
-    mx.synchronize()
+    sync()
     times = []
     for _ in range(repeats):
         tick = time.perf_counter()
         work()
-        mx.synchronize()
+        sync()
         times.append(time.perf_counter() - tick)
     return statistics.median(times)
 
@@ -732,17 +733,6 @@ def torch_ffn_parts(model, layers: list[int], args, device: str, dtype, sync) ->
     examples = {"dense_mlp": 0, "trained_experts": first,
                 "frozen_experts": next((i for i in range(first, len(inner.layers)) if i >= dense and i not in layers), None)}
 
-    def median_ms(work) -> float:
-        work()
-        sync()
-        times = []
-        for _ in range(args.profile_repeats):
-            tick = time.perf_counter()
-            work()
-            sync()
-            times.append(time.perf_counter() - tick)
-        return statistics.median(times) * 1000
-
     parts = {}
     for kind, i in examples.items():
         if i is None:
@@ -757,9 +747,11 @@ def torch_ffn_parts(model, layers: list[int], args, device: str, dtype, sync) ->
             for p in trainable:
                 p.grad = None
 
-        parts[kind] = {"forward_ms": median_ms(lambda layer=layer, x=x: layer.feed_forward(layer.ffn_norm(x))),
-                       "forward_backward_ms": median_ms(backward), "trainable_arrays": len(trainable),
-                       "timed_layer": i}
+        forward = _median_seconds(lambda layer=layer, x=x: layer.feed_forward(layer.ffn_norm(x)), args.profile_repeats,
+                                  sync)
+        parts[kind] = {"forward_ms": forward * 1000,
+                       "forward_backward_ms": _median_seconds(backward, args.profile_repeats, sync) * 1000,
+                       "trainable_arrays": len(trainable), "timed_layer": i}
     return parts
 
 
