@@ -32,7 +32,7 @@ from lfm_mlx.demo.task.surfaces import (CHAT_WRAPPERS, HELD_CHAT_WRAPPERS, HELD_
 # The pools and helpers tests/test_task.py reads (module-private, kept reachable here as before the split).
 from lfm_mlx.demo.task.build import _prompt, _slots  # noqa: F401
 from lfm_mlx.demo.task.fillers import (_CITIES, _HELD_CITIES, _HELD_LABELS, _HELD_NAMES, _HELD_TOPICS,  # noqa: F401
-                                  _HELD_WORDS, _LABELS, _MADE_UP, _NAMES, _TOPICS, _WORDS, _splice)
+                                  _HELD_WORDS, _LABELS, _NAMES, _TOPICS, _WORDS, _splice)
 
 __all__ = [
     "CHAT_WRAPPERS", "HELD_CHAT_WRAPPERS", "HELD_WRAPPERS", "MADE_UP_SHARE", "PRETRAIN", "PRETRAIN_INTENTS",
