@@ -11,7 +11,7 @@ Random weights of the preset's shapes, experts int8, as `grouped_step.py` builds
   three dequantizations, the row gathers into and out of blocks, the matmuls), the block with a
   kept layout (as the walk runs it), its forward + input gradient, and the block as called plainly
   (layout read back to the host).
-Each time is the median of `--repeats` synchronized runs after warm-up.
+Each time is the median of `--repeats` synchronized runs after one warm-up (`grouped_step._median_seconds`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,7 +29,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grouped_step import build_mlx, random_batch  # noqa: E402  (the benchmark's model builder)
+from grouped_step import _median_seconds, build_mlx, random_batch  # noqa: E402  (the benchmark's builder, timer)
 
 from lfm_mlx.fsutil import atomic_write_json  # noqa: E402
 from lfm_mlx.grouped import moe_layers, probe_dequant_kernel, probe_row_gather, set_expert_kernel  # noqa: E402
@@ -40,16 +39,8 @@ from lfm_mlx.model.moe import feed_forward  # noqa: E402
 
 
 def median_ms(work, repeats: int) -> float:
-    for _ in range(3):
-        mx.eval(work())
-    times = []
-    for _ in range(repeats):
-        mx.synchronize()
-        tick = time.perf_counter()
-        mx.eval(work())
-        mx.synchronize()
-        times.append(time.perf_counter() - tick)
-    return round(statistics.median(times) * 1000, 3)
+    """`grouped_step`'s median timer on a function that returns arrays to evaluate, in ms."""
+    return round(_median_seconds(lambda: mx.eval(work()), repeats) * 1000, 3)
 
 
 def round_up(rows: int) -> int:
