@@ -59,13 +59,17 @@ def compute_metrics(cases: list[dict]) -> dict:
     }
 
 
+BATCH_CASES = 32  # cases a batching backend answers at once; the report is written after each batch
+
+
 def run_suites(suites: list[Suite], backend: Backend, repeats: int = 1, max_tokens: int = 256,
                temperature: float = 0.0, raw: bool = False, progress: bool = True,
                on_case: Callable[[dict], None] | None = None) -> dict:
     """Run every case `repeats` times and return the report dict.
 
     A BackendError (or Ctrl-C) stops the run: the report then holds the cases finished so far,
-    `complete: false` and the error message. `on_case(report)` runs after each finished case.
+    `complete: false` and the error message. `on_case(report)` runs after each finished case (after each
+    batch of BATCH_CASES, for a backend that answers greedy cases in batches: `batches`, `respond_many`).
     """
     if repeats < 1 or max_tokens < 1 or temperature < 0:
         raise ValueError(f"need repeats >= 1, max_tokens >= 1, temperature >= 0; got {repeats}, {max_tokens}, {temperature}")
@@ -81,23 +85,35 @@ def run_suites(suites: list[Suite], backend: Backend, repeats: int = 1, max_toke
     }
     total = sum(len(s.cases) for s in suites) * repeats
     bar = console.progress("eval", total, "run", show=progress)
+    batched = temperature == 0 and getattr(backend, "batches", False)  # sampling stays one answer at a time
+    report["settings"]["batched"] = batched
     try:
         for suite in suites:
-            for case in suite.cases:
-                runs = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    response = backend.respond(case.messages, case.tools, max_tokens, temperature)
-                    # A suite with its own rules (BFCL's AST checker) grades itself.
-                    run = suite.grade(case, response, raw) if hasattr(suite, "grade") else grade(case, response, suite, raw)
-                    run["seconds"] = round(time.perf_counter() - start, 3)
-                    runs.append(run)
-                    bar.update(1)
-                passes = sum(r["passed"] for r in runs)
-                record = {"suite": suite.name, "id": case.id, "category": case.category, "expect": case.expect.kind,
-                          "held_out": case.held_out, "passes": passes, "repeats": repeats,
-                          "stable": passes in (0, repeats), "runs": runs}
-                report["cases"].append(record)
+            step = BATCH_CASES if batched else 1
+            for first in range(0, len(suite.cases), step):
+                cases = suite.cases[first:first + step]
+                start = time.perf_counter()
+                if batched:
+                    flat = backend.respond_many([(c.messages, c.tools) for c in cases for _ in range(repeats)], max_tokens)
+                    answers = [flat[i * repeats:(i + 1) * repeats] for i in range(len(cases))]
+                    share = (time.perf_counter() - start) / len(flat)  # an answer's share of the batch's time
+                else:
+                    answers = [[backend.respond(c.messages, c.tools, max_tokens, temperature) for _ in range(repeats)]
+                               for c in cases]
+                    share = (time.perf_counter() - start) / (len(cases) * repeats)
+                for case, responses in zip(cases, answers):
+                    runs = []
+                    for response in responses:
+                        # A suite with its own rules (BFCL's AST checker) grades itself.
+                        run = suite.grade(case, response, raw) if hasattr(suite, "grade") else grade(case, response, suite, raw)
+                        run["seconds"] = round(share, 3)
+                        runs.append(run)
+                        bar.update(1)
+                    passes = sum(r["passed"] for r in runs)
+                    record = {"suite": suite.name, "id": case.id, "category": case.category, "expect": case.expect.kind,
+                              "held_out": case.held_out, "passes": passes, "repeats": repeats,
+                              "stable": passes in (0, repeats), "runs": runs}
+                    report["cases"].append(record)
                 if on_case is not None:
                     on_case(report)
         report["complete"] = True
