@@ -23,25 +23,11 @@ class Backend(Protocol):
     def respond(self, messages: list[dict], tools: list[dict], max_tokens: int, temperature: float) -> Response: ...
 
 
-# Batch sizes of `respond_many`: on 2 CPU cores 16 prompts prefilled and 32 answers decoded at once ran the
-# demo's 96 cases in 6.3 s; 8/32 and 32/64 within 0.4 s of it; one at a time 18 s (25 s with int8 experts).
-BATCH_PREFILL, BATCH_COMPLETION = 16, 32
-FLOAT_EXPERTS_MAX_BYTES = 2 << 30  # float32 experts past this stay int8: an 8B model's would need ~32 GB
-
-
-def _float_expert_bytes(model) -> int:
-    """Bytes the model's quantized expert projections take as float32."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-
-    return sum(4 * m.weight.size * 32 // m.bits for _, m in model.named_modules() if isinstance(m, QuantizedSwitchLinear))
-
-
 class MLXBackend:
     """An in-process MLX model (loaded once), optionally with LoRA adapters; greedy unless temperature > 0.
 
     By default it computes in `lfm_mlx.load`'s dtype (float32 on CPU, bfloat16 on a GPU). On the
-    CPU, int8 experts of a small model are dequantized once at load (`float_experts`): MLX's CPU
-    `gather_qmm` runs about 6x slower than `gather_mm` on the same weights.
+    CPU, int8 experts of a small model are dequantized once at load (`float_experts_on_cpu`).
     `as_served=True` loads it with `mlx_lm.load`, as `mlx_lm.server` does: the stored dtypes
     (bfloat16 for our directories), so on CPU its greedy answers are the server's token for token
     (measured: docs/benchmarks.md, "Eval in-process vs mlx_lm.server"), at about 3x the time.
@@ -53,7 +39,7 @@ class MLXBackend:
         import mlx.core as mx
 
         from lfm_mlx.model.io import load
-        from lfm_mlx.model.quant import float_experts
+        from lfm_mlx.model.quant import float_experts_on_cpu
 
         self.model_dir, self.adapter_path = str(model_dir), adapter_path and str(adapter_path)
         self.as_served = as_served
@@ -64,8 +50,7 @@ class MLXBackend:
             self.model, self.tokenizer = mlx_lm_load(self.model_dir, adapter_path=self.adapter_path)
         else:
             self.model, self.tokenizer = load(model_dir)
-            if mx.default_device() == mx.cpu and _float_expert_bytes(self.model) <= FLOAT_EXPERTS_MAX_BYTES:
-                float_experts(self.model)
+            float_experts_on_cpu(self.model)
             if adapter_path:
                 from mlx_lm.tuner.utils import load_adapters
 
@@ -96,17 +81,16 @@ class MLXBackend:
         return Response(text=text, structured=None, finish_reason=finish)
 
     def respond_many(self, conversations: list[tuple[list[dict], list[dict]]], max_tokens: int) -> list[Response]:
-        """Greedy answers to many (messages, tools) at once, in left-padded batches (mlx-lm masks the
-        padding in attention and convolution). On the demo's suites every answer equals `respond`'s
-        while the evaluation takes a quarter of the time (docs/benchmarks.md)."""
-        from mlx_lm.generate import batch_generate
+        """Greedy answers to many (messages, tools) at once (`greedy_continuations`): `respond`'s
+        answers at about a quarter of the time."""
+        from lfm_mlx.model.generate import greedy_continuations
 
         prompts = [self._prompt_ids(messages, tools) for messages, tools in conversations]
-        result = batch_generate(self.model, self.tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True,
-                                prefill_batch_size=BATCH_PREFILL, completion_batch_size=BATCH_COMPLETION)
-        # An answer cut by max_tokens holds all of them; one that stopped lost its end token.
-        return [Response(text=text, structured=None, finish_reason="length" if len(ids) >= max_tokens else "stop")
-                for text, ids in zip(result.texts, result.token_ids)]
+        out = []
+        for answer in greedy_continuations(self.model, self.tokenizer, prompts, max_tokens):
+            text = self.tokenizer.decode(answer.tokens[:-1] if answer.stopped else answer.tokens)
+            out.append(Response(text=text, structured=None, finish_reason="stop" if answer.stopped else "length"))
+        return out
 
 
 class EndpointBackend:

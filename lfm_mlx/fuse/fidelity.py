@@ -92,25 +92,19 @@ def prompts_from_rows(path: str | Path, tokenizer, limit: int = 32) -> list[Scor
 def prompts_from_suite(suite: str | Path, tokenizer, model: nn.Module, limit: int = 32,
                        new_tokens: int = 32) -> list[Scored]:
     """Eval-suite prompts rendered with the chat template, each extended by `model`'s greedy
-    continuation; scored positions are those predicting the continuation."""
-    from mlx_lm.generate import generate_step
-
+    continuation (its end token included); scored positions are those predicting the continuation."""
+    from lfm_mlx.model.generate import greedy_continuations
     from lfm_mlx.suites import load_suite
 
     loaded = load_suite(suite)
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+    cases = loaded.cases[:limit]
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(case.messages, tools=case.tools or None,
+                                                              add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False) for case in cases]
     out = []
-    for case in loaded.cases[:limit]:
-        text = tokenizer.apply_chat_template(case.messages, tools=case.tools or None, add_generation_prompt=True,
-                                             tokenize=False)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        generated = []
-        for token, _ in generate_step(mx.array(ids), model, max_tokens=new_tokens):
-            generated.append(int(token))
-            if generated[-1] in eos:
-                break
-        positions = list(range(len(ids) - 1, len(ids) - 1 + len(generated)))
-        out.append(Scored(ids + generated, positions, f"{loaded.name}/{case.id}"))
+    for case, ids, answer in zip(cases, prompts, greedy_continuations(model, tokenizer, prompts, new_tokens)):
+        positions = list(range(len(ids) - 1, len(ids) - 1 + len(answer.tokens)))
+        out.append(Scored(ids + answer.tokens, positions, f"{loaded.name}/{case.id}"))
     return out
 
 

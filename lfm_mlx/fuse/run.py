@@ -154,8 +154,10 @@ def _score_fused(report: dict, reference, adapter_model, fused_dir: Path, sequen
     """Into the report: the written model and the bare base, each against base + adapters, and the share
     of the fine-tune the fused model kept."""
     from lfm_mlx.model.io import load
+    from lfm_mlx.model.quant import float_experts_on_cpu
 
     fused_model, _ = load(fused_dir)
+    float_experts_on_cpu(fused_model)  # the same weights, scored without the CPU's slow quantized kernel
     report["adapter_vs_fused"] = compare(reference, fused_model, sequences, thresholds.top1_margin)
     del fused_model  # out of memory before the base is scored
     with lora_disabled(adapter_model):  # how far the fine-tune moved the model, for scale
