@@ -324,6 +324,20 @@ def test_batched_greedy_answers_are_the_one_at_a_time_answers(tiny_model, mini_p
     assert report["settings"]["batched"] and [c["runs"][0]["text"] for c in report["cases"]] == [r.text for r in alone]
 
 
+def test_cpu_eval_runs_int8_experts_as_float32_copies_within_the_size_bound(tiny_moe_mixed_dir, monkeypatch):
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from lfm_mlx.model import quant
+
+    def quantized(backend):
+        return sum(isinstance(m, QuantizedSwitchLinear) for _, m in backend.model.named_modules())
+
+    assert quantized(MLXBackend(tiny_moe_mixed_dir)) == 0  # the CPU's gather_qmm is slow: float32 copies
+    assert quantized(MLXBackend(tiny_moe_mixed_dir, as_served=True)) > 0  # as mlx_lm.server loads it
+    monkeypatch.setattr(quant, "FLOAT_EXPERTS_MAX_BYTES", 1024)  # copies past the bound: the experts stay int8
+    assert quantized(MLXBackend(tiny_moe_mixed_dir)) > 0
+
+
 def test_mlx_backend_with_adapters(tiny_model, mini_path, tmp_path):
     import mlx.core as mx
     from mlx.utils import tree_flatten
