@@ -314,11 +314,13 @@ def test_mlx_backend_end_to_end_greedy_is_stable(tiny_model, mini_path, tmp_path
 
 def test_batched_greedy_answers_are_the_one_at_a_time_answers(tiny_model, mini_path):
     """Left-padded batches (prompts of different lengths) answer every case as `respond` does alone."""
+    from lfm_mlx.model.generate import prompt_ids
+
     suite = load_suite(mini_path)
     backend = MLXBackend(tiny_model)
     alone = [backend.respond(c.messages, c.tools, 12, 0.0) for c in suite.cases]
     batched = backend.respond_many([(c.messages, c.tools) for c in suite.cases], 12)
-    assert len({len(backend._prompt_ids(c.messages, c.tools)) for c in suite.cases}) > 1  # padding is exercised
+    assert len({len(prompt_ids(backend.tokenizer, c.messages, c.tools)) for c in suite.cases}) > 1  # padding is exercised
     assert [(r.text, r.finish_reason) for r in batched] == [(r.text, r.finish_reason) for r in alone]
     report = run_suite(suite, backend, max_tokens=12)
     assert report["settings"]["batched"] and [c["runs"][0]["text"] for c in report["cases"]] == [r.text for r in alone]

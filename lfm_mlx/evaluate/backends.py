@@ -64,18 +64,15 @@ class MLXBackend:
                 "loaded_by": "mlx_lm.load (as mlx_lm.server)" if self.as_served else "lfm_mlx.load",
                 "dtype": self.dtype}
 
-    def _prompt_ids(self, messages: list[dict], tools: list[dict]) -> list[int]:
-        prompt = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
-        # The template already writes <|startoftext|>; encoding without special tokens avoids a second BOS.
-        return self.tokenizer.encode(prompt, add_special_tokens=False)
-
     def respond(self, messages: list[dict], tools: list[dict], max_tokens: int, temperature: float) -> Response:
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
+        from lfm_mlx.model.generate import prompt_ids
+
         text, finish = "", None
-        for chunk in stream_generate(self.model, self.tokenizer, self._prompt_ids(messages, tools), max_tokens=max_tokens,
-                                     sampler=make_sampler(temp=temperature)):
+        for chunk in stream_generate(self.model, self.tokenizer, prompt_ids(self.tokenizer, messages, tools),
+                                     max_tokens=max_tokens, sampler=make_sampler(temp=temperature)):
             text += chunk.text
             finish = chunk.finish_reason
         return Response(text=text, structured=None, finish_reason=finish)
@@ -83,9 +80,9 @@ class MLXBackend:
     def respond_many(self, conversations: list[tuple[list[dict], list[dict]]], max_tokens: int) -> list[Response]:
         """Greedy answers to many (messages, tools) at once (`greedy_continuations`): `respond`'s
         answers at about a quarter of the time."""
-        from lfm_mlx.model.generate import greedy_continuations
+        from lfm_mlx.model.generate import greedy_continuations, prompt_ids
 
-        prompts = [self._prompt_ids(messages, tools) for messages, tools in conversations]
+        prompts = [prompt_ids(self.tokenizer, messages, tools) for messages, tools in conversations]
         out = []
         for answer in greedy_continuations(self.model, self.tokenizer, prompts, max_tokens):
             text = self.tokenizer.decode(answer.tokens[:-1] if answer.stopped else answer.tokens)

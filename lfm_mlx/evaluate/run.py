@@ -14,6 +14,7 @@ from lfm_mlx.evaluate.grading import grade
 from lfm_mlx.evaluate.report import REPORT_FORMAT, write_report
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.suites import Suite, load_suite
+from lfm_mlx.suites.observe import Response
 
 
 def _rate(part: int, whole: int) -> float | None:
@@ -62,6 +63,15 @@ def compute_metrics(cases: list[dict]) -> dict:
 BATCH_CASES = 32  # cases a batching backend answers at once; the report is written after each batch
 
 
+def _answers(backend: Backend, cases: list, repeats: int, max_tokens: int, temperature: float,
+             batched: bool) -> list[list[Response]]:
+    """Each case's `repeats` answers: all in one `respond_many` call when `batched`, else one call each."""
+    if batched:
+        flat = backend.respond_many([(c.messages, c.tools) for c in cases for _ in range(repeats)], max_tokens)
+        return [flat[i * repeats:(i + 1) * repeats] for i in range(len(cases))]
+    return [[backend.respond(c.messages, c.tools, max_tokens, temperature) for _ in range(repeats)] for c in cases]
+
+
 def run_suites(suites: list[Suite], backend: Backend, repeats: int = 1, max_tokens: int = 256,
                temperature: float = 0.0, raw: bool = False, progress: bool = True,
                on_case: Callable[[dict], None] | None = None) -> dict:
@@ -93,14 +103,8 @@ def run_suites(suites: list[Suite], backend: Backend, repeats: int = 1, max_toke
             for first in range(0, len(suite.cases), step):
                 cases = suite.cases[first:first + step]
                 start = time.perf_counter()
-                if batched:
-                    flat = backend.respond_many([(c.messages, c.tools) for c in cases for _ in range(repeats)], max_tokens)
-                    answers = [flat[i * repeats:(i + 1) * repeats] for i in range(len(cases))]
-                    share = (time.perf_counter() - start) / len(flat)  # an answer's share of the batch's time
-                else:
-                    answers = [[backend.respond(c.messages, c.tools, max_tokens, temperature) for _ in range(repeats)]
-                               for c in cases]
-                    share = (time.perf_counter() - start) / (len(cases) * repeats)
+                answers = _answers(backend, cases, repeats, max_tokens, temperature, batched)
+                share = (time.perf_counter() - start) / (len(cases) * repeats)  # an answer's share of the time
                 for case, responses in zip(cases, answers):
                     runs = []
                     for response in responses:

@@ -93,14 +93,12 @@ def prompts_from_suite(suite: str | Path, tokenizer, model: nn.Module, limit: in
                        new_tokens: int = 32) -> list[Scored]:
     """Eval-suite prompts rendered with the chat template, each extended by `model`'s greedy
     continuation (its end token included); scored positions are those predicting the continuation."""
-    from lfm_mlx.model.generate import greedy_continuations
+    from lfm_mlx.model.generate import greedy_continuations, prompt_ids
     from lfm_mlx.suites import load_suite
 
     loaded = load_suite(suite)
     cases = loaded.cases[:limit]
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template(case.messages, tools=case.tools or None,
-                                                              add_generation_prompt=True, tokenize=False),
-                                add_special_tokens=False) for case in cases]
+    prompts = [prompt_ids(tokenizer, case.messages, case.tools) for case in cases]
     out = []
     for case, ids, answer in zip(cases, prompts, greedy_continuations(model, tokenizer, prompts, new_tokens)):
         positions = list(range(len(ids) - 1, len(ids) - 1 + len(answer.tokens)))

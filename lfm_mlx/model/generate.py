@@ -19,6 +19,13 @@ class Continuation:
     stopped: bool  # ended on an end token (else cut at max_tokens)
 
 
+def prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    """The chat template's prompt for the assistant's next turn, as token ids."""
+    prompt = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+    # The template already writes <|startoftext|>; encoding without special tokens avoids a second BOS.
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
 def greedy_continuations(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> list[Continuation]:
     """Each prompt's greedy continuation (up to `max_tokens` tokens), in the prompts' order."""
     from mlx_lm.generate import BatchGenerator
