@@ -74,7 +74,8 @@ from lfm_mlx.data import Batch, masked_loss
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped import (
     PROBE_TOKENS, ActiveGroup, StepSettings, TrainConfig, accumulate_gradients, apply_update, estimate_for_config,
-    measure_expert_kernels, moe_layers, probe_dequant_kernel, probe_row_gather, set_expert_kernel,
+    measure_expert_kernels, moe_layers, probe_dequant_kernel, probe_layout_kernel, probe_row_gather,
+    set_expert_kernel,
 )
 from lfm_mlx.mixed import parameter_bytes, quantize_experts
 from lfm_mlx.model.io import build_model, cast_floats, compute_dtype
@@ -146,7 +147,10 @@ VARIANTS: dict[str, dict] = {
     "int8-first-moment": dict(optimizer_state="int8-first"),
     # TrainConfig's memory_preset "frugal" (MEMORY_PRESETS): timed and measured at the preset's group size.
     "frugal": dict(memory_preset="frugal"),
+    # The default with the device layouts from speculative_layout's MLX ops even where the probe chose the kernel.
+    "mlx-layout": {},
 }
+KERNELS_OFF = {"mlx-layout": "layout"}  # variant -> the KernelChoices field it turns off
 # loss curves beside the reference one (`--loss-variants` picks among them)
 OTHER_MATH = ("master-compute", "int8-moments", "stochastic-master", "stochastic-int8", "int8-first-moment", "frugal")
 MID = {  # 8B widths, 4 layers (2 MoE), small vocabulary: memory and kernels at full width on a CPU
@@ -378,7 +382,10 @@ def _run_variant(model: nn.Module, layers: list[int], batch: Batch, args, name: 
                  flops: dict | None, profile: bool = False) -> dict:
     cfg = train_config(changes, args.warmup + args.steps)
     layers = variant_layers(model, layers, cfg, changes)
-    runner = GroupStep(model, layers, cfg, path, args.warmup + args.steps, args.kernels,
+    kernels = args.kernels
+    if name in KERNELS_OFF:
+        kernels = replace(kernels, **{KERNELS_OFF[name]: False})
+    runner = GroupStep(model, layers, cfg, path, args.warmup + args.steps, kernels,
                        straightforward=name == "straightforward")
     losses, times, phases = [], [], []
     for i in range(args.warmup + args.steps):
@@ -905,13 +912,15 @@ def _guarded(fn, *args, **kwargs) -> dict:
 
 
 def run_repeats(results: dict, out: Path, model, layers: list[int], batch: Batch, args, path: str,
-                torch_baselines: list[str], config: dict) -> None:
-    """`--repeats` rounds in this process, each: every PyTorch baseline, then the MLX default
-    (interleaved, so a drift of the machine reaches all alike). Writes results["repeats"] (each
-    run's record, and median / min / max of step time, tokens/s, peak GB and, for the default, MFU)
-    after every run; the ratios pair round r's default with round r's baseline."""
-    runs: dict[str, list[dict]] = {name: [] for name in [*torch_baselines, "mlx_default"]}
-    record = results["repeats"] = {"rounds": args.repeats, "order": [*torch_baselines, "mlx_default"], "runs": runs}
+                torch_baselines: list[str], config: dict, kernels_off: list[str] = ()) -> None:
+    """`--repeats` rounds in this process, each: every PyTorch baseline, then the MLX default, then
+    each requested variant of `KERNELS_OFF` (interleaved, so a drift of the machine reaches all
+    alike). Writes results["repeats"] (each run's record, and median / min / max of step time,
+    tokens/s, peak GB and, for the default, MFU) after every run; the ratios pair round r's default
+    with round r's baseline."""
+    order = [*torch_baselines, "mlx_default", *(f"mlx_{name}" for name in kernels_off)]
+    runs: dict[str, list[dict]] = {name: [] for name in order}
+    record = results["repeats"] = {"rounds": args.repeats, "order": order, "runs": runs}
     for round_index in range(args.repeats):
         for name in torch_baselines:
             print(f"[grouped_step] repeat {round_index + 1}/{args.repeats}: {name} ...", flush=True)
@@ -924,6 +933,10 @@ def run_repeats(results: dict, out: Path, model, layers: list[int], batch: Batch
         print(f"[grouped_step] repeat {round_index + 1}/{args.repeats}: mlx default ...", flush=True)
         runs["mlx_default"].append(_guarded(run_variant, model, layers, batch, args, "default", {}, path, flops=True))
         atomic_write_json(out, results)
+        for name in kernels_off:
+            print(f"[grouped_step] repeat {round_index + 1}/{args.repeats}: mlx {name} ...", flush=True)
+            runs[f"mlx_{name}"].append(_guarded(run_variant, model, layers, batch, args, name, {}, path, flops=None))
+            atomic_write_json(out, results)
     summary = {}
     for name, records in runs.items():
         done = [r for r in records if "step_s" in r]
@@ -1051,6 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
     probe_len = min(PROBE_TOKENS, args.seq)
     results["dequant_kernel"] = probe_dequant_kernel(model, layers[0])
     results["row_gather_kernel"] = probe_row_gather(model, args.seq)
+    results["layout_kernel"] = probe_layout_kernel(model, args.seq)
     args.kernels = KernelChoices.from_records(results)  # the run's kernels, as the trainer's
     if args.expert_path == "auto":
         probe = _section(results, "expert_path_probe", out, lambda: {
@@ -1082,7 +1096,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats and ("default" in variants or torch_baselines):
         tick = time.perf_counter()
         try:
-            run_repeats(results, out, model, layers, batch, args, chosen, torch_baselines, config)
+            run_repeats(results, out, model, layers, batch, args, chosen, torch_baselines, config,
+                        [name for name in variants if name in KERNELS_OFF])
         except Exception as err:  # keep what the rounds wrote
             results.setdefault("repeats", {})["error"] = f"{type(err).__name__}: {err}"
             results["repeats"]["traceback"] = traceback.format_exc()[-3000:]
@@ -1170,6 +1185,12 @@ def compute_ratios(results: dict, baselines: list[str]) -> dict:
                 if measured.get("peak_memory_gb") and theirs.get("peak_memory_gb"):
                     ratios[f"{key}_peak_memory"] = {**spread([measured["peak_memory_gb"] / theirs["peak_memory_gb"]]),
                                                     "from": "single runs"}
+    for name in KERNELS_OFF:  # the default's kernels against the same step without one, paired by round
+        if runs.get(f"mlx_{name}") and runs.get("mlx_default"):
+            paired = paired_ratios(runs["mlx_default"], runs[f"mlx_{name}"], "tokens_per_s")
+            if paired:
+                ratios[f"mlx_default_vs_{name.replace('-', '_')}_tokens_per_s"] = {
+                    **paired, "from": f"{len(paired['values'])} paired rounds"}
     return ratios
 
 

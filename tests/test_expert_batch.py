@@ -168,6 +168,22 @@ def test_row_gathers_off_cuda():
     assert probe(8, 2, 24, 16, mx.bfloat16) == {"choice": "mlx", "reason": "not the CUDA backend"}
 
 
+def test_the_layout_kernel_is_taken_only_where_its_probe_chose_it():
+    """Off CUDA the one-kernel layout is never probed in; a run's records choose it only by name, and
+    records written before it existed keep speculative_layout's MLX ops."""
+    from lfm_mlx.grouped.setup import probe_kernels
+    from lfm_mlx.kernels import block_layout
+    from lfm_mlx.kernels.choices import KernelChoices
+
+    assert block_layout.probe(8, 2, 64, expert_blocks.speculative_layout) == {
+        "choice": "mlx", "reason": "not the CUDA backend"}
+    records = probe_kernels(tiny_model(), 2, 64)
+    assert records["layout_kernel"]["choice"] == "mlx" and not KernelChoices.from_records(records).layout
+    old = {"dequant_kernel": {"choice": "kernel"}, "row_gather_kernel": {"choice": "kernel"}}
+    assert KernelChoices.from_records(old) == KernelChoices(dequant=True, row_gather=True, layout=False)
+    assert KernelChoices.from_records({**old, "layout_kernel": {"choice": "kernel"}}).layout
+
+
 def test_a_speculated_layout_routes_like_the_host_layout_and_reports_its_need():
     experts, k = 8, 3
     logits = mx.random.normal((2, 37, experts), key=mx.random.key(4))

@@ -46,7 +46,7 @@ from lfm_mlx.grouped.step import (
 from lfm_mlx.grouped.optimizer import FusedAdamW, lr_schedule, make_optimizer
 from lfm_mlx.grouped.group import ActiveGroup, StepResult, end_group, park_group_start
 from lfm_mlx.grouped.probes import (
-    PROBE_TOKENS, measure_expert_kernels, measure_frozen_paths, probe_attention, probe_dequant_kernel, probe_row_gather,
+    PROBE_TOKENS, measure_expert_kernels, measure_frozen_paths, probe_attention, probe_dequant_kernel, probe_layout_kernel, probe_row_gather,
 )
 from lfm_mlx.grouped.setup import choose_expert_path, load_mixed_model, probe_kernels
 from lfm_mlx.grouped.run import BatchStream, NonFiniteStop, TrainResult, steps_per_group
@@ -68,7 +68,7 @@ __all__ = [
     "forward_logits", "global_norm", "make_loss_and_grad", "recompute_in_backward", "trained_weight_norm",
     "walk_loss_and_grad", "FusedAdamW", "lr_schedule", "make_optimizer", "ActiveGroup", "StepResult", "end_group",
     "park_group_start", "choose_expert_path", "load_mixed_model", "probe_kernels",
-    "PROBE_TOKENS", "measure_expert_kernels", "measure_frozen_paths", "probe_attention", "probe_dequant_kernel", "probe_row_gather",
+    "PROBE_TOKENS", "measure_expert_kernels", "measure_frozen_paths", "probe_attention", "probe_dequant_kernel", "probe_layout_kernel", "probe_row_gather",
     "BatchStream", "NonFiniteStop", "TrainResult", "steps_per_group", "GroupedMoETrainer", "EXIT_CONFIG",
     "EXIT_OVER_BUDGET", "main", "pack_codes", "pack_moment", "unpack_moment",
 ]

@@ -16,9 +16,9 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped.experts import EXPERT_KERNEL_CLASSES, set_expert_kernel
-from lfm_mlx.kernels import dequant, row_gather
+from lfm_mlx.kernels import block_layout, dequant, row_gather
 from lfm_mlx.kernels.choices import KernelChoices
-from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU
+from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU, speculative_layout
 from lfm_mlx.model.moe import feed_forward
 
 
@@ -99,6 +99,13 @@ def probe_row_gather(model: nn.Module, tokens: int) -> dict:
     choices = args.num_experts_per_tok
     return row_gather.probe(tokens, choices, tokens * choices * 3 // 2, args.hidden_size,
                             model.model.embed_tokens.weight.dtype)
+
+
+def probe_layout_kernel(model: nn.Module, tokens: int) -> dict:
+    """`block_layout.probe` at this model's routing shape for `tokens` tokens: whether the walk lays
+    the expert blocks out with the one-kernel counting sort or `speculative_layout`'s MLX ops."""
+    args = model.model.args
+    return block_layout.probe(args.num_experts, args.num_experts_per_tok, tokens, speculative_layout)
 
 
 def measure_expert_kernels(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype,

@@ -28,9 +28,11 @@ def load_mixed_model(model_dir: Path) -> tuple[nn.Module, dict]:
 
 def probe_kernels(model: nn.Module, layer: int, gather_tokens: int) -> dict:
     """The start-up kernel probes' records: the dequantization kernel on `layer`'s experts, the
-    row-gather kernels at `gather_tokens` tokens (`KernelChoices.from_records` makes the run's choices)."""
+    row-gather and block-layout kernels at `gather_tokens` tokens (`KernelChoices.from_records` makes
+    the run's choices)."""
     return {"dequant_kernel": probes.probe_dequant_kernel(model, layer),
-            "row_gather_kernel": probes.probe_row_gather(model, gather_tokens)}
+            "row_gather_kernel": probes.probe_row_gather(model, gather_tokens),
+            "layout_kernel": probes.probe_layout_kernel(model, gather_tokens)}
 
 
 def choose_expert_path(model: nn.Module, layer: int, requested: str, probe_tokens: int, dtype: mx.Dtype,

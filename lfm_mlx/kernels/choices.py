@@ -22,16 +22,19 @@ class UpdateKernels:
 @dataclass(frozen=True)
 class KernelChoices:
     """The kernels of a run. `dequant`: frozen int8 experts dequantized by the custom kernel;
-    `row_gather`: rows between tokens and expert blocks moved by the custom kernels (both from the
-    start-up probes); `update`: the optimizer's, probed at its first large update. The default
+    `row_gather`: rows between tokens and expert blocks moved by the custom kernels; `layout`: the walk's
+    device layouts of the expert blocks from one kernel (all three from the start-up probes); `update`: the optimizer's, probed at its first large update. The default
     takes no kernel: MLX's ops everywhere (any backend but CUDA)."""
 
     dequant: bool = False
     row_gather: bool = False
+    layout: bool = False
     update: UpdateKernels = field(default_factory=UpdateKernels, compare=False)
 
     @classmethod
     def from_records(cls, records: dict) -> "KernelChoices":
-        """From the start-up probes' records ({"dequant_kernel": ..., "row_gather_kernel": ...})."""
+        """From the start-up probes' records ({"dequant_kernel": ..., "row_gather_kernel": ...,
+        "layout_kernel": ...}; a record without the layout's, as runs before it wrote, keeps MLX's layout)."""
         return cls(dequant=records["dequant_kernel"]["choice"] == "kernel",
-                   row_gather=records["row_gather_kernel"]["choice"] == "kernel")
+                   row_gather=records["row_gather_kernel"]["choice"] == "kernel",
+                   layout=records.get("layout_kernel", {}).get("choice") == "kernel")

@@ -34,6 +34,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
+from lfm_mlx.kernels import block_layout
 from lfm_mlx.kernels.choices import KernelChoices
 from lfm_mlx.kernels.dequant import dequantize
 from lfm_mlx.kernels.row_gather import MISSING, gather_rows, sum_rows
@@ -108,11 +109,15 @@ def expert_layout(indices: mx.array, num_experts: int, kernel: bool = False) -> 
 
 
 def speculative_layout(indices: mx.array, num_experts: int, capacity: int,
-                       kernel: bool = False) -> tuple[ExpertLayout, mx.array]:
+                       kernel: bool = False, layout_kernel: bool = False) -> tuple[ExpertLayout, mx.array]:
     """`expert_layout` computed on the device for a capacity guessed in advance: no host read, so
     the device need not finish the layers before it first. Returns the layout and the rows the
     busiest expert needed (lazy); when that exceeds `capacity` the layout is wrong (choices past the
-    capacity land in the next expert's block) and the caller must discard it."""
+    capacity land in the next expert's block) and the caller must discard it. `layout_kernel`: the
+    same indices from one CUDA kernel (`block_layout`; the probe chose it: `KernelChoices.layout`)."""
+    if layout_kernel:
+        source_token, block_row, block_choice, needed = block_layout.layout_arrays(indices, num_experts, capacity)
+        return ExpertLayout(source_token, block_row, block_choice, capacity, kernel), needed
     k = indices.shape[-1]
     flat = indices.reshape(-1).astype(mx.uint32)
     n = flat.size
@@ -204,7 +209,7 @@ class BatchedSwitchGLU(nn.Module):
             indices = mx.stop_gradient(indices)
             if self.speculate and self.capacity_hint:
                 layout, self.needed = speculative_layout(indices, experts, self.capacity_hint,
-                                                         self.kernels.row_gather)
+                                                         self.kernels.row_gather, self.kernels.layout)
             else:
                 layout = expert_layout(indices, experts, self.kernels.row_gather)
                 self.hint_from(layout.capacity)
