@@ -21,6 +21,10 @@ WARPS = 32  # one block of 1,024 threads: the whole layout in one launch, no gri
 _SOURCE = """
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, threads = blockDim.x;
     const unsigned n = sizes[0], capacity = sizes[1], k = sizes[2];
+    if (n == 0) {  // no choices: nothing to lay out (and no last choice for the spare rows to repeat)
+        if (threadIdx.x == 0) { needed[0] = 0; }
+        return;
+    }
     __shared__ unsigned rank_base[WARPS][E];  // per warp and expert: first its counts, then its offset
     __shared__ unsigned counts_[E], starts_[E];
     for (unsigned e = lane; e < E; e += 32) { rank_base[warp][e] = 0; }
