@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from lfm_mlx.kernels.probe import best_seconds, choose
 
+LAYERS_TIMED = 8  # the probe times this many layouts in one evaluation, as the walk lays out its layers
 WARPS = 32  # one block of 1,024 threads: the whole layout in one launch, no grid-wide sync
 
 _SOURCE = """
@@ -100,7 +101,7 @@ def layout_arrays(indices: mx.array, num_experts: int, capacity: int) -> tuple[m
         template=[("E", num_experts), ("WARPS", WARPS)],
         grid=(32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(flat.size,), (rows,), (rows,), (flat.size,), (1,)], output_dtypes=[mx.uint32] * 5)
-    return source_token, block_row.reshape(*indices.shape[:-1], k), block_choice, needed[0]
+    return source_token, block_row.reshape(-1, k), block_choice, needed[0]
 
 
 def _arrays(layout, needed: mx.array) -> tuple[mx.array, ...]:
@@ -110,24 +111,28 @@ def _arrays(layout, needed: mx.array) -> tuple[mx.array, ...]:
 def probe(num_experts: int, choices: int, tokens: int, speculative) -> dict:
     """Decide whether the walk's device layouts use the kernel: on skewed random routing of `tokens`
     tokens (top-`choices` of `num_experts`), at a capacity that holds and at one that falls short,
-    every index array must equal `speculative(indices, num_experts, capacity)`'s (the MLX layout), and
-    the kernel must be faster. Returns the record: the choice ("kernel" or "mlx"), why."""
+    every index array must equal `speculative(indices, num_experts, capacity)`'s (the MLX layout) in
+    shape and value, and the kernel must be faster. Timed as the walk runs layouts, several in one
+    evaluation (one each timed the evaluation's own cost, ~0.3 ms on an H100, as much as a layout).
+    Returns the record: the choice ("kernel" or "mlx"), why."""
     if mx.default_device() != mx.gpu or not mx.cuda.is_available():
         return {"choice": "mlx", "reason": "not the CUDA backend"}
     key = mx.random.key(0)
     logits = mx.random.normal((tokens, num_experts), key=key) + mx.random.normal((num_experts,), key=key)
-    indices = mx.argpartition(-logits, kth=choices - 1, axis=-1)[:, :choices].astype(mx.uint32)
+    indices = mx.argpartition(-logits, kth=choices - 1, axis=-1)[None, :, :choices].astype(mx.uint32)  # [1, T, k]
     busiest = int(mx.max(mx.sum(mx.expand_dims(indices.reshape(-1), 1) == mx.arange(num_experts), axis=0)).item())
-    record = {"tokens": tokens, "busiest": busiest}
+    holds, short = -(-busiest * 5 // 4 // 16) * 16, max(16, busiest // 2 // 16 * 16)
+    layers = [(indices + shift) % num_experts for shift in range(LAYERS_TIMED)]  # as many routings as layers
+    record = {"tokens": tokens, "busiest": busiest, "layouts_timed_together": LAYERS_TIMED}
     try:
         differing = 0
-        for capacity in (-(-busiest * 5 // 4 // 16) * 16, max(16, busiest // 2 // 16 * 16)):
+        for capacity in (holds, short):
             mine = layout_arrays(indices, num_experts, capacity)
             theirs = _arrays(*speculative(indices, num_experts, capacity))
-            differing += sum((a.astype(mx.uint32) != b.astype(mx.uint32)).sum().item() for a, b in zip(mine, theirs))
-        capacity = -(-busiest * 5 // 4 // 16) * 16
-        record["kernel_s"] = best_seconds(lambda: layout_arrays(indices, num_experts, capacity))
-        record["mlx_s"] = best_seconds(lambda: _arrays(*speculative(indices, num_experts, capacity)))
+            differing += sum(a.size if a.shape != b.shape else (a != b.astype(a.dtype)).sum().item()
+                             for a, b in zip(mine, theirs))
+        record["kernel_s"] = best_seconds(lambda: [layout_arrays(i, num_experts, holds) for i in layers])
+        record["mlx_s"] = best_seconds(lambda: [_arrays(*speculative(i, num_experts, holds)) for i in layers])
     except Exception as err:  # a build or launch failure leaves MLX's layout in place
         return {"choice": "mlx", "reason": f"kernel failed: {type(err).__name__}: {err}"}
     return {"choice": "mlx", **choose(record, differing, "layout indices")}
