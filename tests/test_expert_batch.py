@@ -229,6 +229,58 @@ def test_the_walk_speculates_capacities_and_redoes_a_pass_whose_guess_fell_short
             np.testing.assert_array_equal(value, results[0][1][name])
 
 
+def _layout_kernel_stand_in(indices, num_experts, capacity):
+    """What `block_layout.layout_arrays` returns, computed as its CUDA kernel does (a stable counting
+    sort; the kernel cannot run here): the same shapes and dtypes, so the walk's kernel branch runs."""
+    k = indices.shape[-1]
+    flat = np.array(indices).reshape(-1).astype(np.int64)
+    counts = np.bincount(flat, minlength=num_experts)
+    starts = np.cumsum(counts) - counts
+    seen, slot, order = np.zeros(num_experts, dtype=np.int64), np.empty_like(flat), np.empty_like(flat)
+    for i, e in enumerate(flat):
+        slot[i], seen[e] = seen[e], seen[e] + 1
+        order[starts[e] + slot[i]] = i
+    block_row = np.minimum(flat * capacity + slot, num_experts * capacity - 1)
+    expert, row_slot = np.divmod(np.arange(num_experts * capacity), capacity)
+    choice = order[np.minimum(starts[expert] + np.minimum(row_slot, np.maximum(counts[expert], 1) - 1), flat.size - 1)]
+    block_choice = np.where(row_slot < counts[expert], choice, MISSING)
+    return (mx.array((choice // k).astype(np.uint32)), mx.array(block_row.reshape(-1, k).astype(np.uint32)),
+            mx.array(block_choice.astype(np.uint32)), mx.array(np.uint32(counts.max())))
+
+
+def test_the_walk_on_the_layout_kernels_branch_gives_the_same_loss_and_gradients(monkeypatch):
+    """`KernelChoices.layout` sends the walk's guessed layouts through `block_layout.layout_arrays`
+    (here a stand-in with the kernel's outputs, its indices checked equal to speculative_layout's);
+    the steps (host layout, guessed, a guess too small and redone) match the MLX layout's exactly."""
+    from lfm_mlx.kernels import block_layout
+    from lfm_mlx.kernels.choices import KernelChoices
+
+    indices = mx.random.randint(0, 8, (1, 29, 2), key=mx.random.key(5)).astype(mx.uint32)
+    for capacity in (32, 16):
+        mine = _layout_kernel_stand_in(indices, 8, capacity)
+        theirs = block_layout._arrays(*expert_blocks.speculative_layout(indices, 8, capacity))
+        for a, b in zip(mine, theirs):
+            assert a.shape == b.shape and mx.array_equal(a, b.astype(a.dtype)).item()
+    calls = []
+    monkeypatch.setattr(block_layout, "layout_arrays", lambda *a: calls.append(1) or _layout_kernel_stand_in(*a))
+    inputs, targets, mask = token_batch(29, seed=6)
+    results = {}
+    for kernels in (KernelChoices(), KernelChoices(layout=True)):
+        model = tiny_model()
+        set_frozen_path(model, "blocks", kernels=kernels)
+        activate_group(model, [2, 3], mx.float32)
+        for case in ("host", "guessed", "too small"):
+            if case == "too small":
+                model.model.layers[4].feed_forward.switch_mlp.capacity_hint = 16
+            (loss, _), grads = walk_loss_and_grad(model, inputs, targets, mask, 2)
+            results.setdefault(case, []).append((loss.item(), as_np(grads)))
+    assert calls  # the kernel's branch ran
+    for (ref_loss, ref), (loss, got) in results.values():
+        assert loss == ref_loss
+        for name, value in got.items():
+            np.testing.assert_array_equal(value, ref[name])
+
+
 def test_kept_expert_activations_give_the_walks_gradients_without_recomputing_frozen_blocks():
     """With `keep_expert_activations` the frozen blocks above the group return their forward
     output in the backward pass and run only the backward matmuls (`_replay`): the same loss and
