@@ -1064,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
     probe_len = min(PROBE_TOKENS, args.seq)
     results["dequant_kernel"] = probe_dequant_kernel(model, layers[0])
     results["row_gather_kernel"] = probe_row_gather(model, args.seq)
-    results["layout_kernel"] = probe_layout_kernel(model, args.seq)
+    results["layout_kernel"] = probe_layout_kernel(model, layers[0], args.seq)
     args.kernels = KernelChoices.from_records(results)  # the run's kernels, as the trainer's
     if args.expert_path == "auto":
         probe = _section(results, "expert_path_probe", out, lambda: {

@@ -281,6 +281,36 @@ def test_the_walk_on_the_layout_kernels_branch_gives_the_same_loss_and_gradients
             np.testing.assert_array_equal(value, ref[name])
 
 
+def test_a_layout_kernel_chosen_by_its_probe_must_also_match_in_a_moe_block(monkeypatch):
+    """The probe's last check runs a real MoE block of the model on the kernel's layout: a kernel
+    whose block output and input gradient match MLX's is kept; one whose output shape breaks the
+    block (the bug an H100 run found: block rows shaped [1, T, k]) or whose indices differ leaves
+    MLX's layout, with the reason."""
+    from lfm_mlx.grouped.probes import layout_in_block
+    from lfm_mlx.kernels import block_layout
+
+    model, chosen = tiny_model(), {"choice": "kernel", "reason": "bit-identical, faster"}
+    monkeypatch.setattr(block_layout, "layout_arrays", _layout_kernel_stand_in)
+    record = layout_in_block(model, 2, 40, chosen)
+    assert record["choice"] == "kernel" and "the same MoE block output" in record["reason"]
+
+    def batch_shaped(indices, num_experts, capacity):
+        source, rows, choices, needed = _layout_kernel_stand_in(indices, num_experts, capacity)
+        return source, rows.reshape(*indices.shape[:-1], -1), choices, needed
+
+    monkeypatch.setattr(block_layout, "layout_arrays", batch_shaped)
+    record = layout_in_block(model, 2, 40, chosen)
+    assert record["choice"] == "mlx" and record["reason"].startswith("failed in the MoE block")
+
+    def shifted(indices, num_experts, capacity):
+        source, rows, choices, needed = _layout_kernel_stand_in(indices, num_experts, capacity)
+        return (source + 1) % 40, rows, choices, needed  # spare and real rows fed by the wrong tokens
+
+    monkeypatch.setattr(block_layout, "layout_arrays", shifted)
+    record = layout_in_block(model, 2, 40, chosen)
+    assert record["choice"] == "mlx" and "differ" in record["reason"]
+
+
 def test_kept_expert_activations_give_the_walks_gradients_without_recomputing_frozen_blocks():
     """With `keep_expert_activations` the frozen blocks above the group return their forward
     output in the backward pass and run only the backward matmuls (`_replay`): the same loss and

@@ -12,13 +12,14 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from lfm_mlx.fsutil import atomic_write_json
 from lfm_mlx.grouped.experts import EXPERT_KERNEL_CLASSES, set_expert_kernel
 from lfm_mlx.kernels import block_layout, dequant, row_gather
 from lfm_mlx.kernels.choices import KernelChoices
-from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU, speculative_layout
+from lfm_mlx.kernels.expert_blocks import BatchedSwitchGLU, _round_up, speculative_layout
 from lfm_mlx.model.moe import feed_forward
 
 
@@ -101,11 +102,39 @@ def probe_row_gather(model: nn.Module, tokens: int) -> dict:
                             model.model.embed_tokens.weight.dtype)
 
 
-def probe_layout_kernel(model: nn.Module, tokens: int) -> dict:
+def probe_layout_kernel(model: nn.Module, layer: int, tokens: int) -> dict:
     """`block_layout.probe` at this model's routing shape for `tokens` tokens: whether the walk lays
-    the expert blocks out with the one-kernel counting sort or `speculative_layout`'s MLX ops."""
+    the expert blocks out with the one-kernel counting sort or `speculative_layout`'s MLX ops. A
+    kernel the probe chose must then give `layer`'s MoE block, called as the walk calls it, the same
+    output and input gradient bit for bit (`layout_in_block`), or MLX's layout stays."""
     args = model.model.args
-    return block_layout.probe(args.num_experts, args.num_experts_per_tok, tokens, speculative_layout)
+    record = block_layout.probe(args.num_experts, args.num_experts_per_tok, tokens, speculative_layout)
+    return layout_in_block(model, layer, tokens, record) if record["choice"] == "kernel" else record
+
+
+def layout_in_block(model: nn.Module, layer: int, tokens: int, record: dict) -> dict:
+    """`record` kept when `layer`'s experts on a guessed layout (the walk's forward and its input
+    gradient) match bit for bit with the kernel's layout and with MLX's; else MLX's layout, and why."""
+    args = model.model.args
+    key = mx.random.key(1)
+    x = mx.random.normal((1, tokens, args.hidden_size), key=key).astype(model.model.embed_tokens.weight.dtype)
+    logits = mx.random.normal((1, tokens, args.num_experts), key=key)
+    indices = mx.argpartition(-logits, kth=args.num_experts_per_tok - 1, axis=-1)[..., :args.num_experts_per_tok]
+    busiest = int(np.bincount(np.array(indices).reshape(-1), minlength=args.num_experts).max())
+    cotangent = mx.random.normal((1, tokens, args.num_experts_per_tok, args.hidden_size), key=key).astype(x.dtype)
+    results = []
+    try:
+        for layout in (False, True):
+            block = BatchedSwitchGLU(feed_forward(model, layer).switch_mlp, KernelChoices(layout=layout))
+            block.speculate, block.capacity_hint = True, _round_up(busiest + busiest // 4)  # a guess that holds
+            out, (d_x,) = mx.vjp(lambda v: block(v, indices), [x], [cotangent])
+            results.append((out[0] if isinstance(out, list) else out, d_x))
+        differing = sum((a.view(mx.uint8) != b.view(mx.uint8)).sum().item() for a, b in zip(*results))
+    except Exception as err:  # a launch or shape failure in the block leaves MLX's layout in place
+        return {**record, "choice": "mlx", "reason": f"failed in the MoE block: {type(err).__name__}: {err}"}
+    if differing:
+        return {**record, "choice": "mlx", "reason": f"{differing} bytes of the MoE block's output or gradient differ"}
+    return {**record, "reason": f"{record['reason']}; the same MoE block output and input gradient"}
 
 
 def measure_expert_kernels(model: nn.Module, layer: int, seq_len: int, dtype: mx.Dtype,

@@ -32,7 +32,7 @@ def probe_kernels(model: nn.Module, layer: int, gather_tokens: int) -> dict:
     the run's choices)."""
     return {"dequant_kernel": probes.probe_dequant_kernel(model, layer),
             "row_gather_kernel": probes.probe_row_gather(model, gather_tokens),
-            "layout_kernel": probes.probe_layout_kernel(model, gather_tokens)}
+            "layout_kernel": probes.probe_layout_kernel(model, layer, gather_tokens)}
 
 
 def choose_expert_path(model: nn.Module, layer: int, requested: str, probe_tokens: int, dtype: mx.Dtype,
