@@ -90,7 +90,7 @@ def _build():
 
 
 def layout_arrays(indices: mx.array, num_experts: int, capacity: int) -> tuple[mx.array, ...]:
-    """(source_token [experts * capacity], block_row [.., k], block_choice [experts * capacity], needed)
+    """(source_token [experts * capacity], block_row [choices, k], block_choice [experts * capacity], needed)
     as `speculative_layout` computes them, from one kernel launch. The sizes go in as an array: a
     template value per capacity would compile the kernel again for every guess."""
     k = indices.shape[-1]
@@ -102,6 +102,13 @@ def layout_arrays(indices: mx.array, num_experts: int, capacity: int) -> tuple[m
         grid=(32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(flat.size,), (rows,), (rows,), (flat.size,), (1,)], output_dtypes=[mx.uint32] * 5)
     return source_token, block_row.reshape(-1, k), block_choice, needed[0]
+
+
+def skewed_routing(tokens: int, num_experts: int, choices: int, key: mx.array) -> mx.array:
+    """Top-`choices` expert indices [1, tokens, choices] (a batch, as the model routes) from random
+    logits with a random bias per expert: some experts busier than others, as trained routers are."""
+    logits = mx.random.normal((tokens, num_experts), key=key) + mx.random.normal((num_experts,), key=key)
+    return mx.argpartition(-logits, kth=choices - 1, axis=-1)[None, :, :choices].astype(mx.uint32)
 
 
 def _arrays(layout, needed: mx.array) -> tuple[mx.array, ...]:
@@ -117,9 +124,7 @@ def probe(num_experts: int, choices: int, tokens: int, speculative) -> dict:
     Returns the record: the choice ("kernel" or "mlx"), why."""
     if mx.default_device() != mx.gpu or not mx.cuda.is_available():
         return {"choice": "mlx", "reason": "not the CUDA backend"}
-    key = mx.random.key(0)
-    logits = mx.random.normal((tokens, num_experts), key=key) + mx.random.normal((num_experts,), key=key)
-    indices = mx.argpartition(-logits, kth=choices - 1, axis=-1)[None, :, :choices].astype(mx.uint32)  # [1, T, k]
+    indices = skewed_routing(tokens, num_experts, choices, mx.random.key(0))
     busiest = int(mx.max(mx.sum(mx.expand_dims(indices.reshape(-1), 1) == mx.arange(num_experts), axis=0)).item())
     holds, short = -(-busiest * 5 // 4 // 16) * 16, max(16, busiest // 2 // 16 * 16)
     layers = [(indices + shift) % num_experts for shift in range(LAYERS_TIMED)]  # as many routings as layers
